@@ -1,0 +1,162 @@
+// attrkernels._C: the CPU kernels, with the instruction set chosen at run time.
+//
+// Tensors cross the boundary as raw data pointers plus shapes; the Python wrappers
+// (attrkernels/kernels/*.py) own validation, dtypes, contiguity and lifetimes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "sketch.hpp"
+
+namespace py = pybind11;
+
+namespace ak {
+namespace {
+
+std::map<std::string, bool> cpu_features() {
+  std::map<std::string, bool> f;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  f["sse4.2"] = __builtin_cpu_supports("sse4.2");
+  f["avx"] = __builtin_cpu_supports("avx");
+  f["avx2"] = __builtin_cpu_supports("avx2");
+  f["fma"] = __builtin_cpu_supports("fma");
+  f["f16c"] = __builtin_cpu_supports("f16c");
+  f["avx512f"] = __builtin_cpu_supports("avx512f");
+  f["avx512dq"] = __builtin_cpu_supports("avx512dq");
+  f["avx512bw"] = __builtin_cpu_supports("avx512bw");
+  f["avx512vl"] = __builtin_cpu_supports("avx512vl");
+  f["avx512bf16"] = __builtin_cpu_supports("avx512bf16");
+#endif
+  return f;
+}
+
+struct Isa {
+  const char* name;
+  void (*sketch)(const SketchArgs&);
+  void (*rows)(const RowsArgs&);
+};
+
+std::vector<Isa> usable_isas() {
+  std::vector<Isa> out;
+#if defined(__x86_64__)
+  auto f = cpu_features();
+  if (f["avx512f"] && f["avx512dq"] && f["avx512bw"] && f["avx512vl"] && f["fma"] && f["f16c"])
+    out.push_back({"avx512", &avx512::sketch, &avx512::projection_rows});
+  if (f["avx2"] && f["fma"] && f["f16c"]) out.push_back({"avx2", &avx2::sketch, &avx2::projection_rows});
+#endif
+  out.push_back({"generic", &generic::sketch, &generic::projection_rows});
+  return out;
+}
+
+// The instruction set to use: `name` if given, else $ATTRKERNELS_ISA, else the best usable one.
+Isa pick_isa(const std::string& name) {
+  std::string want = name;
+  if (want.empty()) {
+    const char* env = std::getenv("ATTRKERNELS_ISA");
+    if (env && *env) want = env;
+  }
+  auto isas = usable_isas();
+  if (want.empty() || want == "auto") return isas.front();
+  for (const auto& i : isas)
+    if (want == i.name) return i;
+  std::string have;
+  for (const auto& i : isas) have += std::string(have.empty() ? "" : ", ") + i.name;
+  throw std::invalid_argument("instruction set '" + want + "' is not usable on this CPU (usable: " +
+                              have + ")");
+}
+
+int default_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+}  // namespace ak
+
+PYBIND11_MODULE(_C, m) {
+  using namespace ak;
+  m.doc() = "attrkernels CPU kernels (C++, OpenMP, run-time instruction-set dispatch)";
+
+  m.def("cpu_features", &cpu_features, "CPU features seen at run time.");
+  m.def(
+      "usable_isas",
+      []() {
+        std::vector<std::string> names;
+        for (const auto& i : usable_isas()) names.push_back(i.name);
+        return names;
+      },
+      "Instruction-set builds of the kernels that can run here, best first.");
+  m.def("isa", [](const std::string& name) { return std::string(pick_isa(name).name); },
+        py::arg("name") = "", "The instruction set the kernels will use.");
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("default_threads", &default_threads);
+
+  m.def(
+      "sketch",
+      [](uintptr_t x, int dtype, int64_t B, int64_t p, int64_t ldx, uintptr_t out, int64_t ldo,
+         int64_t k, uint64_t seed, int kind, uint64_t row0, bool accumulate, int threads,
+         uintptr_t nonfinite, const std::string& isa) {
+        SketchArgs a;
+        a.x = reinterpret_cast<const void*>(x);
+        a.dtype = static_cast<DType>(dtype);
+        a.B = B;
+        a.p = p;
+        a.ldx = ldx;
+        a.out = reinterpret_cast<float*>(out);
+        a.ldo = ldo;
+        a.k = k;
+        a.seed = seed;
+        a.kind = static_cast<Kind>(kind);
+        a.row0 = row0;
+        a.accumulate = accumulate;
+        a.threads = threads > 0 ? threads : default_threads();
+        a.nonfinite = reinterpret_cast<uint8_t*>(nonfinite);
+        const Isa chosen = pick_isa(isa);
+        py::gil_scoped_release release;
+        chosen.sketch(a);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("p"), py::arg("ldx"), py::arg("out"),
+      py::arg("ldo"), py::arg("k"), py::arg("seed"), py::arg("kind"), py::arg("row0"),
+      py::arg("accumulate"), py::arg("threads"), py::arg("nonfinite"), py::arg("isa") = "",
+      "out[B, k] (+)= x[B, p] @ P[row0:row0+p, :k] (raw pointers; see attrkernels.kernels.sketch).");
+
+  m.def(
+      "projection_rows",
+      [](uintptr_t out, int64_t ldo, uint64_t row0, int64_t nrows, int64_t k, uint64_t seed,
+         int kind, int threads, const std::string& isa) {
+        RowsArgs a;
+        a.out = reinterpret_cast<float*>(out);
+        a.ldo = ldo;
+        a.row0 = row0;
+        a.nrows = nrows;
+        a.k = k;
+        a.seed = seed;
+        a.kind = static_cast<Kind>(kind);
+        a.threads = threads > 0 ? threads : default_threads();
+        const Isa chosen = pick_isa(isa);
+        py::gil_scoped_release release;
+        chosen.rows(a);
+      },
+      py::arg("out"), py::arg("ldo"), py::arg("row0"), py::arg("nrows"), py::arg("k"),
+      py::arg("seed"), py::arg("kind"), py::arg("threads"), py::arg("isa") = "",
+      "Rows [row0, row0 + nrows) of P into out[nrows, k] (raw pointer).");
+}
