@@ -1,4 +1,13 @@
-"""Tasks: how a model's per-example loss and measurement are computed (and built-in tasks)."""
-from .base import Classification, Task, margin
+"""Tasks: how a model's per-example loss and measurement are computed, and built-in tasks.
 
-__all__ = ["Task", "Classification", "margin"]
+Built-in tasks (data + model + training recipe + measurement) are reached by name:
+``get("digits-mlp")``; ``available()`` lists them. See ``builtin.BuiltinTask`` for the protocol a
+user's own task follows.
+"""
+from .base import Classification, Task, margin
+from .builtin import BuiltinTask, available, config_hash, get, register
+from .training import Checkpoint, Recipe
+from . import cifar, digits, mnist1d_cnn  # noqa: F401  (register the built-in tasks)
+
+__all__ = ["Task", "Classification", "margin", "BuiltinTask", "Recipe", "Checkpoint",
+           "get", "available", "register", "config_hash"]
