@@ -8,10 +8,13 @@ the machine it was built on).
 """
 import os
 import platform
+import shutil
 import sys
+from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {
@@ -53,6 +56,17 @@ class BuildExt(build_ext):
             compiler._compile = original
 
 
+class BuildPy(build_py):
+    """Ships csrc/cuda/*.cu inside the package (attrkernels/_cuda), where CuPy compiles them."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "attrkernels" / "_cuda"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted(Path("csrc/cuda").glob("*.cu")) + sorted(Path("csrc/cuda").glob("*.cuh")):
+            shutil.copy2(src, target / src.name)
+
+
 omp_compile, omp_link = openmp_flags()
 sources = ["csrc/cpu/module.cpp"] + [f"csrc/cpu/sketch_{isa}.cpp" for isa in ISAS]
 ext_modules = []
@@ -69,4 +83,4 @@ if os.environ.get("ATTRKERNELS_NO_EXT") != "1":
         )
     )
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt, "build_py": BuildPy})

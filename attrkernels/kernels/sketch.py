@@ -1,0 +1,156 @@
+"""Random projection of rows: sketch(x) = x @ P with P generated on the fly, never stored.
+
+    out[b, c] = sum_{i < p} x[b, i] * P[row_offset + i, c]      x: [B, p], out: [B, k] float32
+
+P is the p x k matrix of ``projection.py`` (Rademacher or Gaussian entries of variance 1/k, a
+pure function of (seed, row, column)), so E||out[b]||^2 = ||x[b]||^2 and every backend
+multiplies by the same P. ``row_offset`` selects rows of a larger P: sketching the pieces of a
+concatenated vector with their offsets and adding gives the sketch of the whole vector.
+
+Backends: "cpu" (C++), "triton", "cuda" (CuPy), "torch" (reference: generate row blocks of P,
+matmul in float64). Inputs may be float32, bfloat16 or float16; accumulation and output are
+float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import backends
+from .philox import split_seed
+from .projection import check_k, check_kind, projection_rows
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KIND_CODES = {"rademacher": 0, "gaussian": 1}
+
+
+def check_finite_rows(bad: torch.Tensor, name: str = "x") -> None:
+    """Raise naming the rows flagged in the boolean/uint8 vector ``bad``."""
+    rows = torch.nonzero(bad.to(torch.bool)).flatten().tolist()
+    if rows:
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(
+            f"{name} has NaN or Inf values in {len(rows)} of {bad.numel()} rows: [{shown}]"
+        )
+
+
+def _validate(x, k, seed, kind, row_offset, out):
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape [B, p] (2-D), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    B, p = x.shape
+    if B < 1 or p < 1:
+        raise ValueError(f"x must have at least one row and one column, got shape {tuple(x.shape)}")
+    k = check_k(k)
+    check_kind(kind)
+    split_seed(seed)
+    if isinstance(row_offset, bool) or not isinstance(row_offset, (int, np.integer)) or row_offset < 0:
+        raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
+    if row_offset + p > 2**63:
+        raise ValueError(f"row_offset + p must be at most 2**63, got {row_offset + p}")
+    if out is not None:
+        if not torch.is_tensor(out) or out.shape != (B, k) or out.dtype != torch.float32:
+            raise ValueError(
+                f"out must be a float32 tensor of shape ({B}, {k}), got "
+                f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}"
+            )
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device} but x is on {x.device}")
+        if out.stride(1) != 1:
+            raise ValueError("out must have unit stride along its last dimension")
+    return k
+
+
+def sketch(x: torch.Tensor, k: int, *, seed: int = 0, kind: str = "rademacher",
+           backend: str = "auto", row_offset: int = 0, out: torch.Tensor | None = None,
+           accumulate: bool = False) -> torch.Tensor:
+    """Project the rows of ``x`` [B, p] to ``k`` dimensions: returns ``x @ P`` [B, k] float32.
+
+    Args:
+        x: rows to project, float32 / bfloat16 / float16, on any device a backend serves.
+        k: output dimension (any k >= 1).
+        seed: 64-bit seed of P; use ``philox.derive_seed(seed, i)`` for the i-th checkpoint.
+        kind: "rademacher" (entries +-1/sqrt(k)) or "gaussian" (N(0, 1/k)).
+        backend: "auto", "cpu", "triton", "cuda" or "torch".
+        row_offset: global row of P that column 0 of x multiplies.
+        out: optional float32 [B, k] tensor to write (or, with ``accumulate``, add) into.
+        accumulate: add x @ P to ``out`` instead of overwriting it.
+
+    Raises ValueError naming the rows when x holds NaN or Inf (``out`` is then unspecified).
+    """
+    k = _validate(x, k, seed, kind, row_offset, out)
+    name, fn = backends.resolve("sketch", backend, x.device, variant=(x.dtype, kind))
+    if out is None:
+        out = torch.empty(x.shape[0], k, dtype=torch.float32, device=x.device)
+        accumulate = False
+    if name == "cpu":
+        bad = torch.zeros(x.shape[0], dtype=torch.uint8)
+        fn(x, out, k, seed, kind, row_offset, accumulate, bad)
+        check_finite_rows(bad)
+        return out
+    check_finite_rows(~torch.isfinite(x).all(dim=1))
+    fn(x, out, k, seed, kind, row_offset, accumulate, None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. Each takes (x, out, k, seed, kind, row_offset, accumulate, nonfinite) and writes out.
+
+REFERENCE_BLOCK_BYTES = 64 << 20
+
+
+def sketch_torch(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
+    """Reference: generate blocks of rows of P (float64 transform) and multiply in float64."""
+    B, p = x.shape
+    rows = max(1, min(p, REFERENCE_BLOCK_BYTES // (8 * 128 * (-(-k // 128)))))
+    acc = torch.zeros(B, k, dtype=torch.float64, device=x.device)
+    for r0 in range(0, p, rows):
+        n = min(rows, p - r0)
+        block = projection_rows(row_offset + r0, n, k, seed=seed, kind=kind, device=x.device)
+        acc += x[:, r0:r0 + n].to(torch.float64) @ block.to(torch.float64)
+    if accumulate:
+        out += acc.to(torch.float32)
+    else:
+        out.copy_(acc)
+    return out
+
+
+def sketch_cpu(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
+    """The C++ kernel (attrkernels._C.sketch); fills ``nonfinite`` [B] uint8 flags if given."""
+    from .. import _C
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    _C.sketch(
+        x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0),
+        out.data_ptr(), out.stride(0), k, seed, KIND_CODES[kind], row_offset, bool(accumulate),
+        torch.get_num_threads(), 0 if nonfinite is None else nonfinite.data_ptr(),
+    )
+    return out
+
+
+def self_check(fn, device, variant):
+    """Compare a GPU kernel with the reference on a small problem; raise on disagreement."""
+    dtype, kind = variant
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    x = torch.randn(5, 777, generator=gen).to(device=device, dtype=dtype)
+    got = torch.empty(5, 300, dtype=torch.float32, device=device)
+    fn(x, got, 300, 99, kind, 12345, False, None)
+    want = torch.empty_like(got)
+    sketch_torch(x, want, 300, 99, kind, 12345, False)
+    err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    if not err < 1e-3:
+        raise backends.KernelSelfCheckError(
+            f"sketch kernel {getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)} "
+            f"disagrees with the reference on {device} ({dtype}, {kind}): relative error {err:.2e}"
+        )
+
+
+backends.register("sketch", "torch", "attrkernels.kernels.sketch:sketch_torch")
+backends.register("sketch", "cpu", "attrkernels.kernels.sketch:sketch_cpu")
+backends.register("sketch", "triton", "attrkernels.kernels.sketch_triton:sketch_triton")
+backends.register("sketch", "cuda", "attrkernels.kernels.sketch_cuda:sketch_cuda")
+backends.register_self_check("sketch", self_check)

@@ -1,0 +1,129 @@
+"""Shared helpers of the benchmarks: timing, machine peaks, memory high-water marks, provenance."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, reps: int = 3, warmup: int = 1, budget_s: float = 30.0):
+    """Median wall time of ``fn()`` over ``reps`` runs (fewer when one run exceeds ``budget_s``).
+
+    On a GPU, CUDA events time the device work.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if sum(times) > budget_s:
+            break
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 4096, dtype=torch.float32) -> float:
+    """fp32 GEMM throughput of this machine (torch.mm, n x n), GFLOP/s."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_call(lambda: torch.mm(a, b), device, reps=5)
+    return 2 * n**3 / t / 1e9
+
+
+def bandwidth_gbs(device: torch.device, nbytes: int = 1 << 29) -> float:
+    """Copy bandwidth (bytes read + bytes written per second), GB/s."""
+    src = torch.empty(nbytes // 4, device=device)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_call(lambda: dst.copy_(src), device, reps=5)
+    return 2 * nbytes / t / 1e9
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's resident-set high-water mark (Linux); returns the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device) -> dict:
+    """Machine, date and commit, written next to every result."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent,
+                               check=False).stdout.strip()
+        commit = commit + ("+dirty" if dirty else "")
+    except OSError:
+        commit = "unknown"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": card,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""The sketch kernel on every backend that runs here, against the NumPy oracle of the spec.
+
+Tolerances: Rademacher P is compared bit for bit; Gaussian P within 1e-6 relative per entry
+(compiled backends use float32 polynomials, the oracle float64 libm); sketches against a float64
+x @ P within 1e-5 of the largest output (float32 accumulation over p terms).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import attrkernels as ak
+from attrkernels import backends
+from attrkernels.kernels.projection import projection_rows
+
+KINDS = ["rademacher", "gaussian"]
+
+
+def cpu_backends():
+    names = ["torch"]
+    for name in ("cpu", "triton"):
+        try:
+            backends.probe(name)
+        except backends.BackendUnavailable:
+            continue
+        if "cpu" in backends.BACKENDS[name].devices():
+            names.append(name)
+    return names
+
+
+BACKENDS = cpu_backends()
+COMPILED = [b for b in BACKENDS if b != "torch"]
+
+
+def isas():
+    from attrkernels import _C
+
+    return _C.usable_isas()
+
+
+def oracle(row0, p, k, seed, kind):
+    return projection_rows(row0, p, k, seed=seed, kind=kind).astype(np.float64)
+
+
+def assert_same_p(got, want, kind):
+    if kind == "rademacher":
+        assert np.array_equal(got, want.astype(np.float32))
+    else:
+        rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+        assert rel.max() < 1e-6, rel.max()
+
+
+def rel_err(got, want):
+    got = got.double() if torch.is_tensor(got) else torch.from_numpy(np.asarray(got, dtype=np.float64))
+    want = want if torch.is_tensor(want) else torch.from_numpy(want)
+    want = want.double()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The projection matrix
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_cpu_rows_equal_oracle(kind, isa):
+    if isa not in isas():
+        pytest.skip(f"{isa} build cannot run on this CPU")
+    from attrkernels import _C
+
+    for row0, p, k in [(0, 50, 300), (2**32 - 20, 40, 129), (2**40 + 3, 5, 4097), (7, 3, 1)]:
+        out = torch.empty(p, k)
+        _C.projection_rows(out.data_ptr(), k, row0, p, k, 99, KINDS.index(kind), 0, isa)
+        assert_same_p(out.numpy(), oracle(row0, p, k, 99, kind), kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_p_equals_oracle(kind, backend):
+    # sketch of the identity rows is P itself: a one-hot row picks one row of P exactly.
+    p, k, row0 = 40, 300, 2**32 - 17
+    eye = torch.eye(p)
+    got = ak.sketch(eye, k, seed=5, kind=kind, backend=backend, row_offset=row0)
+    assert_same_p(got.numpy(), oracle(row0, p, k, 5, kind), kind)
+
+
+def test_torch_generator_on_device_matches_numpy():
+    for kind in KINDS:
+        a = projection_rows(3, 20, 200, seed=11, kind=kind, device=torch.device("cpu"))
+        b = projection_rows(3, 20, 200, seed=11, kind=kind)
+        assert np.array_equal(a.numpy(), b)
+
+
+def test_sketch_matrix_rows_slice():
+    full = ak.sketch_matrix(100, 37, seed=4, kind="gaussian")
+    part = ak.sketch_matrix(100, 37, seed=4, kind="gaussian", rows=slice(10, 30))
+    assert full.shape == (100, 37) and full.dtype == torch.float32
+    assert torch.equal(full[10:30], part)
+    with pytest.raises(ValueError, match="step"):
+        ak.sketch_matrix(100, 37, rows=slice(0, 10, 2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distribution_of_p(kind):
+    k = 1000
+    P = oracle(0, 2000, k, 1, kind) * np.sqrt(k)
+    assert abs(P.mean()) < 0.01
+    assert abs(P.var() - 1) < 0.01
+    if kind == "gaussian":
+        assert abs((P**4).mean() - 3) < 0.05  # Gaussian kurtosis
+    else:
+        assert set(np.unique(np.round(P, 5))) == {-1.0, 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sketch
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, p, k", [(1, 700, 1), (3, 300, 3), (2, 513, 1000), (1, 257, 4097)])
+def test_sketch_equals_x_times_p(kind, backend, B, p, k):
+    if backend == "triton" and B * p * k > 3 * 300 * 1000:
+        pytest.skip("kept small for the Triton interpreter")
+    x = torch.randn(B, p, generator=torch.Generator().manual_seed(B * p + k))
+    got = ak.sketch(x, k, seed=12, kind=kind, backend=backend)
+    want = x.double().numpy() @ oracle(0, p, k, 12, kind)
+    assert got.shape == (B, k) and got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_batch_cpu(kind):
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(0))
+    got = ak.sketch(x, 130, seed=3, kind=kind, backend="cpu")
+    want = x.double().numpy() @ oracle(0, 1000, 130, 3, kind)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_each_isa_build_sketches_correctly(kind, isa):
+    if isa not in isas():
+        pytest.skip(f"{isa} build cannot run on this CPU")
+    from attrkernels import _C
+
+    x = torch.randn(13, 3000, generator=torch.Generator().manual_seed(1))
+    out = torch.empty(13, 777)
+    _C.sketch(x.data_ptr(), 0, 13, 3000, 3000, out.data_ptr(), 777, 777, 8, KINDS.index(kind), 0,
+              False, 0, 0, isa)
+    assert rel_err(out, x.double().numpy() @ oracle(0, 3000, 777, 8, kind)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_inputs(backend, dtype, kind):
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = ak.sketch(x, 200, seed=1, kind=kind, backend=backend)
+    want = x.double().numpy() @ oracle(0, 300, 200, 1, kind)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_64bit_row_offsets(backend):
+    # rows straddling 2**32 and far beyond it, without allocating 2**32 floats
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    for row0 in (2**32 - 32, 2**40 + 12345, 2**62):
+        for kind in KINDS:
+            got = ak.sketch(x, 150, seed=9, kind=kind, backend=backend, row_offset=row0)
+            assert rel_err(got, x.double().numpy() @ oracle(row0, 64, 150, 9, kind)) < 1e-5
+
+
+def test_row_offsets_compose():
+    # the sketch of a concatenation is the sum of the sketches of its pieces at their offsets
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(4))
+    whole = ak.sketch(x, 256, seed=2, kind="gaussian")
+    out = ak.sketch(x[:, :300], 256, seed=2, kind="gaussian")
+    ak.sketch(x[:, 300:], 256, seed=2, kind="gaussian", row_offset=300, out=out, accumulate=True)
+    assert rel_err(out, whole) < 1e-5
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_linearity(backend):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(3, 500, generator=g), torch.randn(3, 500, generator=g)
+    f = lambda v: ak.sketch(v, 64, seed=3, kind="gaussian", backend=backend)  # noqa: E731
+    assert rel_err(f(2 * x - 3 * y), 2 * f(x) - 3 * f(y)) < 1e-5
+
+
+def test_deterministic_and_independent_of_thread_count():
+    x = torch.randn(37, 20000, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        for kind in KINDS:
+            a = ak.sketch(x, 1000, seed=1, kind=kind, backend="cpu")
+            b = ak.sketch(x, 1000, seed=1, kind=kind, backend="cpu")
+            torch.set_num_threads(1)
+            c = ak.sketch(x, 1000, seed=1, kind=kind, backend="cpu")
+            torch.set_num_threads(threads)
+            assert torch.equal(a, b) and torch.equal(a, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rows_are_independent_of_batch():
+    # a row's sketch does not depend on the other rows of the batch (fixed summation order)
+    x = torch.randn(17, 3000, generator=torch.Generator().manual_seed(7))
+    full = ak.sketch(x, 500, seed=4, backend="cpu")
+    for i in (0, 6, 16):
+        assert torch.equal(ak.sketch(x[i:i + 1], 500, seed=4, backend="cpu")[0], full[i])
+
+
+def test_different_seeds_differ():
+    x = torch.randn(2, 400)
+    a = ak.sketch(x, 100, seed=0)
+    b = ak.sketch(x, 100, seed=1)
+    assert (a - b).abs().max() > 0.1 * a.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_preservation(kind):
+    # E||xP||^2 = ||x||^2 and Var(||xP||^2 / ||x||^2) = 2/k for Gaussian P (about that for signs)
+    k, n = 1000, 200
+    x = torch.randn(n, 3000, generator=torch.Generator().manual_seed(8))
+    ratio = (ak.sketch(x, k, seed=21, kind=kind).norm(dim=1) / x.norm(dim=1)) ** 2
+    assert abs(ratio.mean().item() - 1) < 4 * np.sqrt(2 / k / n)
+    assert abs(ratio.std().item() - np.sqrt(2 / k)) < 0.3 * np.sqrt(2 / k)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(600, 6)
+    got = ak.sketch(x.t(), 50, seed=1)
+    assert rel_err(got, ak.sketch(x.t().contiguous(), 50, seed=1)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError, match=r"x must have shape \[B, p\]"):
+        ak.sketch(torch.randn(10), 4)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, p\]"):
+        ak.sketch(torch.randn(2, 3, 4), 4)
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.5, True])
+def test_bad_k(k):
+    with pytest.raises(ValueError, match="k must be"):
+        ak.sketch(torch.randn(2, 10), k)
+
+
+def test_bad_dtype():
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        ak.sketch(torch.ones(2, 10, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        ak.sketch(torch.ones(2, 10, dtype=torch.float64), 4)
+
+
+def test_bad_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ak.sketch(torch.randn(2, 10), 4, kind="uniform")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_rows_are_named(backend):
+    x = torch.randn(6, 50)
+    x[1, 3] = float("nan")
+    x[4, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf values in 2 of 6 rows: \[1, 4\]"):
+        ak.sketch(x, 8, backend=backend)
+
+
+def test_unavailable_backend_by_name():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(backends.BackendUnavailable, match="backend 'cuda' is unavailable"):
+        ak.sketch(torch.randn(2, 10), 4, backend="cuda")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ak.sketch(torch.randn(2, 10), 4, backend="fortran")
+
+
+def test_bad_out_and_offset():
+    x = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="out must be a float32 tensor of shape"):
+        ak.sketch(x, 4, out=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="row_offset must be"):
+        ak.sketch(x, 4, row_offset=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU backends (skip here)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_backends_match_reference(backend, dtype, kind):
+    x = torch.randn(37, 5000, device="cuda").to(dtype)
+    got = ak.sketch(x, 1000, seed=3, kind=kind, backend=backend, row_offset=2**32 - 100)
+    want = ak.sketch(x, 1000, seed=3, kind=kind, backend="torch", row_offset=2**32 - 100)
+    assert rel_err(got.cpu(), want.cpu()) < 1e-5
+
+
+@gpu
+def test_gpu_features_equal_cpu_features():
+    x = torch.randn(8, 3000)
+    for kind in KINDS:
+        cpu = ak.sketch(x, 512, seed=7, kind=kind, backend="cpu")
+        for backend in ("cuda", "triton"):
+            assert rel_err(ak.sketch(x.cuda(), 512, seed=7, kind=kind, backend=backend).cpu(), cpu) < 1e-5
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton needs a GPU or the interpreter")
+def test_auto_never_picks_the_interpreter_on_cpu():
+    name, _ = backends.resolve("sketch", "auto", torch.device("cpu"))
+    assert name in ("cpu", "torch")
