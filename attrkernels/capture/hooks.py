@@ -1,0 +1,131 @@
+"""Which parameters are tracked, where they sit in the flattened gradient, and how each is captured.
+
+The per-example gradient g_b of the tracked parameters is their gradients concatenated in
+``model.named_parameters()`` order, each flattened row-major. Parameters owned by a module we
+capture (layers.py) come from forward hooks (inputs) and tensor hooks on the module outputs
+(d sum_b f_b / d output); every other tracked parameter comes from torch.func per-example
+gradients of that parameter alone (fallback.py).
+
+Examples must not interact in the forward pass (eval-mode BatchNorm, no batch statistics), so
+d f_b / d output_b is the gradient of sum_b f_b.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from .layers import Handler, Record, check_capturable, handler_for
+
+
+@dataclass
+class Plan:
+    """Tracked parameters, their offsets in the flattened gradient, and who computes them."""
+
+    names: list  # tracked parameter names, named_parameters() order
+    params: list  # the same parameters
+    offsets: dict  # id(param) -> first row of the param in the flattened gradient
+    total: int  # p: length of the flattened gradient
+    hooked: dict  # module name -> (module, handler class) for modules whose params we capture
+    fallback: list  # [(name, param)] computed with torch.func
+
+    def name_of(self, param) -> str:
+        return self.names[[id(p) for p in self.params].index(id(param))]
+
+
+def _under_functional_owner(name: str, owners: set) -> bool:
+    return any(name == o or name.startswith(o + ".") for o in owners)
+
+
+def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
+    """Resolve ``params`` (names, default: all trainable) into a capture plan."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = list(model.named_parameters())
+    by_name = dict(named)
+    if params is None:
+        chosen = [n for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError("model has no trainable parameters (none has requires_grad=True)")
+    else:
+        if isinstance(params, str):
+            params = [params]
+        chosen = list(params)
+        if not chosen:
+            raise ValueError("params selects no parameter")
+        unknown = [n for n in chosen if n not in by_name]
+        if unknown:
+            raise ValueError(f"params names unknown parameters {unknown}; the model has e.g. "
+                             f"{[n for n, _ in named[:5]]}")
+        frozen = [n for n in chosen if not by_name[n].requires_grad]
+        if frozen:
+            raise ValueError(f"params names parameters with requires_grad=False: {frozen}")
+        order = {n: i for i, (n, _) in enumerate(named)}
+        chosen = sorted(set(chosen), key=order.__getitem__)
+    forced = set(fallback)
+    unknown = forced - set(by_name)
+    if unknown:
+        raise ValueError(f"fallback names unknown parameters {sorted(unknown)}")
+
+    offsets, total = {}, 0
+    for n in chosen:
+        offsets[id(by_name[n])] = total
+        total += by_name[n].numel()
+    tracked_ids = set(offsets)
+    forced_ids = {id(by_name[n]) for n in forced}
+
+    # Modules that use their children's parameters functionally are not hooked below them.
+    functional = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    hooked, owned = {}, set()
+    for mname, module in model.named_modules():
+        cls = handler_for(module)
+        if cls is None or _under_functional_owner(mname, functional):
+            continue
+        direct = [p for p in module.parameters(recurse=False)
+                  if id(p) in tracked_ids and id(p) not in forced_ids]
+        if not direct:
+            continue
+        check_capturable(mname, module)
+        hooked[mname] = (module, cls)
+        owned.update(id(p) for p in direct)
+    fb = [(n, by_name[n]) for n in chosen if id(by_name[n]) not in owned]
+    return Plan(chosen, [by_name[n] for n in chosen], offsets, total, hooked, fb)
+
+
+@dataclass
+class Capture:
+    """Context that records inputs and output-gradients of the plan's hooked modules."""
+
+    plan: Plan
+    handlers: dict = field(default_factory=dict)
+    _handles: list = field(default_factory=list)
+
+    def __enter__(self):
+        for mname, (module, cls) in self.plan.hooked.items():
+            handler: Handler = cls(module)
+            self.handlers[mname] = handler
+            self._handles.append(module.register_forward_hook(partial(self._on_forward, mname, handler)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    @staticmethod
+    def _on_forward(mname, handler, module, args, output):
+        if not args or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
+            raise TypeError(f"{mname}: cannot capture a call without a positional tensor input "
+                            "and a tensor output")
+        record = Record(inputs=args[0].detach())
+        handler.records.append(record)
+        if output.requires_grad:
+            # Registered before any in-place op on the output, so it sees d f / d output.
+            output.register_hook(partial(_store_grad, record))
+
+
+def _store_grad(record: Record, grad: torch.Tensor):
+    record.grad_out = grad.detach()
