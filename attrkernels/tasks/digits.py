@@ -10,7 +10,8 @@ zero training variance are only centred).
 Model. Linear(64, 128) - ReLU - Linear(128, 128) - ReLU - Linear(128, 10): 26,122 parameters.
 
 Recipe. See ``DigitsMLP.recipe``: minibatch SGD with momentum, weight decay and a linearly
-decaying learning rate; about 0.1 s per model on one core for a 500-example subset.
+decaying learning rate, 40 epochs of batches of 128; about 0.12 s per model on one core for a
+500-example subset; 97% test accuracy when trained on all 1,000 examples, 95% on half.
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ class DigitsMLP(BuiltinTask):
     name = "digits-mlp"
     recipe = Recipe(epochs=40, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
                     weight_decay=5e-3, schedule="linear")
-    lds_protocols = {"default": {"m": 100, "r": 8, "alpha": 0.5},
-                     "quick": {"m": 50, "r": 4, "alpha": 0.5}}
+    # Split-half correlation between seeds (eval.split_half) on this machine: 0.90 for the
+    # default protocol (4 vs 4 seeds), 0.82 for the quick one (2 vs 2 seeds).
+    lds_protocols = {"default": {"m": 200, "r": 8, "alpha": 0.5},
+                     "quick": {"m": 100, "r": 4, "alpha": 0.5}}
 
     def __init__(self, n_train: int = 1000, n_test: int = 300, split_seed: int = 0,
                  hidden: int = 128, recipe: Recipe | None = None):
