@@ -9,8 +9,8 @@ Layout (format version 1)::
         s000007_r002.npz   one per finished model: ``measure`` float64 [n_test] (the task's
                            measurement of every test example) and ``seconds`` (training time)
 
-Every file is written to a temporary name in the same directory and moved into place with
-``os.replace``, so a reader (or a rerun after ``kill -9``) sees either the whole file or none.
+Every file is written with ``attrkernels.store.atomic_write`` (temporary name, fsync,
+``os.replace``), so a reader (or a rerun after ``kill -9``) sees either the whole file or none.
 A model's file is written by the process that trained it as soon as it finishes; a file that
 exists is never recomputed. Temporary files of a killed run (``*.tmp.<pid>``) are ignored.
 
@@ -19,8 +19,6 @@ sizes differ raises ``GroundTruthMismatch`` naming what differs.
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,28 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..store import StoreMismatch, atomic_write, read_json, write_json, write_npy
+
 FORMAT_VERSION = 1
 KIND = "attrkernels-lds-ground-truth"
 COMPARED = ("format_version", "task_config_hash", "protocol", "n_train", "n_test", "subset_size")
 
 
-class GroundTruthMismatch(ValueError):
+class GroundTruthMismatch(StoreMismatch):
     """A ground-truth directory was made for another task config, protocol or format."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def output_path(directory: Path, subset: int, run: int) -> Path:
@@ -128,15 +113,15 @@ def open_store(directory, meta: dict, masks: np.ndarray) -> Path:
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if meta_path.exists():
-        check_meta(directory, json.loads(meta_path.read_text()), meta)
+        check_meta(directory, read_json(meta_path), meta)
         stored = np.load(directory / "masks.npy")
         if not np.array_equal(stored, masks):
             raise GroundTruthMismatch(f"{directory}/masks.npy differs from the protocol's subsets; "
                                       "the directory was edited or corrupted: delete it to rebuild")
         return directory
     (directory / "outputs").mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "masks.npy", lambda f: np.save(f, masks))
-    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
+    write_npy(directory / "masks.npy", masks)
+    write_json(meta_path, meta)
     return directory
 
 
@@ -161,7 +146,7 @@ class GroundTruth:
         meta_path = directory / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"no ground truth at {str(directory)!r} (meta.json missing)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
             raise GroundTruthMismatch(
                 f"{directory} has kind {meta.get('kind')!r}, format version "
