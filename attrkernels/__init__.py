@@ -9,3 +9,4 @@ from .capture import Featurizer
 __all__ = ["sketch", "sketch_matrix", "derive_seed", "SketchProjector", "Featurizer", "backends", "tasks"]
 from .eval import lds
 from .methods import Datamodels
+from .methods.trak import TRAK

@@ -1,4 +1,5 @@
 """Attribution methods: each a small class over kernels + capture + store."""
 from .datamodels import Datamodels
+from .trak import TRAK
 
-__all__ = ["Datamodels"]
+__all__ = ["Datamodels", "TRAK"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,6 +84,18 @@ def load_checkpoint(model: nn.Module, ckpt, index: int = 0) -> None:
             parts.append("shape mismatches " + "; ".join(shapes[:5]))
         raise ValueError(f"checkpoint {index} does not match the model: " + ", ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+@contextmanager
+def preserved_weights(model: nn.Module):
+    """Restore the model's parameters and buffers (and train/eval mode) on exit."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    training = model.training
+    try:
+        yield model
+    finally:
+        model.load_state_dict(saved)
+        model.train(training)
 
 
 def fingerprint(ckpt) -> str:

@@ -16,6 +16,7 @@ resumes by redoing only chunks not marked done, and a finished array is never re
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -79,6 +80,16 @@ class Store:
         blob = save({k: v.contiguous() for k, v in tensors.items()},
                     metadata={k: str(v) for k, v in (metadata or {}).items()})
         atomic_write(self.path / name, lambda f: f.write(blob))
+
+    def save_arrays(self, name: str, **arrays) -> None:
+        """Atomically write NumPy arrays as one .npz file."""
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write(self.path / name, lambda f: f.write(buf.getvalue()))
+
+    def load_arrays(self, name: str) -> dict:
+        with np.load(self.path / name) as data:
+            return {k: data[k] for k in data.files}
 
     def load_tensors(self, name: str, device="cpu") -> dict:
         from safetensors.torch import load_file

@@ -1,0 +1,267 @@
+"""TRAK (Park et al., 2023) on the engine's featurizer, with a resumable on-disk store.
+
+For checkpoints m = 1..M (each with projection seed s_m = derive_seed(seed, m - 1)):
+
+    Phi_m  [n_train, k]  sketched gradients of the measurement (margin) of training examples
+    Q_m    [n_train]     out-to-loss weights 1 - p_correct (task.out_to_loss)
+    K_m  = Phi_m^T Phi_m  [k, k], float64;  lambda_m = damping or alpha * trace(K_m) / k
+    phi_m  [n_test, k]   the same features of the test examples
+
+    scores = diag(Qbar) (1/M) sum_m Phi_m (K_m + lambda_m I)^{-1} phi_m^T      [n_train, n_test]
+
+with Qbar = (1/M) sum_m Q_m (the paper averages the weights and the kernels separately). The
+solve uses a float64 Cholesky factor of K_m + lambda_m I (never an inverse); a kernel that is not
+positive definite raises with the damping that would fix it. The default damping
+alpha * mean eigenvalue of K_m keeps the estimate from degrading as k approaches n_train, where
+K_m becomes ill-conditioned (measured in benchmarks/trak.py).
+
+Sign: with loss = log(1 + exp(-margin)), grad loss_i = -(1 - p_i) grad margin_i, so these are
+influence-function scores -grad f_test^T H^{-1} grad loss_train of the linearised model with
+H ~ Phi^T Phi: positive = including training example i raises the test margin.
+
+Store layout (``store=`` directory; a temporary one when None):
+    meta.json                settings (k, kind, seed, mode, damping, n_train, chunk, checkpoints)
+    train_<m>.f32 (+ .done)  [n_train, k + 1]: Phi_m | Q_m, one chunk per train batch, resumable
+    kernel_<m>.npz           K_m, lambda_m, Cholesky factor of K_m + lambda_m I
+Scoring streams tiles of training rows, so memory is bounded for any n_train x n_test, and can
+write the scores into a memory map (``out=path``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..capture import Featurizer
+from ..kernels.philox import derive_seed
+from ..store import Store
+from .base import (AttributionMethod, as_checkpoints, call_task, fingerprint, iterate,
+                   load_checkpoint, preserved_weights)
+
+DEFAULT_DAMPING_RATIO = 1e-2
+
+
+class KernelNotPositiveDefinite(ValueError):
+    """Phi^T Phi + lambda I could not be factored."""
+
+
+def _loader_size(loader, task):
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None and type(sampler).__name__ == "RandomSampler":
+        raise ValueError("the train loader shuffles; TRAK needs batches in the original order "
+                         "(DataLoader(..., shuffle=False))")
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return sum(size for _, _, size in iterate(loader, task, "train"))
+
+
+def _chunk_size(loader, task):
+    size = getattr(loader, "batch_size", None)
+    if size:
+        return int(size)
+    for _, _, size in iterate(loader, task, "train"):
+        return size
+
+
+class TRAK(AttributionMethod):
+    """TRAK with the shared interface: ``fit(train, checkpoints)``, ``score(test)``.
+
+    Args:
+        model, task: any nn.Module and a Task (``ak.tasks.Classification()``).
+        k: projection dimension.
+        seed: base seed; checkpoint m uses derive_seed(seed, m).
+        kind: "rademacher" or "gaussian" projection.
+        mode: featurizer mode, "dense" (exact sketch) or "factored" (Kronecker, LoGra-style).
+        damping: lambda added to Phi^T Phi; None = damping_ratio * trace(Phi^T Phi) / k.
+        damping_ratio: alpha of the default damping (default 1e-2).
+        store: directory for features and kernels (resumable); None = a temporary directory.
+        params: names of the parameters to differentiate (default: all trainable).
+        backend, memory_budget: passed to the Featurizer.
+        verbose: progress bars.
+    """
+
+    def __init__(self, model, task, *, k=2048, seed=0, kind="rademacher", mode="dense",
+                 damping=None, damping_ratio=DEFAULT_DAMPING_RATIO, store=None, params=None,
+                 backend="auto", memory_budget=256 << 20, verbose=True):
+        super().__init__(model, task, verbose=verbose)
+        if damping is not None and not damping >= 0:
+            raise ValueError(f"damping must be >= 0 or None, got {damping!r}")
+        if not damping_ratio >= 0:
+            raise ValueError(f"damping_ratio must be >= 0, got {damping_ratio!r}")
+        if not callable(getattr(task, "out_to_loss", None)):
+            raise TypeError("TRAK needs task.out_to_loss(model, batch) (1 - p_correct)")
+        self.k, self.seed, self.kind, self.mode = k, seed, kind, mode
+        self.damping, self.damping_ratio = damping, damping_ratio
+        self.params, self.backend, self.memory_budget = params, backend, memory_budget
+        # Validates k, kind, mode and params now rather than in the middle of fit.
+        Featurizer(model, task.measure, k, seed=seed, kind=kind, mode=mode, params=params,
+                   backend=backend, memory_budget=memory_budget)
+        self._tmp = None if store is not None else tempfile.TemporaryDirectory(prefix="attrkernels-trak-")
+        self.store_path = Path(store if store is not None else self._tmp.name)
+        self.store = None
+
+    def _featurizer(self, m):
+        return Featurizer(self.model, self.task.measure, self.k, seed=derive_seed(self.seed, m),
+                          kind=self.kind, mode=self.mode, params=self.params,
+                          backend=self.backend, memory_budget=self.memory_budget)
+
+    # -----------------------------------------------------------------------------------------
+    def fit(self, train, checkpoints=None):
+        """Featurise the training set at every checkpoint and factor the kernels (resumable).
+
+        The model's own weights are restored afterwards.
+        """
+        checkpoints = as_checkpoints(self.model, checkpoints)
+        with preserved_weights(self.model):
+            self._fit(train, checkpoints)
+        self._checkpoints = checkpoints
+        return self
+
+    def _fit(self, train, checkpoints):
+        for i, ckpt in enumerate(checkpoints):  # refuse mismatching checkpoints before any work
+            load_checkpoint(self.model, ckpt, i)
+        n_train = _loader_size(train, self.task)
+        if n_train < 1:
+            raise ValueError("the train loader yielded no examples")
+        chunk = _chunk_size(train, self.task)
+        self.store = Store(self.store_path, {
+            "method": "TRAK", "k": self.k, "seed": self.seed, "kind": self.kind, "mode": self.mode,
+            "damping": self.damping, "damping_ratio": self.damping_ratio, "params": self.params,
+            "n_train": n_train, "chunk": chunk, "checkpoints": [fingerprint(c) for c in checkpoints],
+        })
+        self.num_checkpoints, self.n_train = len(checkpoints), n_train
+        for m, ckpt in enumerate(checkpoints):
+            if self.store.exists(f"kernel_{m}.npz"):
+                continue  # this checkpoint is finished
+            load_checkpoint(self.model, ckpt, m)
+            self._featurize_train(m, train, n_train, chunk)
+            self._factor_kernel(m, n_train, chunk)
+
+    def _featurize_train(self, m, train, n_train, chunk):
+        arr = self.store.chunked(f"train_{m}.f32", n_train, self.k + 1, chunk)
+        if arr.complete:
+            return
+        featurizer = self._featurizer(m)
+        missing = set(arr.missing())
+        bar = tqdm(total=n_train, desc=f"TRAK featurize checkpoint {m}", disable=not self.verbose,
+                   unit="ex")
+        for start, batch, size in iterate(train, self.task, "train"):
+            i = start // chunk
+            if start % chunk or (size != chunk and start + size != n_train) or start + size > n_train:
+                raise ValueError(f"train batches must all have {chunk} examples except the last "
+                                 f"(batch at example {start} has {size}; n_train = {n_train})")
+            if i not in missing:
+                bar.update(size)
+                continue
+            phi = featurizer(batch)
+            with torch.no_grad():
+                self.model.eval()
+                q = call_task(self.task.out_to_loss, self.model, batch, size, "train")
+            arr.write(i, torch.cat([phi.cpu(), q.detach().cpu().reshape(-1, 1).float()], 1).numpy())
+            bar.update(size)
+        bar.close()
+        if not arr.complete:
+            raise ValueError(f"the train loader yielded fewer than the {n_train} examples of its dataset")
+
+    def _factor_kernel(self, m, n_train, chunk):
+        data = self.store.chunked(f"train_{m}.f32", n_train, self.k + 1, chunk).read()
+        K = np.zeros((self.k, self.k))
+        for r0 in range(0, n_train, 8192):
+            phi = np.asarray(data[r0:r0 + 8192, :self.k], dtype=np.float64)
+            K += phi.T @ phi
+        lam = self.damping if self.damping is not None else self.damping_ratio * np.trace(K) / self.k
+        L = _cholesky(K, lam, self.k, n_train)
+        self.store.save_arrays(f"kernel_{m}.npz", K=K, damping=np.float64(lam), L=L)
+
+    # -----------------------------------------------------------------------------------------
+    def _test_features(self, m, test, checkpoint):
+        load_checkpoint(self.model, checkpoint, m)
+        featurizer = self._featurizer(m)
+        feats = [featurizer(batch).cpu() for _, batch, _ in
+                 tqdm(iterate(test, self.task, "test"), desc=f"TRAK test features {m}",
+                      disable=not self.verbose)]
+        return torch.cat(feats).double().numpy()
+
+    def score(self, test, *, out=None, tile=4096) -> torch.Tensor:
+        """Scores [n_train, n_test] (float32); ``out`` = a path to write them into as a .npy
+        memory map instead of holding them in memory. Streams ``tile`` training rows at a time.
+        """
+        if getattr(self, "_checkpoints", None) is None:
+            raise RuntimeError("call fit(train, checkpoints) before score()")
+        if not isinstance(tile, int) or tile < 1:
+            raise ValueError(f"tile must be a positive int, got {tile!r}")
+        with preserved_weights(self.model):
+            return self._score(test, self._checkpoints, out, tile)
+
+    def _score(self, test, checkpoints, out, tile):
+        M, n, k = self.num_checkpoints, self.n_train, self.k
+        solves, qbar = [], np.zeros(n)
+        for m, ckpt in enumerate(checkpoints):
+            phi_test = self._test_features(m, test, ckpt)
+            L = self.store.load_arrays(f"kernel_{m}.npz")["L"]
+            X = _cho_solve(L, phi_test.T)  # [k, n_test] = (K + lambda I)^{-1} phi^T
+            solves.append(torch.from_numpy(X.astype(np.float32)))
+            data = self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"]).read()
+            qbar += np.asarray(data[:, k], dtype=np.float64) / M
+        n_test = solves[0].shape[1]
+        result, tmp = _output(out, n, n_test)
+        arrays = [self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"]).read()
+                  for m in range(M)]
+        for r0 in tqdm(range(0, n, tile), desc="TRAK score", disable=not self.verbose):
+            r1 = min(n, r0 + tile)
+            acc = torch.zeros(r1 - r0, n_test)
+            for m in range(M):
+                acc += torch.from_numpy(np.array(arrays[m][r0:r1, :k], dtype=np.float32)) @ solves[m]
+            acc *= torch.from_numpy((qbar[r0:r1] / M).astype(np.float32)).reshape(-1, 1)
+            result[r0:r1] = acc.numpy() if isinstance(result, np.ndarray) else acc
+        if tmp is None:
+            return result
+        result.flush()
+        del result
+        os.replace(tmp, out)
+        return torch.from_numpy(np.load(out, mmap_mode="r+"))
+
+
+def _output(out, n, n_test):
+    """(array to fill, temporary path or None): memory, or a .npy memory map renamed when full."""
+    if out is None:
+        return torch.zeros(n, n_test), None
+    if isinstance(out, (str, Path)):
+        tmp = f"{out}.tmp.{os.getpid()}"
+        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, n_test)), tmp
+    raise TypeError(f"out must be None or a path, got {type(out).__name__}")
+
+
+def _cholesky(K, lam, k, n_train):
+    """Cholesky factor of K + lam I; raises when it fails or the matrix is numerically singular
+    (a pivot below 1e-10 of the largest, where float64 solves lose all accuracy)."""
+    A = K + lam * np.eye(k)
+    try:
+        L = np.linalg.cholesky(A)
+        pivots = np.diag(L) ** 2
+        if not pivots.min() > 1e-10 * pivots.max():
+            raise np.linalg.LinAlgError("numerically singular")
+        return L
+    except np.linalg.LinAlgError:
+        mean_eig = np.trace(K) / k
+        hint = f"; k = {k} exceeds n_train = {n_train}, so Phi^T Phi has rank < k" if k > n_train else ""
+        raise KernelNotPositiveDefinite(
+            f"the TRAK kernel Phi^T Phi + {lam:g} I ({k} x {k}) is not positive definite{hint}. "
+            f"Pass damping > 0, e.g. damping={1e-2 * mean_eig:.3g} (1e-2 x its mean eigenvalue), "
+            "or leave damping=None for that default."
+        ) from None
+
+
+def _cho_solve(L, B):
+    """(L L^T)^{-1} B by two triangular solves, float64."""
+    from scipy.linalg import solve_triangular
+
+    Y = solve_triangular(L, B, lower=True)
+    return solve_triangular(L.T, Y, lower=False)
+
+

@@ -1,0 +1,38 @@
+"""Subprocess of test_trak.py: fits TRAK slowly so the parent can kill it mid-fit (kill -9)."""
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import attrkernels as ak
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+class SlowLoader:
+    """Batches of 8 in order, with a pause before each (long enough to be killed in between)."""
+
+    def __init__(self, pause):
+        self.loader = DataLoader(TensorDataset(*data()), batch_size=8)
+        self.batch_size, self.dataset, self.pause = 8, self.loader.dataset, pause
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.pause)
+            yield batch
+
+
+if __name__ == "__main__":
+    store, ckpt, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    m = model()
+    ak.TRAK(m, ak.tasks.Classification(), k=40, store=store, verbose=False).fit(SlowLoader(pause), [ckpt])
