@@ -42,6 +42,9 @@ def test_digits_data_split_and_standardisation():
     assert json.loads(json.dumps(config)) == config and config["recipe"]["epochs"] == 40
     assert task.config_hash() == get("digits-mlp").config_hash()
     assert task.config_hash() != get("digits-mlp", hidden=64).config_hash()
+    train_loader, test_loader = task.loaders(batch_size=128)
+    torch.testing.assert_close(next(iter(train_loader))[0], x[:128])
+    assert sum(len(b[1]) for b in test_loader) == 300
 
 
 def test_digits_training_is_seeded_accurate_and_checkpointed():

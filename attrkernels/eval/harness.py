@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -176,6 +177,14 @@ def _run_pool(task, directory, jobs, workers, start_method, batch_size, bar) -> 
                 for future in finished:
                     future.result()
                     bar.update()
+        except BrokenProcessPool as e:
+            raise RuntimeError(
+                f"a ground-truth worker process died (out of memory, killed, or unable to load the "
+                f"task). With start_method={start_method!r} the task is pickled to fresh processes: "
+                f"its class must be importable from a module (not defined in a notebook or an "
+                f"unguarded __main__ script). Finished models are saved; rerun to resume, or use "
+                f"workers=1 to train in this process."
+            ) from e
         except BaseException:
             for future in pending:
                 future.cancel()

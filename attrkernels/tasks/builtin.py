@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from .base import Classification, Task
 from .training import Checkpoint, Recipe, seeded_module, split_seed, train_classifier
@@ -63,6 +63,11 @@ class BuiltinTask:
     def test_data(self) -> TensorDataset:
         """Test set as a TensorDataset (inputs, labels); its order fixes the test indices."""
         raise NotImplementedError(f"{type(self).__name__} must define test_data()")
+
+    def loaders(self, batch_size: int = 256) -> tuple[DataLoader, DataLoader]:
+        """(train, test) DataLoaders in index order, unshuffled, as attribution methods read them."""
+        return (DataLoader(self.train_data(), batch_size=batch_size, shuffle=False),
+                DataLoader(self.test_data(), batch_size=batch_size, shuffle=False))
 
     def build_model(self) -> torch.nn.Module:
         """A new, randomly initialised model (``make_model`` seeds the initialisation)."""
