@@ -75,7 +75,9 @@ class Mnist1dCNN(BuiltinTask):
     name = "mnist1d-cnn"
     recipe = Recipe(epochs=40, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
                     weight_decay=5e-3, schedule="linear")
-    lds_protocols = {"default": {"m": 100, "r": 4, "alpha": 0.5},
+    # Seeds matter more here than on digits: the quick protocol's split-half correlation is 0.39
+    # (1 vs 1 seed, measured); Spearman-Brown predicts 0.72 for the default's 4 vs 4 seeds.
+    lds_protocols = {"default": {"m": 100, "r": 8, "alpha": 0.5},
                      "quick": {"m": 50, "r": 2, "alpha": 0.5}}
 
     def __init__(self, channels: int = 32, recipe: Recipe | None = None):
