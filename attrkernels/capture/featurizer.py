@@ -192,13 +192,15 @@ class Featurizer:
             model.train(was_training)
         return cap.handlers, B, fb, batch_grads
 
-    def _blocks(self, handlers, fb, batch_grads, params_filter=None):
-        """All gradient blocks; checks finiteness and that hooked blocks add up to batch grads."""
+    def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True):
+        """All gradient blocks; checks that hooked blocks add up to batch gradients, and (when
+        ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness."""
         tracked = {p for p in self.plan.params if params_filter is None or id(p) in params_filter}
         sums = {}
         for handler in handlers.values():
             for blk in handler.blocks(tracked, self.memory_budget):
-                self._check_finite(blk)
+                if check_finite:
+                    self._check_finite(blk)
                 s = sums.setdefault(id(blk.param), torch.zeros(blk.param.numel(), dtype=torch.float32,
                                                                 device=blk.values.device))
                 s[blk.start:blk.start + blk.values.shape[1]] += blk.values.sum(0)
@@ -210,7 +212,8 @@ class Featurizer:
             if params_filter is not None and id(p) not in params_filter:
                 continue
             blk = Block(by_id[id(p)], 0, g)
-            self._check_finite(blk)
+            if check_finite:
+                self._check_finite(blk)
             yield blk
         for pid, s in sums.items():
             want = batch_grads[pid].to(torch.float32)
@@ -224,6 +227,17 @@ class Featurizer:
                     f"module that owns it (weight tying, functional use). Pass fallback=[{name!r}] "
                     "to compute it with torch.func, or leave it out of params="
                 )
+
+    def _sketch_block(self, blk, k, seed, offset, out):
+        """out += sketch of the block at its rows; a non-finite block names its parameter."""
+        try:
+            sketch(blk.values, k, seed=seed, kind=self.kind, backend=self.backend,
+                   row_offset=offset + blk.start, out=out, accumulate=True)
+        except ValueError as err:
+            if "NaN or Inf" not in str(err):
+                raise
+            self._check_finite(blk)
+            raise
 
     def _check_finite(self, blk):
         bad = ~torch.isfinite(blk.values).all(dim=1)
@@ -240,9 +254,8 @@ class Featurizer:
         device = next(iter(self.plan.params)).device
         phi = torch.zeros(B, self.k, dtype=torch.float32, device=device)
         if self.mode == "dense":
-            for blk in self._blocks(handlers, fb, batch_grads):
-                sketch(blk.values, self.k, seed=self.seed, kind=self.kind, backend=self.backend,
-                       row_offset=self.plan.offsets[id(blk.param)] + blk.start, out=phi, accumulate=True)
+            for blk in self._blocks(handlers, fb, batch_grads, check_finite=False):
+                self._sketch_block(blk, self.k, self.seed, self.plan.offsets[id(blk.param)], phi)
             return phi
         self._factored(handlers, fb, batch_grads, phi)
         return phi
@@ -262,10 +275,8 @@ class Featurizer:
             out = phi[:, self._rest_col:self._rest_col + self._rest_k]
             rest_ids = set(self._rest_offsets)
             acc = torch.zeros_like(out)
-            for blk in self._blocks(handlers, fb, batch_grads, params_filter=rest_ids):
-                sketch(blk.values, self._rest_k, seed=self._rest_seed, kind=self.kind,
-                       backend=self.backend, row_offset=self._rest_offsets[id(blk.param)] + blk.start,
-                       out=acc, accumulate=True)
+            for blk in self._blocks(handlers, fb, batch_grads, params_filter=rest_ids, check_finite=False):
+                self._sketch_block(blk, self._rest_k, self._rest_seed, self._rest_offsets[id(blk.param)], acc)
             out.copy_(acc)
 
     def _check_kron_consistency(self, layer, A, D, batch_grads):

@@ -1,0 +1,195 @@
+"""Featurizer throughput and memory: ours (dense, factored) vs traker's featurizer, same run.
+
+Three models on random inputs, k = 2048, per-example gradients of the correct-class margin:
+  mlp          784-1024-512-10 MLP (1.33 M parameters)
+  resnet9      ResNet-9 of width 32 on 32x32x3 inputs (BatchNorm in eval mode, 1.65 M parameters)
+  transformer  2 pre-norm blocks with F.scaled_dot_product_attention, d = 128, 64 tokens
+Implementations:
+  ours-dense      ak.Featurizer(mode="dense"), Rademacher (exact sketch of the gradient)
+  ours-factored   ak.Featurizer(mode="factored") (LoGra-style Kronecker projection)
+  traker          traker.TRAKer.featurize with its CPU defaults (vmap per-example gradients,
+                  BasicProjector, Gaussian)
+  traker+ours-P   traker.TRAKer.featurize with our projector (SketchProjector): the same
+                  features as ours-dense (checked, up to traker's 1/sqrt(p) normalisation)
+Reports examples/s (median over batches after a warm-up batch), the peak extra resident memory
+of the featurisation, the ratio to ours-dense, and the floor of dense sketching
+(2 p k FLOPs per example at the matmul peak measured in the same run).
+
+    python -m benchmarks.featurize [--batch 32] [--batches 3]
+
+Writes benchmarks/results/featurize_cpu.csv and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import logging
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attrkernels as ak
+from attrkernels.tasks.resnet9 import resnet9
+
+from .common import RESULTS, markdown_table, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss
+
+K = 2048
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab=1000, d=128, heads=4, T=64, blocks=2, classes=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T, d)
+        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(blocks))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln(x).mean(1))
+
+
+class _Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def make(name, batch, count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+        xs = [torch.randn(batch, 784, generator=g) for _ in range(count)]
+    elif name == "resnet9":
+        model = resnet9(10, width=32)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        xs = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(count)]
+    else:
+        model = Transformer()
+        xs = [torch.randint(0, 1000, (batch, 64), generator=g) for _ in range(count)]
+    model.eval()
+    batches = [(x, torch.randint(0, 10, (batch,), generator=g)) for x in xs]
+    return model, batches
+
+
+def timed(fn, batches):
+    """(median seconds per batch after a warm-up, peak extra resident bytes)."""
+    gc.collect()
+    base = reset_peak_rss()
+    fn(batches[0])
+    times = []
+    for b in batches[1:]:
+        t0 = time.perf_counter()
+        fn(b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak_rss() - base
+
+
+def traker_featurizer(model, n, projector=None):
+    from trak import TRAKer
+
+    logging.getLogger("trak").setLevel(logging.ERROR)
+    logging.getLogger("STORE").setLevel(logging.ERROR)
+    tmp = tempfile.mkdtemp(prefix="bench-traker-")
+    tr = TRAKer(model=model, task="image_classification", train_set_size=n, save_dir=tmp, device="cpu",
+                proj_dim=K, use_half_precision=False, projector=projector)
+    tr.load_checkpoint(model.state_dict(), model_id=0)
+    return tr
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=3, help="timed batches (after one warm-up)")
+    parser.add_argument("--models", default="mlp,resnet9,transformer")
+    args = parser.parse_args(argv)
+    peak = matmul_peak_gflops(torch.device("cpu"))
+    task = ak.tasks.Classification()
+    rows = []
+    for name in args.models.split(","):
+        model, batches = make(name, args.batch, args.batches + 1)
+        p = sum(q.numel() for q in model.parameters())
+        floor = 2 * p * K / (peak * 1e9)
+        impls = {
+            "ours-dense": ak.Featurizer(model, task.measure, K, seed=0),
+            "ours-factored": ak.Featurizer(model, task.measure, K, seed=0, mode="factored"),
+        }
+        n = args.batch * len(batches)
+        results = {}
+        for impl, fz in impls.items():
+            results[impl] = timed(fz, batches)
+        for impl, projector in (("traker", None),
+                                ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
+            try:
+                tr = traker_featurizer(model, n, projector)
+                results[impl] = timed(lambda b: tr.featurize(batch=b, num_samples=b[0].shape[0]), batches)
+                if projector is not None:  # same P: same features as ours-dense
+                    got = torch.as_tensor(tr.saver.current_store["grads"][:args.batch]) * float(tr.normalize_factor)
+                    want = impls["ours-dense"].__class__(model, task.measure, K,
+                                                         seed=ak.derive_seed(0, 0))(batches[0])
+                    results[impl + " check"] = (got - want).abs().max().item() / want.abs().max().item()
+            except Exception as err:  # noqa: BLE001  (a peer failing on a model is a result)
+                results[impl] = err
+        dense_t = results["ours-dense"][0]
+        for impl, res in results.items():
+            if impl.endswith("check"):
+                continue
+            r = dict(model=name, params=p, batch=args.batch, impl=impl)
+            if isinstance(res, Exception):
+                r["note"] = f"failed: {type(res).__name__}: {res}"[:120]
+            else:
+                t, mem = res
+                r.update(examples_per_s=f"{args.batch / t:.1f}", peak_mem_mb=f"{mem / 2**20:.0f}",
+                         vs_dense=f"{t / dense_t:.2f}", dense_floor_ex_s=f"{1 / floor:.1f}")
+                if impl + " check" in results:
+                    r["note"] = f"max rel diff to ours-dense {results[impl + ' check']:.1e}"
+            rows.append(r)
+            print(r, flush=True)
+        del model, batches, impls
+    info = provenance(torch.device("cpu"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    columns = ["model", "params", "batch", "impl", "examples_per_s", "peak_mem_mb", "vs_dense",
+               "dense_floor_ex_s", "note"]
+    stem = RESULTS / f"featurize_cpu_b{args.batch}"
+    with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
+        f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
+        f.write(f"# matmul_peak_gflops: {peak:.1f}\n")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".csv.tmp").replace(stem.with_suffix(".csv"))
+    header = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores), "
+              f"{info['date']}, commit {info['commit']}. Matmul peak {peak:.1f} GFLOP/s. `vs_dense` = time / "
+              "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k).\n\n")
+    table = markdown_table(rows, columns)
+    stem.with_suffix(".md").write_text(header + table + "\n")
+    print(header + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
