@@ -9,6 +9,15 @@ from attrkernels.tasks import BuiltinTask, Classification, Recipe, available, ge
 from attrkernels.tasks.training import checkpoint_epochs, split_seed
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Train on one thread, as the harness workers do (also avoids oversubscription on busy machines)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_registry():
     assert {"digits-mlp", "mnist1d-cnn", "cifar10-resnet9", "cifar2-resnet9"} <= set(available())
     with pytest.raises(KeyError, match="unknown task 'nope'; available: cifar10-resnet9"):

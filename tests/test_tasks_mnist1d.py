@@ -8,6 +8,15 @@ from attrkernels.tasks import Recipe, get
 pytest.importorskip("mnist1d")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Train on one thread, as the harness workers do (also avoids oversubscription on busy machines)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_data_model_and_training():
     state = np.random.get_state()
     task = get("mnist1d-cnn")
