@@ -10,3 +10,4 @@ __all__ = ["sketch", "sketch_matrix", "derive_seed", "SketchProjector", "Featuri
 from .eval import lds
 from .methods import Datamodels
 from .methods.trak import TRAK
+from .methods import EKFAC, KFAC

@@ -3,3 +3,4 @@ from .datamodels import Datamodels
 from .trak import TRAK
 
 __all__ = ["Datamodels", "TRAK"]
+from .ekfac import EKFAC, KFAC

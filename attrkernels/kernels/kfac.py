@@ -1,0 +1,241 @@
+"""Kronecker-factored curvature: factor accumulation, float64 eigendecomposition, EK-FAC correction.
+
+Notation. A layer with weight W [d_out, d_in] (bias folded in as a last input column of ones:
+the homogeneous coordinate) is called at T positions per example (sequence tokens, conv output
+pixels after unfolding, repeated calls). For example b the capture gives its inputs
+a_bt [d_in] and output-gradients delta_bt [d_out], stacked as A [B, T, d_in], D [B, T, d_out];
+the per-example weight gradient is
+
+    G_b = sum_t delta_bt a_bt^T = D_b^T A_b                                   [d_out, d_in].
+
+The Fisher of one layer, F = E_b[vec(G_b) vec(G_b)^T], is approximated (K-FAC) by S (x) A with
+
+    A = (1 / #positions) sum_{b,t} a_bt a_bt^T      S = (1 / #examples) sum_{b,t} delta_bt delta_bt^T
+
+(positions are assumed independent; for T = 1 both are plain means). With the eigendecompositions
+A = Q_A diag(e_A) Q_A^T and S = Q_S diag(e_S) Q_S^T, K-FAC's eigenvalues are e_S e_A^T and
+EK-FAC (George et al., 2018) replaces them by the exact second moments in that basis,
+
+    Lambda = E_b[(Q_S^T G_b Q_A)^2]          (squared elementwise)            [d_out, d_in],
+
+so that F ~ (Q_S (x) Q_A) diag(vec Lambda) (Q_S (x) Q_A)^T. The functions below compute these
+sums over a batch; callers divide by the counts.
+
+All GEMMs are torch (MKL / oneDNN on CPU): factor accumulation is one GEMM over all B T rows of a
+batch; ``benchmarks/ekfac.py`` measures it against the machine's matmul peak. Rotations and
+per-example products pick the cheaper association order by FLOP count (see ``rotated_gradients``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MEMORY = 256 << 20  # bytes of per-example gradients held at once
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [n, d] float32 (a copy only when needed)."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out += sum over all leading positions of x x^T: x [..., d] -> out [d, d] (float32).
+
+    One GEMM (addmm) over the n = prod(leading dims) rows: 2 n d^2 FLOPs. For the activation
+    factor pass A with a column of ones appended (``homogeneous``) when the layer has a bias.
+    """
+    rows = _rows(x)
+    d = rows.shape[1]
+    if out is None:
+        out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+    elif out.shape != (d, d):
+        raise ValueError(f"out must have shape {(d, d)}, got {tuple(out.shape)}")
+    return out.addmm_(rows.T, rows)
+
+
+def homogeneous(a: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d + 1] float32 with a last coordinate 1 (the bias input)."""
+    a = a.to(torch.float32)
+    return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+
+def token_counts(idx: torch.Tensor, num: int, padding_idx: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """out += counts of each index: the diagonal of an Embedding's activation factor (float64 [num]).
+
+    An Embedding's input is the one-hot vector of its index, so sum_t a_t a_t^T is diagonal with
+    the token counts on it; ``padding_idx`` (whose row receives no gradient) counts zero.
+    """
+    counts = torch.bincount(idx.reshape(-1).to(torch.int64), minlength=num).to(torch.float64)
+    if counts.numel() != num:
+        raise ValueError(f"indices must lie in [0, {num}), got max {int(idx.max())}")
+    if padding_idx is not None:
+        counts[padding_idx] = 0
+    return counts if out is None else out.add_(counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthonormal bases
+
+
+@dataclass(frozen=True)
+class Basis:
+    """An orthonormal Q [dim, dim]: block-diagonal with ``blocks`` ([w_i, w_i], consecutive), or
+    the identity when ``blocks`` is empty (an Embedding's diagonal activation factor)."""
+
+    dim: int
+    blocks: tuple = ()
+
+    def astype(self, dtype: torch.dtype) -> "Basis":
+        return Basis(self.dim, tuple(q.to(dtype) for q in self.blocks))
+
+    def cost(self) -> int:
+        """Multiply-adds of rotating one vector: sum_i w_i^2 (0 for the identity)."""
+        return sum(q.shape[0] ** 2 for q in self.blocks)
+
+    def dense(self) -> torch.Tensor:
+        """Q as a dense [dim, dim] matrix (for tests and small layers)."""
+        if not self.blocks:
+            return torch.eye(self.dim, dtype=torch.float64)
+        return torch.block_diag(*self.blocks)
+
+    def rotate(self, x: torch.Tensor, dim: int = -1, transpose: bool = False) -> torch.Tensor:
+        """y = x Q along ``dim`` (y_j = sum_i x_i Q_ij), or x Q^T with ``transpose``."""
+        if x.shape[dim] != self.dim:
+            raise ValueError(f"dimension {dim} of x has size {x.shape[dim]}, the basis {self.dim}")
+        if not self.blocks:
+            return x
+        moved = x.movedim(dim, -1)
+        if len(self.blocks) == 1:
+            q = self.blocks[0]
+            out = moved @ (q.T if transpose else q)
+        else:
+            out = torch.empty(moved.shape, dtype=torch.result_type(moved, self.blocks[0]), device=x.device)
+            start = 0
+            for q in self.blocks:
+                w = q.shape[0]
+                out[..., start:start + w] = moved[..., start:start + w] @ (q.T if transpose else q)
+                start += w
+        return out.movedim(-1, dim)
+
+
+def block_sizes(dim: int, block_width: int | None) -> list[int]:
+    """Sizes of the diagonal blocks of a dim x dim factor: one block if dim <= block_width, else
+    ceil(dim / block_width) blocks of (nearly) equal size, each at most block_width."""
+    if block_width is None or dim <= block_width:
+        return [dim]
+    n = -(-dim // block_width)
+    return [dim // n + (1 if i < dim % n else 0) for i in range(n)]
+
+
+def kron_eigh(factors: list, block_width: int | None = None) -> list:
+    """Eigendecompositions (e [d] float64, Basis) of symmetric PSD factors, batched and blocked.
+
+    Each factor (a [d, d] matrix, or a [d] vector meaning a diagonal matrix) is symmetrised,
+    (F + F^T) / 2, in float64. With ``block_width`` set, a factor wider than it is split into
+    ceil(d / block_width) diagonal blocks and the coupling between blocks is dropped: the result
+    decomposes blockdiag(F_11, F_22, ...) exactly, not F. For EK-FAC this only changes the basis
+    (still orthonormal) in which Lambda is then fitted exactly, so the approximation degrades
+    gracefully; for K-FAC the eigenvalues are those of the blocks. Blocks (and whole factors) of
+    equal size are stacked and decomposed in one batched ``torch.linalg.eigh`` call.
+    Eigenvalues come per block in ascending order and are not clipped (they can be tiny negative
+    numbers for rank-deficient factors). A diagonal factor has the identity basis.
+    """
+    jobs = {}  # size -> list of (factor index, block index, matrix)
+    layout = []
+    for i, f in enumerate(factors):
+        if f.ndim == 1:
+            layout.append(None)
+            continue
+        if f.ndim != 2 or f.shape[0] != f.shape[1]:
+            raise ValueError(f"factor {i} must be square [d, d] or diagonal [d], got {tuple(f.shape)}")
+        f = f.to(torch.float64)
+        f = (f + f.T) / 2
+        sizes = block_sizes(f.shape[0], block_width)
+        layout.append(sizes)
+        start = 0
+        for j, w in enumerate(sizes):
+            jobs.setdefault(w, []).append((i, j, f[start:start + w, start:start + w]))
+            start += w
+    solved = {}
+    for w, items in jobs.items():
+        values, vectors = torch.linalg.eigh(torch.stack([m for _, _, m in items]))
+        for k, (i, j, _) in enumerate(items):
+            solved[i, j] = (values[k], vectors[k])
+    out = []
+    for i, f in enumerate(factors):
+        if layout[i] is None:
+            out.append((f.to(torch.float64), Basis(f.shape[0])))
+            continue
+        parts = [solved[i, j] for j in range(len(layout[i]))]
+        out.append((torch.cat([e for e, _ in parts]), Basis(f.shape[0], tuple(q.contiguous() for _, q in parts))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotated per-example gradients and the EK-FAC correction
+
+
+def rotate_first(T: int, basis_a: Basis, basis_s: Basis) -> bool:
+    """Whether Q_S^T D^T A Q_A is cheaper as (D Q_S)^T (A Q_A) than as Q_S^T (D^T A) Q_A.
+
+    Per example, rotating the T position vectors costs T (c_A + c_S) multiply-adds and rotating
+    the formed [d_out, d_in] gradient costs d_out c_A + d_in c_S (c = ``Basis.cost``); both then
+    or before pay the T d_out d_in of the product itself.
+    """
+    c_a, c_s = basis_a.cost(), basis_s.cost()
+    return T * (c_a + c_s) <= basis_s.dim * c_a + basis_a.dim * c_s
+
+
+def rotated_gradients(A: torch.Tensor, D: torch.Tensor, basis_a: Basis | None = None,
+                      basis_s: Basis | None = None) -> torch.Tensor:
+    """Q_S^T G_b Q_A for every example, G_b = D_b^T A_b: A [B, T, d_in], D [B, T, d_out] -> [B, d_out, d_in].
+
+    Without bases, the plain per-example gradients G_b. The association order is chosen by
+    ``rotate_first``; the product over positions is one batched GEMM (``torch.bmm``, K = T).
+    """
+    A, D = A.to(torch.float32), D.to(torch.float32)
+    if basis_a is None or basis_s is None:
+        return torch.bmm(D.transpose(1, 2), A)
+    if rotate_first(A.shape[1], basis_a, basis_s):
+        return torch.bmm(basis_s.rotate(D).transpose(1, 2), basis_a.rotate(A))
+    G = torch.bmm(D.transpose(1, 2), A)
+    return basis_s.rotate(basis_a.rotate(G, dim=2), dim=1)
+
+
+def example_chunk(B: int, bytes_per_example: int, memory_budget: int) -> int:
+    """Examples per chunk so that a chunk's per-example tensors fit in ``memory_budget`` bytes."""
+    return max(1, min(B, memory_budget // max(1, bytes_per_example)))
+
+
+def ekfac_correction(A: torch.Tensor, D: torch.Tensor, basis_a: Basis, basis_s: Basis,
+                     out: torch.Tensor | None = None, memory_budget: int = DEFAULT_MEMORY) -> torch.Tensor:
+    """out += sum_b (Q_S^T G_b Q_A)^2 (elementwise square), G_b = D_b^T A_b, without storing G_b for all b.
+
+    A [B, T, d_in], D [B, T, d_out]; out [d_out, d_in] float32 (Lambda times the number of examples).
+
+    * T = 1: Q_S^T G_b Q_A = (Q_S^T delta_b)(Q_A^T a_b)^T is an outer product, so its square is the
+      outer product of the squared rotated vectors and the sum over b is one GEMM:
+      out += (D Q_S)^{.2 T} (A Q_A)^{.2}   (B T (c_A + c_S) + B d_out d_in multiply-adds).
+    * T > 1: per-example GEMMs (``rotated_gradients``) over chunks of examples whose rotated
+      gradients fit in ``memory_budget`` bytes, squared in place and summed over the chunk.
+    """
+    if A.ndim != 3 or D.ndim != 3 or A.shape[:2] != D.shape[:2]:
+        raise ValueError(f"A must be [B, T, d_in] and D [B, T, d_out] with equal B, T; got "
+                         f"{tuple(A.shape)} and {tuple(D.shape)}")
+    B, T, d_in = A.shape
+    d_out = D.shape[2]
+    if (basis_a.dim, basis_s.dim) != (d_in, d_out):
+        raise ValueError(f"bases of sizes ({basis_a.dim}, {basis_s.dim}) do not match d_in = {d_in}, d_out = {d_out}")
+    if out is None:
+        out = torch.zeros(d_out, d_in, dtype=torch.float32, device=A.device)
+    if T == 1:
+        a = basis_a.rotate(A[:, 0].to(torch.float32))
+        d = basis_s.rotate(D[:, 0].to(torch.float32))
+        return out.addmm_(d.square().T, a.square())
+    step = example_chunk(B, 4 * d_out * d_in, memory_budget)
+    for b0 in range(0, B, step):
+        G = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
+        out.add_(G.square_().sum(0))
+    return out

@@ -1,0 +1,228 @@
+"""K-FAC / EK-FAC kernels against their definitions computed naively in float64.
+
+Tolerances: float32 kernels within 1e-5 (relative to the largest entry) of the float64
+reference; float64 eigendecompositions reconstruct their factor within 1e-10.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from attrkernels.capture import Capture, make_plan
+from attrkernels.kernels.kfac import (Basis, block_sizes, covariance, ekfac_correction, homogeneous,
+                                      kron_eigh, rotate_first, rotated_gradients, token_counts)
+from attrkernels.kernels.kron_score import (kron_inner, kron_self_inner, sparse_rows_inner,
+                                            sparse_rows_self_inner)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def spd(d, gen, rank=None):
+    x = torch.randn(d, rank or 2 * d, generator=gen, dtype=torch.float64)
+    return x @ x.T / x.shape[1]
+
+
+def random_basis(d, gen, block_width=None):
+    _, basis = kron_eigh([spd(d, gen)], block_width)[0]
+    return basis
+
+
+def naive_rotated(A, D, Qa, Qs):
+    """Q_S^T (sum_t D_bt A_bt^T) Q_A per example, float64, with dense Q."""
+    G = torch.einsum("bto,bti->boi", D.double(), A.double())
+    return Qs.T @ G @ Qa
+
+
+# ---------------------------------------------------------------------------------------------
+# Factor accumulation
+
+
+def test_covariance_is_the_sum_of_outer_products_over_all_positions():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 7, generator=gen)
+    ref = torch.zeros(7, 7, dtype=torch.float64)
+    for b in range(6):
+        for t in range(5):
+            ref += torch.outer(x[b, t].double(), x[b, t].double())
+    assert rel(covariance(x), ref) < 1e-6
+    out = covariance(x[:3])
+    covariance(x[3:], out=out)  # accumulates across batches
+    assert rel(out, ref) < 1e-6
+
+
+def test_homogeneous_coordinate_gives_the_bias_blocks():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, generator=gen)
+    A = covariance(homogeneous(x))
+    assert A.shape == (6, 6)
+    assert rel(A[:5, 5], x.reshape(-1, 5).sum(0)) < 1e-6
+    assert A[5, 5].item() == 12
+
+
+def test_covariance_rejects_a_wrong_out():
+    with pytest.raises(ValueError, match="out must have shape"):
+        covariance(torch.ones(2, 3), out=torch.zeros(2, 2))
+
+
+def test_token_counts_are_the_diagonal_activation_factor():
+    idx = torch.tensor([[1, 3, 3, 0], [3, 2, 0, 0]])
+    onehot = torch.nn.functional.one_hot(idx, 5).double().reshape(-1, 5)
+    counts = token_counts(idx, 5)
+    assert torch.equal(torch.diag(counts), onehot.T @ onehot)
+    assert token_counts(idx, 5, padding_idx=0)[0] == 0
+    with pytest.raises(ValueError, match="indices must lie"):
+        token_counts(idx, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigendecomposition
+
+
+def test_kron_eigh_reconstructs_each_factor_batched_across_equal_sizes():
+    gen = torch.Generator().manual_seed(2)
+    factors = [spd(5, gen), spd(7, gen), spd(5, gen).float(), spd(3, gen, rank=1)]
+    factors[0] = factors[0] + 1e-3 * torch.triu(torch.ones(5, 5, dtype=torch.float64), 1)  # asymmetric
+    for f, (e, basis) in zip(factors, kron_eigh(factors)):
+        Q = basis.dense()
+        sym = (f.double() + f.double().T) / 2
+        assert e.dtype == torch.float64 and Q.dtype == torch.float64
+        assert rel(Q @ torch.diag(e) @ Q.T, sym) < 1e-10
+        assert rel(Q.T @ Q, torch.eye(f.shape[0], dtype=torch.float64)) < 1e-12
+        assert rel(e, torch.linalg.eigvalsh(sym)) < 1e-10
+
+
+def test_kron_eigh_blocks_wide_factors_and_decomposes_the_block_diagonal():
+    gen = torch.Generator().manual_seed(3)
+    f = spd(11, gen)
+    assert block_sizes(11, 4) == [4, 4, 3] and block_sizes(11, None) == [11] and block_sizes(11, 11) == [11]
+    e, basis = kron_eigh([f], block_width=4)[0]
+    assert [q.shape[0] for q in basis.blocks] == [4, 4, 3]
+    Q = basis.dense()
+    mask = torch.block_diag(*[torch.ones(w, w, dtype=torch.float64) for w in (4, 4, 3)])
+    assert rel(Q @ torch.diag(e) @ Q.T, f * mask) < 1e-10
+    assert rel(Q.T @ Q, torch.eye(11, dtype=torch.float64)) < 1e-12
+    x = torch.randn(3, 11, generator=gen, dtype=torch.float64)
+    assert rel(basis.rotate(x), x @ Q) < 1e-12
+    assert rel(basis.rotate(x, transpose=True), x @ Q.T) < 1e-12
+
+
+def test_kron_eigh_diagonal_factor_has_the_identity_basis():
+    counts = torch.tensor([3.0, 0.0, 1.0])
+    e, basis = kron_eigh([counts])[0]
+    assert torch.equal(e, counts.double()) and basis.blocks == ()
+    x = torch.randn(2, 3)
+    assert basis.rotate(x) is x
+
+
+def test_kron_eigh_rejects_non_square_factors():
+    with pytest.raises(ValueError, match="factor 0 must be square"):
+        kron_eigh([torch.zeros(2, 3)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotated per-example gradients and the EK-FAC correction
+
+
+@pytest.mark.parametrize("T,d_in,d_out,block_width", [(1, 6, 4, None), (3, 6, 4, None), (40, 6, 4, None),
+                                                      (5, 9, 7, 4)])
+def test_rotated_gradients_match_naive_in_both_association_orders(T, d_in, d_out, block_width):
+    gen = torch.Generator().manual_seed(T)
+    A, D = torch.randn(5, T, d_in, generator=gen), torch.randn(5, T, d_out, generator=gen)
+    ba, bs = random_basis(d_in, gen, block_width), random_basis(d_out, gen, block_width)
+    ref = naive_rotated(A, D, ba.dense(), bs.dense())
+    assert rel(rotated_gradients(A, D, ba.astype(torch.float32), bs.astype(torch.float32)), ref) < 1e-5
+    assert rel(rotated_gradients(A, D), torch.einsum("bto,bti->boi", D.double(), A.double())) < 1e-5
+    assert rotate_first(1, ba, bs) and not rotate_first(1000, ba, bs)
+
+
+def naive_lambda(A, D, Qa, Qs):
+    return naive_rotated(A, D, Qa, Qs).square().sum(0)
+
+
+@pytest.mark.parametrize("T", [1, 4, 30])
+def test_ekfac_correction_matches_naive_linear_with_sequence_dims(T):
+    gen = torch.Generator().manual_seed(10 + T)
+    lin = nn.Linear(6, 5)
+    x = torch.randn(7, T, 6, generator=gen)
+    plan = make_plan(lin)
+    with Capture(plan) as cap:
+        y = lin(x)
+    torch.autograd.grad((y.tanh() * torch.randn(y.shape, generator=gen)).sum(), list(lin.parameters()))
+    A, D = cap.handlers[""].kron()
+    A = homogeneous(A)
+    ba, bs = random_basis(7, gen), random_basis(5, gen)
+    ref = naive_lambda(A, D, ba.dense(), bs.dense())
+    out = ekfac_correction(A, D, ba.astype(torch.float32), bs.astype(torch.float32), memory_budget=4096)
+    assert rel(out, ref) < 1e-5
+    # the transposed rotation (Q_S G Q_A^T, a bug found in a peer library) is caught by this reference
+    wrong = (bs.dense() @ torch.einsum("bto,bti->boi", D.double(), A.double()) @ ba.dense().T).square().sum(0)
+    assert rel(wrong, ref) > 1e-2
+
+
+def test_ekfac_correction_matches_naive_conv2d_with_blocked_bases():
+    gen = torch.Generator().manual_seed(20)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(5, 3, 9, 9, generator=gen)
+    with Capture(make_plan(conv)) as cap:
+        y = conv(x)
+    torch.autograd.grad((y.sin()).sum(), [conv.weight])
+    A, D = cap.handlers[""].kron()
+    assert A.shape == (5, 25, 27) and D.shape == (5, 25, 4)
+    ba, bs = random_basis(27, gen, block_width=10), random_basis(4, gen)
+    ref = naive_lambda(A, D, ba.dense(), bs.dense())
+    assert rel(ekfac_correction(A, D, ba.astype(torch.float32), bs.astype(torch.float32)), ref) < 1e-5
+    # per-example gradients from the capture are the conv's weight gradients
+    G = rotated_gradients(A, D)
+    gw = torch.autograd.grad(conv(x[:1]).sin().sum(), conv.weight)[0]
+    assert rel(G[0], gw.reshape(4, -1)) < 1e-5
+
+
+def test_ekfac_correction_rejects_mismatched_shapes():
+    b = Basis(3)
+    with pytest.raises(ValueError, match="A must be"):
+        ekfac_correction(torch.zeros(2, 1, 3), torch.zeros(3, 1, 2), b, Basis(2))
+    with pytest.raises(ValueError, match="do not match"):
+        ekfac_correction(torch.zeros(2, 1, 3), torch.zeros(2, 1, 2), b, Basis(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Score kernels
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_kron_inner_and_self_inner_match_naive(T):
+    gen = torch.Generator().manual_seed(30 + T)
+    A, D = torch.randn(9, T, 5, generator=gen), torch.randn(9, T, 3, generator=gen)
+    W = torch.randn(4, 3, 5, generator=gen)
+    M = torch.rand(3, 5, generator=gen)
+    ba, bs = random_basis(5, gen), random_basis(3, gen)
+    R = naive_rotated(A, D, ba.dense(), bs.dense())
+    b32 = (ba.astype(torch.float32), bs.astype(torch.float32))
+    ref = torch.einsum("boi,joi->bj", R, W.double())
+    assert rel(kron_inner(A, D, W, *b32, memory_budget=4096), ref) < 1e-5
+    G = torch.einsum("bto,bti->boi", D.double(), A.double())
+    assert rel(kron_inner(A, D, W), torch.einsum("boi,joi->bj", G, W.double())) < 1e-5
+    assert rel(kron_self_inner(A, D, M, *b32, memory_budget=4096), (R.square() * M.double()).sum((1, 2))) < 1e-5
+
+
+def test_sparse_rows_kernels_match_dense_embedding_gradients():
+    gen = torch.Generator().manual_seed(40)
+    V, d, B = 7, 3, 4
+    rows = torch.tensor([0, 2, 5])
+    R = torch.randn(B, 3, d, generator=gen)
+    qrows = torch.tensor([1, 2, 5, 6])
+    Wq = torch.randn(2, 4, d, generator=gen)
+    bs = random_basis(d, gen)
+    Q = bs.dense()
+    dense = torch.zeros(B, V, d, dtype=torch.float64)
+    dense[:, rows] = R.double() @ Q
+    Wd = torch.zeros(2, V, d, dtype=torch.float64)
+    Wd[:, qrows] = Wq.double()
+    got = sparse_rows_inner(rows, R, qrows, Wq, bs.astype(torch.float32))
+    assert rel(got, torch.einsum("bvd,jvd->bj", dense, Wd)) < 1e-5
+    M = torch.rand(d, V, generator=gen)
+    assert rel(sparse_rows_self_inner(rows, R, M, bs.astype(torch.float32)),
+               (dense.square() * M.T.double()).sum((1, 2))) < 1e-5
+    none = sparse_rows_inner(torch.tensor([3]), R[:, :1], qrows, Wq)
+    assert torch.equal(none, torch.zeros(B, 2))
