@@ -226,3 +226,16 @@ def test_sparse_rows_kernels_match_dense_embedding_gradients():
                (dense.square() * M.T.double()).sum((1, 2))) < 1e-5
     none = sparse_rows_inner(torch.tensor([3]), R[:, :1], qrows, Wq)
     assert torch.equal(none, torch.zeros(B, 2))
+
+
+def test_positions_major_layout_gives_the_same_results_without_gathering():
+    gen = torch.Generator().manual_seed(50)
+    x = torch.randn(3, 5, 7, generator=gen)  # [B, d, T] storage
+    view = x.transpose(1, 2)  # [B, T, d] positions-major, as the conv capture returns
+    dense = view.contiguous()
+    assert rel(covariance(view), covariance(dense)) < 1e-6
+    hv = homogeneous(view)
+    assert hv.stride(1) == 1 and torch.equal(hv, homogeneous(dense))
+    basis = random_basis(5, gen, block_width=3).astype(torch.float32)
+    assert rel(basis.rotate(view), basis.rotate(dense)) < 1e-6
+    assert rel(basis.rotate(view, transpose=True), basis.rotate(dense, transpose=True)) < 1e-6

@@ -65,6 +65,12 @@ class Handler:
         return torch.cat([r.grad_out for r in self.records], dim=1)
 
 
+def _cat(parts: list, dim: int) -> torch.Tensor:
+    """torch.cat, except that a single part (one call: the common case) is returned as is, so a
+    transposed view (the unfolded conv input) is not gathered into a contiguous copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _rows_per_block(B: int, row_len: int, budget: int) -> int:
     """Rows of a [rows, row_len] weight whose gradients for B examples fit in ``budget`` bytes."""
     return max(1, budget // max(1, 4 * B * row_len))
@@ -84,8 +90,8 @@ def _outer_blocks(param, A, D, budget):
 
 class LinearHandler(Handler):
     def _a_d(self):
-        A = torch.cat([r.inputs.reshape(r.inputs.shape[0], -1, r.inputs.shape[-1]) for r in self.records], 1)
-        D = torch.cat([r.grad_out.reshape(r.grad_out.shape[0], -1, r.grad_out.shape[-1]) for r in self.records], 1)
+        A = _cat([r.inputs.reshape(r.inputs.shape[0], -1, r.inputs.shape[-1]) for r in self.records], 1)
+        D = _cat([r.grad_out.reshape(r.grad_out.shape[0], -1, r.grad_out.shape[-1]) for r in self.records], 1)
         return A, D
 
     def kron(self):
@@ -125,8 +131,8 @@ class ConvHandler(Handler):
 
     def _a_d_groups(self):
         m = self.module
-        A = torch.cat([self._unfold(r.inputs) for r in self.records], dim=1)
-        D = torch.cat([r.grad_out.flatten(2).transpose(1, 2) for r in self.records], dim=1)
+        A = _cat([self._unfold(r.inputs) for r in self.records], dim=1)
+        D = _cat([r.grad_out.flatten(2).transpose(1, 2) for r in self.records], dim=1)
         g = m.groups
         cin, cout = A.shape[2] // g, D.shape[2] // g
         return [(A[:, :, i * cin:(i + 1) * cin], D[:, :, i * cout:(i + 1) * cout]) for i in range(g)]

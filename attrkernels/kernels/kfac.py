@@ -34,9 +34,12 @@ import torch
 DEFAULT_MEMORY = 256 << 20  # bytes of per-example gradients held at once
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [n, d] float32 (a copy only when needed)."""
-    return x.reshape(-1, x.shape[-1]).to(torch.float32)
+def position_major(x: torch.Tensor) -> bool:
+    """Whether x [B, T, d] is stored positions-innermost, i.e. is a transposed view of a [B, d, T]
+    tensor (the conv capture's unfolded inputs and output-gradients are). The kernels keep that
+    layout: gathering it into [B, T, d] rows would be a strided copy several times slower than
+    the GEMMs that follow."""
+    return x.ndim == 3 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) != 1
 
 
 def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,20 +47,35 @@ def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 
     One GEMM (addmm) over the n = prod(leading dims) rows: 2 n d^2 FLOPs. For the activation
     factor pass A with a column of ones appended (``homogeneous``) when the layer has a bias.
+    A positions-major x is multiplied as [d, n] columns (one copy with contiguous runs).
     """
-    rows = _rows(x)
-    d = rows.shape[1]
+    x = x.to(torch.float32)
+    d = x.shape[-1]
     if out is None:
         out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
     elif out.shape != (d, d):
         raise ValueError(f"out must have shape {(d, d)}, got {tuple(out.shape)}")
+    if position_major(x):
+        cols = x.transpose(1, 2).permute(1, 0, 2).reshape(d, -1)
+        return out.addmm_(cols, cols.T)
+    rows = x.reshape(-1, d)
     return out.addmm_(rows.T, rows)
 
 
 def homogeneous(a: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [..., d + 1] float32 with a last coordinate 1 (the bias input)."""
+    """[..., d] -> [..., d + 1] float32 with a last coordinate 1 (the bias input), same layout."""
     a = a.to(torch.float32)
+    if position_major(a):
+        t = a.transpose(1, 2)
+        return torch.cat([t, t.new_ones(t.shape[0], 1, t.shape[2])], dim=1).transpose(1, 2)
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+
+def _matmul_last(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x @ q over the last dimension, keeping a positions-major x's layout (no gather copy)."""
+    if position_major(x):
+        return (q.T @ x.transpose(1, 2)).transpose(1, 2)
+    return x @ q
 
 
 def token_counts(idx: torch.Tensor, num: int, padding_idx: int | None = None,
@@ -109,13 +127,13 @@ class Basis:
         moved = x.movedim(dim, -1)
         if len(self.blocks) == 1:
             q = self.blocks[0]
-            out = moved @ (q.T if transpose else q)
+            out = _matmul_last(moved, q.T if transpose else q)
         else:
-            out = torch.empty(moved.shape, dtype=torch.result_type(moved, self.blocks[0]), device=x.device)
+            out = torch.empty_like(moved, dtype=torch.result_type(moved, self.blocks[0]))
             start = 0
             for q in self.blocks:
                 w = q.shape[0]
-                out[..., start:start + w] = moved[..., start:start + w] @ (q.T if transpose else q)
+                out[..., start:start + w] = _matmul_last(moved[..., start:start + w], q.T if transpose else q)
                 start += w
         return out.movedim(-1, dim)
 
