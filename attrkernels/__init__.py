@@ -11,3 +11,4 @@ from .eval import lds
 from .methods import Datamodels
 from .methods.trak import TRAK
 from .methods import EKFAC, KFAC
+from .methods import InfluenceCG, InfluenceExplicit, InfluenceLiSSA, TracIn

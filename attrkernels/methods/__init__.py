@@ -4,3 +4,5 @@ from .trak import TRAK
 
 __all__ = ["Datamodels", "TRAK"]
 from .ekfac import EKFAC, KFAC
+from .influence import InfluenceCG, InfluenceExplicit, InfluenceLiSSA
+from .tracin import TracIn

@@ -1,0 +1,405 @@
+"""Influence functions (Koh & Liang, 2017): explicit, conjugate-gradient and LiSSA inverses.
+
+Upweighting training example i by eps in the mean training loss L = (1/N) sum_i l_i moves the
+optimum by -eps (H + damping I)^{-1} grad l_i, so the measurement f_j of test example j moves
+by -eps grad f_j^T (H + damping I)^{-1} grad l_i. The score, [n_train, n_test] with the
+orientation and sign of ``methods.base``, is
+
+    score[i, j] = - grad l_i^T (H + damping I)^{-1} grad f_j            (averaged over checkpoints)
+
+with l = ``task.loss``, f = ``task.measure``, H the Hessian (``curvature="hessian"``) or the
+Gauss-Newton matrix (``"gauss-newton"``, positive semi-definite; classification tasks) of the
+mean training loss over the train loader, at each checkpoint. Removing example i changes f_j by
+about -score[i, j] / N. Weight decay of the training objective is not part of L: add its
+coefficient to ``damping`` to include it.
+
+How: per checkpoint, the test gradients G [p, n_test] (hooks of ``attrkernels.capture``) are
+solved for all at once, X = (H + damping I)^{-1} G, then the training set is streamed and
+score[batch] = -G_batch^T X, with the per-example training gradients from the same capture
+(never a per-example vmap over the whole model). The three solvers:
+
+* ``InfluenceExplicit``: the exact damped curvature built from p curvature-vector products
+  (``hvp`` with unit vectors, in chunks), stored packed in float64 (4 p^2 bytes) and factorised
+  by Cholesky (``kernels.packed``); for small models (p up to a few 10^4).
+* ``InfluenceCG``: block conjugate gradient (``kernels.cg``), one pass over the training data per
+  step for all test examples, to a relative residual ``tol``.
+* ``InfluenceLiSSA``: the stochastic Neumann recursion (``kernels.lissa``) on minibatch
+  curvatures, cycling through the train loader.
+
+A damped curvature that is not positive definite (e.g. the Hessian of a non-convex model with
+``damping=0``) raises a ValueError with a damping estimated by Lanczos (``kernels.lanczos``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..capture import Featurizer, make_plan
+from ..kernels.cg import NotPositiveDefiniteError, block_cg
+from ..kernels.hvp import check_damping, hvp
+from ..kernels.lanczos import lanczos_extremes
+from ..kernels.lissa import lissa
+from ..kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
+from ..tasks.base import Classification
+from ..tasks.training import Checkpoint
+from .base import AttributionMethod, as_checkpoints, call_task, iterate, load_checkpoint
+
+CURVATURES = ("hessian", "gauss-newton")
+
+
+class _TaskCall(nn.Module):
+    """``forward(batch) = fn(model, batch)``, so torch.func.functional_call can swap parameters."""
+
+    def __init__(self, model: nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
+def unwrap_checkpoints(model: nn.Module, checkpoints) -> list:
+    """State dicts / paths of ``checkpoints`` (``ak.tasks.Checkpoint`` objects unwrapped)."""
+    if isinstance(checkpoints, Checkpoint):
+        checkpoints = [checkpoints]
+    if isinstance(checkpoints, (list, tuple)):
+        checkpoints = [c.state_dict if isinstance(c, Checkpoint) else c for c in checkpoints]
+    return as_checkpoints(model, checkpoints)
+
+
+@contextmanager
+def restored(model: nn.Module):
+    """Run a block that loads checkpoints into ``model``; put its weights and mode back afterwards."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    training = model.training
+    try:
+        yield
+    finally:
+        model.load_state_dict(state)
+        model.train(training)
+
+
+def nice_ceiling(x: float) -> float:
+    """The smallest of 1, 2, 5 times a power of ten that is >= x (> 0)."""
+    exponent = math.floor(math.log10(x))
+    for mantissa in (1, 2, 5, 10):
+        if mantissa * 10 ** exponent >= x * (1 - 1e-12):
+            return mantissa * 10.0 ** exponent
+    return 10.0 ** (exponent + 1)
+
+
+class Curvature:
+    """The damped curvature of the mean training loss at the model's current weights.
+
+    Parameters are the tracked ones of ``plan`` (flattened in its order, as the capture's
+    gradients); ``matvec(P)`` maps a block [p, w] to (H + damping I) P in one pass over ``train``.
+    """
+
+    def __init__(self, model, task, plan, train, *, damping: float, curvature: str, chunk=None):
+        self.model, self.task, self.plan, self.train = model, task, plan, train
+        self.damping, self.curvature, self.chunk = damping, curvature, chunk
+        self.p = plan.total
+        self.calls = 0
+        if curvature == "hessian":
+            self.loss, self.outputs = self._functional(task.loss), None
+        else:
+            self.loss, self.outputs = _cross_entropy_on_logits, self._functional(task.logits)
+
+    def _functional(self, fn):
+        wrapper = _TaskCall(self.model, fn)
+
+        def call(params, batch):
+            named = {f"model.{n}": v for n, v in params.items()}
+            return torch.func.functional_call(wrapper, named, (batch,), strict=False)
+
+        return call
+
+    def params(self) -> dict:
+        return {n: p.detach() for n, p in zip(self.plan.names, self.plan.params)}
+
+    def _split(self, P: torch.Tensor) -> dict:
+        w = P.shape[1]
+        return {n: P[off:off + p.numel()].T.reshape(w, *p.shape)
+                for n, p, off in zip(self.plan.names, self.plan.params,
+                                     (self.plan.offsets[id(p)] for p in self.plan.params))}
+
+    def _join(self, out: dict, w: int) -> torch.Tensor:
+        return torch.cat([out[n].reshape(w, -1) for n in self.plan.names], 1).T
+
+    def apply(self, P: torch.Tensor, batches, damping: float) -> torch.Tensor:
+        """(C + damping I) P over ``batches`` (C the mean curvature over them), P [p, w]."""
+        self.calls += 1
+        w = P.shape[1]
+        dtype = self.plan.params[0].dtype
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = hvp(self.loss, self.params(), self._split(P.to(dtype)), batches, damping=damping,
+                      outputs=self.outputs, chunk=self.chunk)
+        finally:
+            self.model.train(was_training)
+        return self._join(out, w).to(P.dtype)
+
+    def matvec(self, P: torch.Tensor) -> torch.Tensor:
+        return self.apply(P, self.train, self.damping)
+
+    def not_positive_definite(self, found: float | None = None) -> ValueError:
+        """A ValueError suggesting a damping, from Lanczos estimates of the undamped spectrum."""
+        device = self.plan.params[0].device
+        low, high = lanczos_extremes(lambda v: self.apply(v, self.train, 0.0), self.p, steps=30,
+                                     dtype=self.plan.params[0].dtype, device=device)
+        need = max(-low, 0.0)
+        suggestion = nice_ceiling(max(2 * need, 1e-3 * abs(high), 1e-8))
+        seen = f" (a direction of curvature {found:.3g} was found)" if found is not None else ""
+        alternative = " or curvature='gauss-newton' (positive semi-definite)" if self.curvature == "hessian" else ""
+        return ValueError(
+            f"the damped {self.curvature} H + damping I with damping={self.damping:g} is not positive "
+            f"definite{seen}; Lanczos estimates the {self.curvature}'s eigenvalues in "
+            f"[{low:.3g}, {high:.3g}]. Pass damping >= {suggestion:g}{alternative}.")
+
+
+def _cross_entropy_on_logits(z, batch):
+    return F.cross_entropy(z, batch[1].long(), reduction="none")
+
+
+def _check_gauss_newton(task, model, train) -> None:
+    """Gauss-Newton needs loss = cross-entropy of task.logits; check it on the first batch."""
+    if not isinstance(task, Classification):
+        raise ValueError("curvature='gauss-newton' needs a Classification task (cross-entropy loss on "
+                         f"task.logits); got {type(task).__name__}. Use curvature='hessian'.")
+    for _, batch, size in iterate(train, task, "train"):
+        with torch.no_grad():
+            want = call_task(task.loss, model, batch, size, "train")
+            got = _cross_entropy_on_logits(task.logits(model, batch), batch)
+        if not torch.allclose(want, got, rtol=1e-4, atol=1e-6):
+            raise ValueError("curvature='gauss-newton': task.loss is not the cross-entropy of task.logits "
+                             "on the first training batch; use curvature='hessian'.")
+        return
+
+
+class _Influence(AttributionMethod):
+    """Shared fit/score of the influence methods; subclasses implement ``_prepare`` and ``_solve``."""
+
+    def __init__(self, model, task, *, damping: float = 0.0, curvature: str = "hessian", params=None,
+                 hvp_chunk=None, verbose: bool = True):
+        super().__init__(model, task, verbose=verbose)
+        self.damping = check_damping(damping)
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if hvp_chunk is not None and (isinstance(hvp_chunk, bool) or not isinstance(hvp_chunk, int)
+                                      or hvp_chunk < 1):
+            raise ValueError(f"hvp_chunk must be a positive int or None, got {hvp_chunk!r}")
+        self.curvature, self.hvp_chunk = curvature, hvp_chunk
+        self.plan = make_plan(model, params)
+        self.params = params
+        self.checkpoints = None
+        self.train = None
+        self.info: list = []  # per checkpoint: the solver's diagnostics
+
+    def curvature_at(self) -> Curvature:
+        return Curvature(self.model, self.task, self.plan, self.train, damping=self.damping,
+                         curvature=self.curvature, chunk=self.hvp_chunk)
+
+    def fit(self, train, checkpoints=None):
+        """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``)."""
+        self.checkpoints = unwrap_checkpoints(self.model, checkpoints)
+        self.train = train
+        with restored(self.model):
+            for index, ckpt in enumerate(self.checkpoints):
+                load_checkpoint(self.model, ckpt, index)
+                if index == 0 and self.curvature == "gauss-newton":
+                    _check_gauss_newton(self.task, self.model, train)
+                self._prepare(index)
+        return self
+
+    def _prepare(self, index: int) -> None:
+        """Per-checkpoint work that does not depend on the test set (model loaded)."""
+
+    def _solve(self, index: int, G: torch.Tensor) -> torch.Tensor:
+        """X = (H + damping I)^{-1} G for G [p, n_test] (model loaded with checkpoint ``index``)."""
+        raise NotImplementedError
+
+    def _featurizer(self, fn) -> Featurizer:
+        return Featurizer(self.model, fn, 1, params=self.plan.names)
+
+    def _gradients(self, loader, fn, what: str):
+        """Yield (start, size, G [B, p]) per-example gradients of ``fn`` over ``loader``."""
+        featurizer = self._featurizer(fn)
+        for start, batch, size in iterate(loader, self.task, what):
+            yield start, size, featurizer.gradients(batch)
+
+    def score(self, test) -> torch.Tensor:
+        """Scores [n_train, n_test] (float32); positive = including the training example raises f."""
+        if self.checkpoints is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
+        scores = None
+        self.info = []
+        with restored(self.model):
+            for index, ckpt in enumerate(tqdm(self.checkpoints, desc=type(self).__name__, unit="checkpoint",
+                                              disable=not self.verbose)):
+                load_checkpoint(self.model, ckpt, index)
+                G = torch.cat([g for _, _, g in self._gradients(test, self.task.measure, "test")]).T
+                X = self._solve(index, G.contiguous())
+                part = self._stream_train(X)
+                scores = part if scores is None else scores + part
+        return (scores / len(self.checkpoints)).to(torch.float32)
+
+    def _stream_train(self, X: torch.Tensor) -> torch.Tensor:
+        """-G_train^T X over the train loader, [n_train, n_test] float64."""
+        rows = []
+        for _, _, g in self._gradients(self.train, self.task.loss, "train"):
+            rows.append(-(g.to(X.dtype) @ X).to(torch.float64))
+        return torch.cat(rows).cpu()
+
+
+class InfluenceCG(_Influence):
+    """Influence functions with block conjugate gradient: all test examples solved together.
+
+    InfluenceCG(model, task, *, damping=0.0, curvature="hessian", tol=1e-4, max_iter=100,
+                params=None, hvp_chunk=None, query_batch=None, verbose=True)
+
+    damping: lambda >= 0 added to the curvature; curvature: "hessian" or "gauss-newton";
+    tol: per-column relative residual ||G - (H + damping I) X|| / ||G|| to reach; max_iter: at most
+    this many passes over the training data (a CGConvergenceWarning lists unconverged residuals);
+    params: names of the tracked parameters (default all trainable); hvp_chunk: vectors per
+    vmapped product (memory); query_batch: test examples per block solve (default: all).
+    ``info[c]`` holds the CGResult (without x) of checkpoint c.
+    """
+
+    def __init__(self, model, task, *, damping: float = 0.0, curvature: str = "hessian", tol: float = 1e-4,
+                 max_iter: int = 100, params=None, hvp_chunk=None, query_batch=None, verbose: bool = True):
+        super().__init__(model, task, damping=damping, curvature=curvature, params=params,
+                         hvp_chunk=hvp_chunk, verbose=verbose)
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        if query_batch is not None and (isinstance(query_batch, bool) or not isinstance(query_batch, int)
+                                        or query_batch < 1):
+            raise ValueError(f"query_batch must be a positive int or None, got {query_batch!r}")
+        self.tol, self.max_iter, self.query_batch = tol, max_iter, query_batch
+
+    def _solve(self, index, G):
+        op = self.curvature_at()
+        step = G.shape[1] if self.query_batch is None else self.query_batch
+        parts = []
+        for start in range(0, G.shape[1], step):
+            try:
+                result = block_cg(op.matvec, G[:, start:start + step], tol=self.tol, max_iter=self.max_iter)
+            except NotPositiveDefiniteError as err:
+                raise op.not_positive_definite(err.curvature) from err
+            parts.append(result.x)
+            result.x = None
+            self.info.append(result)
+        return torch.cat(parts, 1)
+
+
+class InfluenceExplicit(_Influence):
+    """Influence functions with the exact damped curvature, factorised by Cholesky in float64.
+
+    InfluenceExplicit(model, task, *, damping=0.0, curvature="hessian", params=None,
+                      hvp_chunk=256, verbose=True)
+
+    ``fit`` builds, per checkpoint, the p x p curvature from p / hvp_chunk passes of curvature-
+    vector products with unit vectors and keeps its Cholesky factor in packed storage:
+    4 p^2 bytes per checkpoint (2.7 GB for p = 26,122). For small models or a few tracked layers
+    (``params``).
+    """
+
+    def __init__(self, model, task, *, damping: float = 0.0, curvature: str = "hessian", params=None,
+                 hvp_chunk: int = 256, verbose: bool = True):
+        super().__init__(model, task, damping=damping, curvature=curvature, params=params,
+                         hvp_chunk=hvp_chunk, verbose=verbose)
+        self.factors: list = []
+
+    def fit(self, train, checkpoints=None):
+        need = 4 * self.plan.total * (self.plan.total + 2) * len(unwrap_checkpoints(self.model, checkpoints))
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > 0.8 * physical:
+            raise MemoryError(
+                f"InfluenceExplicit needs {need / 1e9:.1f} GB for the packed curvature of "
+                f"{self.plan.total} parameters; this machine has {physical / 1e9:.1f} GB. "
+                "Use InfluenceCG, or track fewer parameters with params=")
+        self.factors = []
+        return super().fit(train, checkpoints)
+
+    def _prepare(self, index):
+        op = self.curvature_at()
+        p, step = op.p, self.hvp_chunk
+        dtype, device = self.plan.params[0].dtype, self.plan.params[0].device
+        packed = PackedSPD(p)
+        for start in tqdm(range(0, p, step), desc=f"curvature of checkpoint {index}", unit="chunk",
+                          disable=not self.verbose):
+            stop = min(p, start + step)
+            E = torch.zeros(p, stop - start, dtype=dtype, device=device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            packed.set_rows(start, op.apply(E, self.train, 0.0).T)
+        packed.shift(self.damping)
+        try:
+            packed.factor()
+        except NotPositiveDefiniteMatrix as err:
+            raise op.not_positive_definite() from err
+        self.factors.append(packed)
+
+    def _solve(self, index, G):
+        return self.factors[index].solve(G).to(G.device)
+
+
+class InfluenceLiSSA(_Influence):
+    """Influence functions with LiSSA: batched stochastic Neumann series on minibatch curvatures.
+
+    InfluenceLiSSA(model, task, *, damping=0.0, curvature="hessian", depth=1000, repeat=1,
+                   scale=None, params=None, hvp_chunk=None, verbose=True)
+
+    Each recursion step multiplies every test column by the curvature of the next batch of the
+    train loader (cycling through it). scale: s above the largest eigenvalue of every minibatch
+    curvature + damping (default: 2 (theta_max + damping) with theta_max a Lanczos estimate for the
+    full curvature); depth: steps per recursion (the error decays like (1 - damping / s)^depth at
+    worst); repeat: recursions averaged. ``info[c]`` holds the LissaResult (without x).
+    """
+
+    def __init__(self, model, task, *, damping: float = 0.0, curvature: str = "hessian", depth: int = 1000,
+                 repeat: int = 1, scale=None, params=None, hvp_chunk=None, verbose: bool = True):
+        super().__init__(model, task, damping=damping, curvature=curvature, params=params,
+                         hvp_chunk=hvp_chunk, verbose=verbose)
+        for name, value in (("depth", depth), ("repeat", repeat)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
+        self.depth, self.repeat, self.scale = depth, repeat, scale
+
+    def _minibatches(self):
+        while True:
+            empty = True
+            for batch in self.train:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("the train loader yielded no batches")
+
+    def _solve(self, index, G):
+        op = self.curvature_at()
+        scale = self.scale
+        if scale is None:
+            _, high = lanczos_extremes(lambda v: op.apply(v, self.train, 0.0), op.p, steps=20,
+                                       dtype=self.plan.params[0].dtype, device=G.device)
+            scale = 2 * (max(high, 0.0) + self.damping)
+        stream = self._minibatches()
+
+        def operator(X):
+            return op.apply(X, [next(stream)], 0.0)
+
+        result = lissa(operator, G, scale=scale, depth=self.depth, damping=self.damping, repeat=self.repeat)
+        x, result.x = result.x, None
+        self.info.append(result)
+        return x
+
+
+__all__ = ["InfluenceExplicit", "InfluenceCG", "InfluenceLiSSA", "Curvature"]
