@@ -15,6 +15,15 @@ from attrkernels.kernels.kfac import kron_eigh
 from attrkernels.store import StoreMismatch
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and on a loaded machine two threads spin at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel(a, b):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -29,13 +38,14 @@ class Net(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(11, 4)
         self.seq = nn.Linear(4, 5)
-        self.conv = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(1, 3, 3, stride=2, padding=1)  # unfolded
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)  # stride 1: covariance without unfolding
         self.head = nn.Linear(head_in, 4)
 
     def forward(self, inputs):
         tokens, image = inputs
         h1 = self.seq(self.emb(tokens)).tanh().mean(1)  # [B, 5]
-        h2 = self.conv(image).tanh().flatten(1)  # [B, 27]
+        h2 = self.conv2(self.conv(image).tanh()).tanh().flatten(1)  # [B, 27]
         return self.head(torch.cat([h1, h2], 1))
 
 
@@ -59,7 +69,7 @@ def make_net(seed=0, **kw):
     return Net(**kw)
 
 
-LAYERS = ("emb", "seq", "conv", "head")
+LAYERS = ("emb", "seq", "conv", "conv2", "head")
 
 
 def layer_gradient(model, name, grads):
@@ -123,8 +133,8 @@ def naive_factors(model, task, batches):
             onehot = F.one_hot(x.long(), 11).double().reshape(-1, 11)
             A = torch.diag(onehot.sum(0)) / onehot.shape[0]
             g = g.reshape(-1, 4)
-        elif name == "conv":
-            a = naive_patches(x, module).reshape(-1, 9)
+        elif name.startswith("conv"):
+            a = naive_patches(x, module).reshape(-1, 9 * module.in_channels)
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=torch.float64)], 1)
             A = a.T @ a / a.shape[0]
             g = g.flatten(2).transpose(1, 2).reshape(-1, 3)
@@ -172,7 +182,8 @@ def test_scores_equal_the_explicit_reference(cls, strategy, damping, block_width
     assert got.shape == (24, 6) and got.dtype == torch.float32
     assert rel(got, ref) < 1e-4
     # both query sides ran: the conv (T = 9) preconditions in parameter space, the others in the eigenbasis
-    assert m.query_modes == {"emb": "eigenbasis", "seq": "eigenbasis", "conv": "parameters", "head": "eigenbasis"}
+    assert m.query_modes == {"emb": "eigenbasis", "seq": "eigenbasis", "conv": "parameters", "conv2": "parameters",
+                             "head": "eigenbasis"}
 
 
 def test_factors_equal_their_definitions():
@@ -424,6 +435,20 @@ def test_unsupported_layers_are_skipped_by_default_and_refused_when_named():
     only = ak.EKFAC(model, ak.tasks.Classification(), params=["out.weight"], fisher="empirical", verbose=False)
     assert [(layer.name, layer.bias) for layer in only.layers] == [("out", False)]
     assert only.fit([(x, y)]).score([(x, y)], train=[(x, y)]).shape == (8, 8)
+
+
+def test_in_place_activation_after_a_layer_gives_the_same_scores():
+    # an in-place ReLU overwrites the first Linear's output: the backward pass then asks for the
+    # parameters' gradients instead of the outputs' (the capture sees the right gradient either way)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3))
+    inplace = nn.Sequential(nn.Linear(3, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    inplace.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(10, 3, generator=gen), torch.randint(0, 3, (10,), generator=gen))]
+    s = [ak.EKFAC(m, ak.tasks.Classification(), fisher="empirical", verbose=False).fit(data).score(data, train=data)
+         for m in (plain, inplace)]
+    assert rel(s[1], s[0]) < 1e-6
 
 
 def test_score_before_fit_without_a_store_raises():

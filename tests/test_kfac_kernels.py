@@ -8,10 +8,21 @@ import torch
 import torch.nn as nn
 
 from attrkernels.capture import Capture, make_plan
+from attrkernels.kernels.conv_covariance import conv_covariance
+from attrkernels.kernels.conv_covariance import supported as conv_supported
 from attrkernels.kernels.kfac import (Basis, block_sizes, covariance, ekfac_correction, homogeneous,
                                       kron_eigh, rotate_first, rotated_gradients, token_counts)
 from attrkernels.kernels.kron_score import (kron_inner, kron_self_inner, sparse_rows_inner,
                                             sparse_rows_self_inner)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and on a loaded machine two threads spin at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def rel(a, b):
@@ -239,3 +250,41 @@ def test_positions_major_layout_gives_the_same_results_without_gathering():
     basis = random_basis(5, gen, block_width=3).astype(torch.float32)
     assert rel(basis.rotate(view), basis.rotate(dense)) < 1e-6
     assert rel(basis.rotate(view, transpose=True), basis.rotate(dense, transpose=True)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution activation factor without unfolding
+
+
+def unfolded_covariance(conv, x, bias):
+    with Capture(make_plan(conv)) as cap:
+        conv(x)
+    A = cap.handlers[""]._unfold(x)
+    return covariance(homogeneous(A) if bias else A)
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 7)),  # "same"
+    (nn.Conv2d(2, 3, 5), (2, 2, 7, 6)),  # "valid": kernel rows reach different input rows
+    (nn.Conv2d(2, 3, 3, padding=2), (2, 2, 4, 5)),  # output larger than input
+    (nn.Conv2d(2, 3, (3, 2), padding=(1, 0)), (3, 2, 5, 4)),  # rectangular kernel
+    (nn.Conv2d(2, 2, 3, padding=1), (2, 2, 1, 1)),  # image smaller than the kernel
+    (nn.Conv2d(2, 2, 3, padding="valid"), (2, 2, 3, 3)),
+    (nn.Conv1d(3, 2, 5, padding=2), (2, 3, 9)),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_covariance_equals_the_unfolded_covariance(conv, shape, bias):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(60))
+    assert conv_supported(conv)
+    assert rel(conv_covariance(x, conv, bias), unfolded_covariance(conv, x, bias)) < 1e-5
+
+
+def test_conv_covariance_applies_only_to_stride_one_convolutions():
+    assert not conv_supported(nn.Conv2d(2, 2, 3, stride=2))
+    assert not conv_supported(nn.Conv2d(2, 2, 3, dilation=2))
+    assert not conv_supported(nn.Conv2d(2, 2, 3, groups=2))
+    assert not conv_supported(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    assert not conv_supported(nn.Conv2d(2, 2, 1))
+    assert not conv_supported(nn.Conv2d(2, 2, 2, padding="same"))
+    with pytest.raises(ValueError, match="stride-1"):
+        conv_covariance(torch.zeros(1, 2, 4, 4), nn.Conv2d(2, 2, 3, stride=2))

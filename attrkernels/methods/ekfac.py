@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import Capture, make_plan
+from ..kernels.conv_covariance import conv_covariance
+from ..kernels.conv_covariance import supported as conv_supported
 from ..kernels.kfac import (DEFAULT_MEMORY, Basis, covariance, ekfac_correction, homogeneous,
                             kron_eigh, rotated_gradients, token_counts)
 from ..kernels.kron_score import kron_inner, kron_self_inner, sparse_rows_inner, sparse_rows_self_inner
@@ -410,16 +412,33 @@ class EKFAC(AttributionMethod):
             yield start, _to_device(batch, device), size
 
     def _record(self, batch, size, fn, what):
-        """Run ``fn(model, batch)`` under capture and backpropagate its sum; returns the handlers."""
-        with Capture(self.plan) as cap, torch.enable_grad():
-            out = call_task(fn, self.model, batch, size, what)
+        """Run ``fn(model, batch)`` under capture and backpropagate its sum; returns the handlers.
+
+        The backward pass asks autograd for the gradients of the tracked layers' outputs, not of
+        their parameters, so no weight gradient is computed (a third of a backward pass). When an
+        output was modified in place afterwards its tensor no longer holds the layer's output, and
+        the parameters are asked for instead (the capture's hooks see the right gradient either way).
+        """
+        outputs = []
+
+        def keep(module, args, output):
+            outputs.append((output, output._version))
+
+        hooks = [layer.module.register_forward_hook(keep) for layer in self.layers]
+        try:
+            with Capture(self.plan) as cap, torch.enable_grad():
+                out = call_task(fn, self.model, batch, size, what)
+        finally:
+            for h in hooks:
+                h.remove()
         bad = ~torch.isfinite(out.detach())
         if bad.any():
             raise ValueError(f"the {what} loss or measurement is NaN or Inf for examples "
                              f"{torch.nonzero(bad).flatten().tolist()[:10]} of a batch")
         if not out.requires_grad:
             raise ValueError(f"the task's output on the {what} loader does not depend on any tracked parameter")
-        torch.autograd.grad(out.sum(), self._params, allow_unused=True)
+        intact = all(o.requires_grad and o._version == v for o, v in outputs)
+        torch.autograd.grad(out.sum(), [o for o, _ in outputs] if intact else self._params, allow_unused=True)
         for layer in self.layers:
             records = cap.handlers[layer.name].records
             if not records or any(r.grad_out is None for r in records):
@@ -474,6 +493,13 @@ class EKFAC(AttributionMethod):
                     acc[0] = token_counts(idx, layer.d_in, layer.module.padding_idx, out=acc[0])
                     pad = layer.module.padding_idx
                     acc[2] += int(idx.numel() if pad is None else (idx != pad).sum())
+                elif layer.kind == "conv" and conv_supported(layer.module):
+                    # stride-1 convolutions: the activation factor without unfolding the input
+                    handler = handlers[layer.name]
+                    for r in handler.records:
+                        acc[0] = conv_covariance(r.inputs, layer.module, layer.bias, out=acc[0])
+                    D = torch.cat([r.grad_out.flatten(2) for r in handler.records], 2).transpose(1, 2)
+                    acc[2] += D.shape[0] * D.shape[1]
                 else:
                     A, D = self._kron(layer, handlers[layer.name])
                     acc[0] = covariance(A, out=acc[0])

@@ -1,0 +1,136 @@
+"""Activation factor of a stride-1 convolution without unfolding its input.
+
+For a Conv2d with kernel (kh, kw), zero padding (ph, pw), stride 1, dilation 1 and groups 1, the
+unfolded input of example n at output position (i, j) is the patch
+a_nij[(c, u, v)] = x_n[c, i + u - ph, j + v - pw] (zero outside the image), and the K-FAC
+activation factor sums its outer products, A = sum_{n,i,j} a_nij a_nij^T ([C K, C K], K = kh kw,
+in the order of ``weight.flatten(1)``). Through unfolding that is one GEMM of 2 N (C K)^2 FLOPs
+(N = examples x output positions) on a K times larger copy of the input.
+
+Block ((u, v), (u', v')) of A only depends on the shift D = (u' - u, v' - v) and on which rows
+and columns of the input the kernel offset (u, v) reaches:
+
+    A_(u,v),(u',v') = sum_n sum_{p in P(u), q in Q(v)} x_n[:, p, q] x_n[:, p + D_r, q + D_c]^T
+
+with P(u) = [u - ph, u - ph + H_out) intersected with [0, H) (likewise Q(v)) and x zero outside.
+So for each of the (2 kh - 1)(2 kw - 1) shifts, half of them by the symmetry
+A_(k',k) = A_(k,k')^T, one GEMM of x with its shifted copy over all rows and columns (2 N C^2
+FLOPs) gives the sum over the whole image, and inclusion-exclusion removes the few border rows
+and columns outside P(u) x Q(v) (at most kh - 1 rows and kw - 1 columns on each side): exact,
+and for a 3x3 kernel 13 GEMMs of C^2 instead of one of (9 C)^2, 6.2x fewer FLOPs, without
+the 9x unfolded copy. A bias adds the homogeneous coordinate (patch sums and the count).
+Conv1d is the case H = 1, kh = 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether ``conv_covariance`` applies: Conv1d/2d, stride 1, dilation 1, groups 1, zero padding
+    given as integers (or "valid"), kernel larger than 1x1 (a 1x1 kernel gains nothing)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    if any(s != 1 for s in module.stride) or any(d != 1 for d in module.dilation):
+        return False
+    if isinstance(module.padding, str) and module.padding != "valid":
+        return False
+    return max(module.kernel_size) > 1
+
+
+def _padding(module) -> tuple:
+    return (0,) * len(module.kernel_size) if module.padding == "valid" else tuple(module.padding)
+
+
+def _excluded(k: int, pad: int, size: int, out_size: int, offset: int) -> list:
+    """Input rows (or columns) in [0, size) that kernel offset ``offset`` does not reach."""
+    start, stop = offset - pad, offset - pad + out_size
+    return list(range(0, min(size, max(0, start)))) + list(range(max(0, min(size, stop)), size))
+
+
+def conv_covariance(x: torch.Tensor, module: nn.Module, bias: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """out += sum over examples and output positions of a a^T, a the (homogeneous if ``bias``)
+    unfolded patch of ``module`` (see ``supported``) on input x [B, C, (H,) W]; float32 [d, d]."""
+    if not supported(module):
+        raise ValueError(f"conv_covariance needs a stride-1, dilation-1, groups-1 zero-padded "
+                         f"convolution with a kernel larger than 1, got {module}")
+    if x.ndim == 3:
+        x = x.unsqueeze(2)
+        (kw,), (pw,) = module.kernel_size, _padding(module)
+        kh, ph = 1, 0
+    else:
+        (kh, kw), (ph, pw) = module.kernel_size, _padding(module)
+    x = x.to(torch.float32)
+    B, C, H, W = x.shape
+    Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"input of spatial size {(H, W)} is smaller than the kernel {(kh, kw)} with padding {(ph, pw)}")
+    K = kh * kw
+    d = C * K + bias
+    if out is None:
+        out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+    elif out.shape != (d, d):
+        raise ValueError(f"out must have shape {(d, d)}, got {tuple(out.shape)}")
+    blocks = torch.zeros(C, K, C, K, dtype=torch.float32, device=x.device)
+    rows_out = [_excluded(kh, ph, H, Ho, u) for u in range(kh)]
+    cols_out = [_excluded(kw, pw, W, Wo, v) for v in range(kw)]
+    border_rows = sorted({p for r in rows_out for p in r})
+    border_cols = sorted({q for c in cols_out for q in c})
+    x0 = x.permute(1, 2, 3, 0).contiguous()  # [C, H, W, B]: a row p is a [C, W B] matrix
+    padded = torch.nn.functional.pad(x0, (0, 0, kw - 1, kw - 1, kh - 1, kh - 1))
+    R, Q = len(border_rows), len(border_cols)
+    left_rows = x0[:, border_rows].permute(1, 0, 2, 3).reshape(R, C, W * B)
+    left_cols = x0[:, :, border_cols].permute(2, 0, 1, 3).reshape(Q, C, H * B)
+    left_cells = x0[:, border_rows][:, :, border_cols].permute(1, 2, 0, 3).reshape(R * Q, C, B)
+
+    def products(shifted):
+        """(whole image, {row p: row p only}, {column q}, {(p, q)}) sums of x x_shifted^T, as
+        one GEMM and three batched GEMMs over the border rows, columns and their crossings."""
+        m = shifted.shape[0]
+        full = x0.reshape(C, -1) @ shifted.reshape(m, -1).T
+        rows = torch.bmm(left_rows, shifted[:, border_rows].permute(1, 0, 2, 3).reshape(R, m, W * B).transpose(1, 2))
+        cols = torch.bmm(left_cols, shifted[:, :, border_cols].permute(2, 0, 1, 3).reshape(Q, m, H * B).transpose(1, 2))
+        cells = torch.bmm(left_cells, shifted[:, border_rows][:, :, border_cols].permute(1, 2, 0, 3).reshape(R * Q, m, B)
+                          .transpose(1, 2))
+        return (full, dict(zip(border_rows, rows)), dict(zip(border_cols, cols)),
+                {(p, q): cells[i * Q + j] for i, p in enumerate(border_rows) for j, q in enumerate(border_cols)})
+
+    def restrict(sums, u, v):
+        """Sum over P(u) x Q(v) by inclusion-exclusion from the whole-image sums."""
+        full, row, col, cell = sums
+        total = full.clone()
+        for p in rows_out[u]:
+            total -= row[p]
+        for q in cols_out[v]:
+            total -= col[q]
+        for p in rows_out[u]:
+            for q in cols_out[v]:
+                total += cell[p, q]
+        return total
+
+    for dr in range(0, kh):
+        for dc in range(-(kw - 1), kw):
+            if dr == 0 and dc < 0:
+                continue  # the transposes of the blocks with shift (0, -dc)
+            shifted = padded[:, kh - 1 + dr:kh - 1 + dr + H, kw - 1 + dc:kw - 1 + dc + W].contiguous()
+            sums = products(shifted)
+            for u in range(kh - dr):
+                for v in range(max(0, -dc), min(kw, kw - dc)):
+                    k, k2 = u * kw + v, (u + dr) * kw + v + dc
+                    block = restrict(sums, u, v)
+                    blocks[:, k, :, k2] += block
+                    if k2 != k:
+                        blocks[:, k2, :, k] += block.T
+    out[:C * K, :C * K] += blocks.view(C * K, C * K)
+    if bias:
+        ones = x0.new_ones(1, H, W, B)
+        sums = products(ones)  # [C, 1]: sums of x over the reached rows and columns
+        for u in range(kh):
+            for v in range(kw):
+                s = restrict(sums, u, v)[:, 0]
+                out[u * kw + v:C * K:K, -1] += s
+                out[-1, u * kw + v:C * K:K] += s
+        out[-1, -1] += B * Ho * Wo
+    return out
