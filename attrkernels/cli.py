@@ -7,23 +7,14 @@ import os
 import platform
 import sys
 
+from .provenance import cpu_name
+
 
 def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
     except Exception as err:  # noqa: BLE001  (report any import failure as absent)
         return f"not usable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def info(_args=None) -> int:
@@ -42,7 +33,7 @@ def info(_args=None) -> int:
     print("backends:")
     for name, (ok, text) in backends.status().items():
         print(f"  {name:<7} {'yes' if ok else 'no '}  {text}")
-    print(f"CPU         {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(f"CPU         {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     try:
         from . import _C
 
@@ -55,10 +46,26 @@ def info(_args=None) -> int:
     return 0
 
 
+def frontier(args) -> int:
+    """LDS-vs-cost frontier of our methods on a built-in task (peers: python -m benchmarks.frontier)."""
+    from .frontier import run_frontier
+
+    run_frontier(args.task, quick=args.quick, out=args.out, runs=args.runs,
+                 only=args.only.split(",") if args.only else None)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attrkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, usable backends, GPU, CPU features").set_defaults(func=info)
+    fr = sub.add_parser("frontier", help="LDS vs cost of every method on a built-in task")
+    fr.add_argument("--task", default="digits-mlp")
+    fr.add_argument("--quick", action="store_true", help="quick protocol and cheap configurations")
+    fr.add_argument("--out", default=None, help="output folder (default benchmarks/results/<task>)")
+    fr.add_argument("--runs", default="runs", help="cache folder (ground truth, checkpoints, results)")
+    fr.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
+    fr.set_defaults(func=frontier)
     args = parser.parse_args(argv)
     return args.func(args)
 

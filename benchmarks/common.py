@@ -1,15 +1,13 @@
 """Shared helpers of the benchmarks: timing, machine peaks, memory high-water marks, provenance."""
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from attrkernels.provenance import cpu_name, provenance  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,39 +85,6 @@ def _status_kb(field: str) -> int:
     except OSError:
         pass
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(device: torch.device) -> dict:
-    """Machine, date and commit, written next to every result."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent,
-                               check=False).stdout.strip()
-        commit = commit + ("+dirty" if dirty else "")
-    except OSError:
-        commit = "unknown"
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": commit,
-        "device": card,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
