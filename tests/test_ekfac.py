@@ -56,6 +56,16 @@ class NetTask(ak.tasks.Classification):
         return int(batch[1].shape[0])
 
 
+class Loader:
+    """Batches with a ``dataset`` of known length (the score's train-size hint)."""
+
+    def __init__(self, batches, n):
+        self.batches, self.dataset = batches, range(n)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def net_data(n, seed, batch=8):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 11, (n, 3), generator=gen)
@@ -175,14 +185,15 @@ def reference_scores(model, task, train, test, strategy="ekfac", damping=None, b
 @pytest.mark.parametrize("damping,block_width", [(None, None), (1e-3, 4)])
 def test_scores_equal_the_explicit_reference(cls, strategy, damping, block_width):
     model, task = make_net(), NetTask()
-    train, test = net_data(24, 1), net_data(6, 2, batch=4)
+    train, test = Loader(net_data(24, 1), 24), net_data(6, 2, batch=4)
     m = cls(model, task, fisher="empirical", damping=damping, block_width=block_width, verbose=False)
     got = m.fit(train).score(test, train=train)
-    ref = reference_scores(model, task, train, test, strategy, damping, block_width)
+    ref = reference_scores(model, task, train.batches, test, strategy, damping, block_width)
     assert got.shape == (24, 6) and got.dtype == torch.float32
     assert rel(got, ref) < 1e-4
-    # both query sides ran: the conv (T = 9) preconditions in parameter space, the others in the eigenbasis
-    assert m.query_modes == {"emb": "eigenbasis", "seq": "eigenbasis", "conv": "parameters", "conv2": "parameters",
+    # both query sides ran (24 training vs 6 test examples): layers with T > 1 precondition the
+    # queries back in parameter space, the others score in the eigenbasis
+    assert m.query_modes == {"emb": "eigenbasis", "seq": "parameters", "conv": "parameters", "conv2": "parameters",
                              "head": "eigenbasis"}
 
 

@@ -54,8 +54,10 @@ class Handler:
     def blocks(self, tracked: set, budget: int):
         raise NotImplementedError
 
-    def kron(self):
-        """(A [B, T, d_in], D [B, T, d_out]) such that grad W_b = sum_t D_bt A_bt^T, or None."""
+    def kron(self, examples: slice = slice(None)):
+        """(A [B, T, d_in], D [B, T, d_out]) such that grad W_b = sum_t D_bt A_bt^T, or None.
+
+        ``examples`` selects a range of the batch (unfolding only those examples)."""
         return None
 
     def delta(self) -> torch.Tensor:
@@ -69,6 +71,11 @@ def _cat(parts: list, dim: int) -> torch.Tensor:
     """torch.cat, except that a single part (one call: the common case) is returned as is, so a
     transposed view (the unfolded conv input) is not gathered into a contiguous copy."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _positions(x: torch.Tensor) -> int:
+    """Positions per example of a [B, *, d] tensor (1 for [B, d])."""
+    return x[0].numel() // x.shape[-1] if x.shape[0] else 1
 
 
 def _rows_per_block(B: int, row_len: int, budget: int) -> int:
@@ -89,13 +96,14 @@ def _outer_blocks(param, A, D, budget):
 
 
 class LinearHandler(Handler):
-    def _a_d(self):
-        A = _cat([r.inputs.reshape(r.inputs.shape[0], -1, r.inputs.shape[-1]) for r in self.records], 1)
-        D = _cat([r.grad_out.reshape(r.grad_out.shape[0], -1, r.grad_out.shape[-1]) for r in self.records], 1)
+    def _a_d(self, examples: slice = slice(None)):
+        A = _cat([r.inputs[examples].reshape(-1, _positions(r.inputs), r.inputs.shape[-1]) for r in self.records], 1)
+        D = _cat([r.grad_out[examples].reshape(-1, _positions(r.grad_out), r.grad_out.shape[-1])
+                  for r in self.records], 1)
         return A, D
 
-    def kron(self):
-        return self._a_d()
+    def kron(self, examples: slice = slice(None)):
+        return self._a_d(examples)
 
     def blocks(self, tracked, budget):
         A, D = self._a_d()
@@ -129,18 +137,18 @@ class ConvHandler(Handler):
         cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         return cols.transpose(1, 2)  # [B, L, C_in * prod(kernel)]
 
-    def _a_d_groups(self):
+    def _a_d_groups(self, examples: slice = slice(None)):
         m = self.module
-        A = _cat([self._unfold(r.inputs) for r in self.records], dim=1)
-        D = _cat([r.grad_out.flatten(2).transpose(1, 2) for r in self.records], dim=1)
+        A = _cat([self._unfold(r.inputs[examples]) for r in self.records], dim=1)
+        D = _cat([r.grad_out[examples].flatten(2).transpose(1, 2) for r in self.records], dim=1)
         g = m.groups
         cin, cout = A.shape[2] // g, D.shape[2] // g
         return [(A[:, :, i * cin:(i + 1) * cin], D[:, :, i * cout:(i + 1) * cout]) for i in range(g)]
 
-    def kron(self):
+    def kron(self, examples: slice = slice(None)):
         if self.module.groups != 1:
             return None
-        return self._a_d_groups()[0]
+        return self._a_d_groups(examples)[0]
 
     def blocks(self, tracked, budget):
         m = self.module

@@ -23,7 +23,7 @@ sums over a batch; callers divide by the counts.
 
 All GEMMs are torch (MKL / oneDNN on CPU): factor accumulation is one GEMM over all B T rows of a
 batch; ``benchmarks/ekfac.py`` measures it against the machine's matmul peak. Rotations and
-per-example products pick the cheaper association order by FLOP count (see ``rotated_gradients``).
+per-example products pick the cheaper association order by FLOP count (see ``rotation_plan``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_MEMORY = 256 << 20  # bytes of per-example gradients held at once
+# Bytes of per-example tensors (unfolded inputs, gradients) held at once. Kept under glibc's
+# 32 MiB mmap threshold: larger temporaries are unmapped when freed and page-faulted on every
+# reuse, which measured 10x slower to write here than reused heap memory.
+DEFAULT_MEMORY = 24 << 20
 
 
 def position_major(x: torch.Tensor) -> bool:
@@ -195,31 +198,38 @@ def kron_eigh(factors: list, block_width: int | None = None) -> list:
 # Rotated per-example gradients and the EK-FAC correction
 
 
-def rotate_first(T: int, basis_a: Basis, basis_s: Basis) -> bool:
-    """Whether Q_S^T D^T A Q_A is cheaper as (D Q_S)^T (A Q_A) than as Q_S^T (D^T A) Q_A.
+def rotation_plan(T: int, basis_a: Basis, basis_s: Basis) -> tuple[bool, bool]:
+    """(rotate A first, rotate D first): for Q_S^T D^T A Q_A, which side to rotate as T vectors
+    before the product instead of as the formed [d_out, d_in] matrix after it.
 
-    Per example, rotating the T position vectors costs T (c_A + c_S) multiply-adds and rotating
-    the formed [d_out, d_in] gradient costs d_out c_A + d_in c_S (c = ``Basis.cost``); both then
-    or before pay the T d_out d_in of the product itself.
+    Per example, rotating the T input vectors costs T c_A multiply-adds and rotating the formed
+    gradient's rows costs d_out c_A (c = ``Basis.cost``), so A goes first when T <= d_out; D goes
+    first when T <= d_in. Either way the product itself costs T d_out d_in.
     """
-    c_a, c_s = basis_a.cost(), basis_s.cost()
-    return T * (c_a + c_s) <= basis_s.dim * c_a + basis_a.dim * c_s
+    return T <= basis_s.dim, T <= basis_a.dim
+
+
+def rotation_cost(T: int, basis_a: Basis, basis_s: Basis) -> int:
+    """Multiply-adds per example of the rotations in ``rotated_gradients`` (without the product)."""
+    return basis_a.cost() * min(T, basis_s.dim) + basis_s.cost() * min(T, basis_a.dim)
 
 
 def rotated_gradients(A: torch.Tensor, D: torch.Tensor, basis_a: Basis | None = None,
                       basis_s: Basis | None = None) -> torch.Tensor:
     """Q_S^T G_b Q_A for every example, G_b = D_b^T A_b: A [B, T, d_in], D [B, T, d_out] -> [B, d_out, d_in].
 
-    Without bases, the plain per-example gradients G_b. The association order is chosen by
-    ``rotate_first``; the product over positions is one batched GEMM (``torch.bmm``, K = T).
+    Without bases, the plain per-example gradients G_b. Each side is rotated before or after the
+    product as ``rotation_plan`` says; the product over positions is one batched GEMM
+    (``torch.bmm``, K = T).
     """
     A, D = A.to(torch.float32), D.to(torch.float32)
     if basis_a is None or basis_s is None:
         return torch.bmm(D.transpose(1, 2), A)
-    if rotate_first(A.shape[1], basis_a, basis_s):
-        return torch.bmm(basis_s.rotate(D).transpose(1, 2), basis_a.rotate(A))
-    G = torch.bmm(D.transpose(1, 2), A)
-    return basis_s.rotate(basis_a.rotate(G, dim=2), dim=1)
+    a_first, s_first = rotation_plan(A.shape[1], basis_a, basis_s)
+    G = torch.bmm((basis_s.rotate(D) if s_first else D).transpose(1, 2), basis_a.rotate(A) if a_first else A)
+    if not a_first:
+        G = basis_a.rotate(G, dim=2)
+    return G if s_first else basis_s.rotate(G, dim=1)
 
 
 def example_chunk(B: int, bytes_per_example: int, memory_budget: int) -> int:

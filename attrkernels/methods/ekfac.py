@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 from ..capture import Capture, make_plan
 from ..kernels.conv_covariance import conv_covariance
 from ..kernels.conv_covariance import supported as conv_supported
-from ..kernels.kfac import (DEFAULT_MEMORY, Basis, covariance, ekfac_correction, homogeneous,
-                            kron_eigh, rotated_gradients, token_counts)
+from ..kernels.kfac import (DEFAULT_MEMORY, Basis, covariance, ekfac_correction, example_chunk, homogeneous,
+                            kron_eigh, rotated_gradients, rotation_cost, token_counts)
 from ..kernels.kron_score import kron_inner, kron_self_inner, sparse_rows_inner, sparse_rows_self_inner
 from ..kernels.philox import derive_seed
 from ..store import Store
@@ -272,7 +272,7 @@ class EKFAC(AttributionMethod):
     """EK-FAC influence functions; see the module docstring.
 
     EKFAC(model, task, *, damping=None, store=None, fisher="true", params=None, block_width=None,
-          seed=0, memory_budget=256 MiB, verbose=True)
+          seed=0, memory_budget=24 MiB, verbose=True)
 
     damping: None (0.1 x mean eigenvalue per layer) or a float >= 0 added to every eigenvalue.
     store: directory for the factors (None: kept in memory only).
@@ -280,7 +280,8 @@ class EKFAC(AttributionMethod):
     params: names of the parameters to attribute over (default: all supported, see ``skipped``).
     block_width: factors wider than this are eigendecomposed as block-diagonal (``kron_eigh``).
     seed: seeds the sampled labels of the true Fisher.
-    memory_budget: bytes of per-example gradients held at once.
+    memory_budget: bytes of per-example tensors (unfolded inputs, gradients) held at once; the
+        default 24 MiB stays under glibc's mmap threshold (see ``kernels.kfac.DEFAULT_MEMORY``).
     """
 
     strategy = "ekfac"
@@ -467,9 +468,16 @@ class EKFAC(AttributionMethod):
         sampled_loss.__name__ = "sampled_loss"
         return sampled_loss
 
-    def _kron(self, layer: Layer, handler):
-        A, D = handler.kron()
-        return (homogeneous(A) if layer.bias else A.to(torch.float32)), D.to(torch.float32)
+    def _kron_chunks(self, layer: Layer, handler):
+        """(first example, A, D) for chunks of the batch whose unfolded inputs and per-example
+        gradients fit in ``memory_budget`` (A homogeneous when the layer has a bias)."""
+        size = handler.records[0].grad_out.shape[0]
+        T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
+        step = example_chunk(size, 4 * max(T * (layer.d_in + layer.d_out), layer.d_in * layer.d_out),
+                             self.memory_budget)
+        for b0 in range(0, size, step):
+            A, D = handler.kron(slice(b0, b0 + step))
+            yield b0, (homogeneous(A) if layer.bias else A.to(torch.float32)), D.to(torch.float32)
 
     @staticmethod
     def _embedding_tokens(layer: Layer, handler):
@@ -501,9 +509,11 @@ class EKFAC(AttributionMethod):
                     D = torch.cat([r.grad_out.flatten(2) for r in handler.records], 2).transpose(1, 2)
                     acc[2] += D.shape[0] * D.shape[1]
                 else:
-                    A, D = self._kron(layer, handlers[layer.name])
-                    acc[0] = covariance(A, out=acc[0])
-                    acc[2] += A.shape[0] * A.shape[1]
+                    for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
+                        acc[0] = covariance(A, out=acc[0])
+                        acc[1] = covariance(D, out=acc[1])
+                        acc[2] += A.shape[0] * A.shape[1]
+                    continue
                 acc[1] = covariance(D, out=acc[1])
             n += size
         factors = {}
@@ -533,8 +543,8 @@ class EKFAC(AttributionMethod):
                     rows, R = handlers[layer.name].sparse_rows()
                     sums[layer.name][:, rows] += basis_s.rotate(R).square().sum(0).T.cpu()
                 else:
-                    A, D = self._kron(layer, handlers[layer.name])
-                    ekfac_correction(A, D, basis_a, basis_s, out=sums[layer.name], memory_budget=self.memory_budget)
+                    for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
+                        ekfac_correction(A, D, basis_a, basis_s, out=sums[layer.name], memory_budget=self.memory_budget)
             n += size
         for layer in self.layers:
             factors[layer.name].lam = sums[layer.name] / n
@@ -689,14 +699,9 @@ class EKFAC(AttributionMethod):
                     W = basis_s.rotate(R) * inverse[layer.name][:, rows].T
                     parts[layer.name].append((rows, W))
                     continue
-                A, D = self._kron(layer, handlers[layer.name])
-                positions[layer.name] = A.shape[1]
-                chunk = []
-                step = max(1, self.memory_budget // (4 * layer.d_in * layer.d_out))
-                for b0 in range(0, size, step):
-                    R = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
-                    chunk.append(R.mul_(inverse[layer.name]))
-                parts[layer.name].append(torch.cat(chunk))
+                for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
+                    positions[layer.name] = A.shape[1]
+                    parts[layer.name].append(rotated_gradients(A, D, basis_a, basis_s).mul_(inverse[layer.name]))
             n_test += size
         queries = {}
         n_train = n_train_hint if n_train_hint is not None else n_test
@@ -708,8 +713,7 @@ class EKFAC(AttributionMethod):
             W = torch.cat(parts[layer.name])
             basis_a, basis_s = f.bases32()
             back = layer.d_out * basis_a.cost() + layer.d_in * basis_s.cost()
-            train_rotation = min(positions[layer.name] * (basis_a.cost() + basis_s.cost()), back)
-            if n_test * back <= n_train * train_rotation:
+            if n_test * back <= n_train * rotation_cost(positions[layer.name], basis_a, basis_s):
                 W = basis_s.rotate(basis_a.rotate(W, dim=2, transpose=True), dim=1, transpose=True)
                 queries[layer.name] = _Query(False, W.contiguous())
             else:
@@ -727,11 +731,9 @@ class EKFAC(AttributionMethod):
                 rows, R = handlers[layer.name].sparse_rows()
                 tile += sparse_rows_inner(rows, R, q.rows, q.W, basis_s).cpu()
                 continue
-            A, D = self._kron(layer, handlers[layer.name])
-            if q.rotated:
-                tile += kron_inner(A, D, q.W, basis_a, basis_s, self.memory_budget).cpu()
-            else:
-                tile += kron_inner(A, D, q.W, memory_budget=self.memory_budget).cpu()
+            bases = (basis_a, basis_s) if q.rotated else (None, None)
+            for b0, A, D in self._kron_chunks(layer, handlers[layer.name]):
+                tile[b0:b0 + A.shape[0]] += kron_inner(A, D, q.W, *bases, self.memory_budget).cpu()
         return tile
 
     def _self_inner(self, layer: Layer, handler, f: LayerFactors, inverse: torch.Tensor) -> torch.Tensor:
@@ -739,8 +741,8 @@ class EKFAC(AttributionMethod):
         if layer.kind == "embedding":
             rows, R = handler.sparse_rows()
             return sparse_rows_self_inner(rows, R, inverse, basis_s)
-        A, D = self._kron(layer, handler)
-        return kron_self_inner(A, D, inverse, basis_a, basis_s, self.memory_budget)
+        return torch.cat([kron_self_inner(A, D, inverse, basis_a, basis_s, self.memory_budget)
+                          for _, A, D in self._kron_chunks(layer, handler)])
 
 
 class KFAC(EKFAC):
