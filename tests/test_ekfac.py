@@ -185,10 +185,10 @@ def reference_scores(model, task, train, test, strategy="ekfac", damping=None, b
 @pytest.mark.parametrize("damping,block_width", [(None, None), (1e-3, 4)])
 def test_scores_equal_the_explicit_reference(cls, strategy, damping, block_width):
     model, task = make_net(), NetTask()
-    train, test = Loader(net_data(24, 1), 24), net_data(6, 2, batch=4)
+    train, test = Loader(net_data(24, 1), 24), Loader(net_data(6, 2, batch=4), 6)
     m = cls(model, task, fisher="empirical", damping=damping, block_width=block_width, verbose=False)
     got = m.fit(train).score(test, train=train)
-    ref = reference_scores(model, task, train.batches, test, strategy, damping, block_width)
+    ref = reference_scores(model, task, train.batches, test.batches, strategy, damping, block_width)
     assert got.shape == (24, 6) and got.dtype == torch.float32
     assert rel(got, ref) < 1e-4
     # both query sides ran (24 training vs 6 test examples): layers with T > 1 precondition the

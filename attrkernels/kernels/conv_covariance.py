@@ -73,64 +73,55 @@ def conv_covariance(x: torch.Tensor, module: nn.Module, bias: bool = False,
         out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
     elif out.shape != (d, d):
         raise ValueError(f"out must have shape {(d, d)}, got {tuple(out.shape)}")
-    blocks = torch.zeros(C, K, C, K, dtype=torch.float32, device=x.device)
     rows_out = [_excluded(kh, ph, H, Ho, u) for u in range(kh)]
     cols_out = [_excluded(kw, pw, W, Wo, v) for v in range(kw)]
     border_rows = sorted({p for r in rows_out for p in r})
     border_cols = sorted({q for c in cols_out for q in c})
+    R, Q = len(border_rows), len(border_cols)
+    # which border rows (columns) kernel row u (column v) does not reach: [kh, R], [kw, Q]
+    miss_rows = x.new_tensor([[float(p in rows_out[u]) for p in border_rows] for u in range(kh)]).reshape(kh, R)
+    miss_cols = x.new_tensor([[float(q in cols_out[v]) for q in border_cols] for v in range(kw)]).reshape(kw, Q)
     x0 = x.permute(1, 2, 3, 0).contiguous()  # [C, H, W, B]: a row p is a [C, W B] matrix
     padded = torch.nn.functional.pad(x0, (0, 0, kw - 1, kw - 1, kh - 1, kh - 1))
-    R, Q = len(border_rows), len(border_cols)
     left_rows = x0[:, border_rows].permute(1, 0, 2, 3).reshape(R, C, W * B)
     left_cols = x0[:, :, border_cols].permute(2, 0, 1, 3).reshape(Q, C, H * B)
     left_cells = x0[:, border_rows][:, :, border_cols].permute(1, 2, 0, 3).reshape(R * Q, C, B)
 
-    def products(shifted):
-        """(whole image, {row p: row p only}, {column q}, {(p, q)}) sums of x x_shifted^T, as
-        one GEMM and three batched GEMMs over the border rows, columns and their crossings."""
+    def restricted(shifted):
+        """[kh, kw, C, m]: for every kernel offset (u, v), the sum over P(u) x Q(v) of
+        x x_shifted^T: the whole-image GEMM minus the unreached border rows and columns plus
+        their crossings (inclusion-exclusion), the borders as batched GEMMs."""
         m = shifted.shape[0]
         full = x0.reshape(C, -1) @ shifted.reshape(m, -1).T
         rows = torch.bmm(left_rows, shifted[:, border_rows].permute(1, 0, 2, 3).reshape(R, m, W * B).transpose(1, 2))
         cols = torch.bmm(left_cols, shifted[:, :, border_cols].permute(2, 0, 1, 3).reshape(Q, m, H * B).transpose(1, 2))
         cells = torch.bmm(left_cells, shifted[:, border_rows][:, :, border_cols].permute(1, 2, 0, 3).reshape(R * Q, m, B)
-                          .transpose(1, 2))
-        return (full, dict(zip(border_rows, rows)), dict(zip(border_cols, cols)),
-                {(p, q): cells[i * Q + j] for i, p in enumerate(border_rows) for j, q in enumerate(border_cols)})
+                          .transpose(1, 2)).reshape(R, Q, C * m)
+        row_miss = (miss_rows @ rows.reshape(R, C * m)).reshape(kh, 1, C, m)
+        col_miss = (miss_cols @ cols.reshape(Q, C * m)).reshape(1, kw, C, m)
+        both = torch.einsum("ur,vq,rqx->uvx", miss_rows, miss_cols, cells).reshape(kh, kw, C, m)
+        return full - row_miss - col_miss + both
 
-    def restrict(sums, u, v):
-        """Sum over P(u) x Q(v) by inclusion-exclusion from the whole-image sums."""
-        full, row, col, cell = sums
-        total = full.clone()
-        for p in rows_out[u]:
-            total -= row[p]
-        for q in cols_out[v]:
-            total -= col[q]
-        for p in rows_out[u]:
-            for q in cols_out[v]:
-                total += cell[p, q]
-        return total
-
+    blocks = torch.zeros(K, K, C, C, dtype=torch.float32, device=x.device)  # [k, k', c, c']
     for dr in range(0, kh):
         for dc in range(-(kw - 1), kw):
             if dr == 0 and dc < 0:
                 continue  # the transposes of the blocks with shift (0, -dc)
             shifted = padded[:, kh - 1 + dr:kh - 1 + dr + H, kw - 1 + dc:kw - 1 + dc + W].contiguous()
-            sums = products(shifted)
-            for u in range(kh - dr):
-                for v in range(max(0, -dc), min(kw, kw - dc)):
-                    k, k2 = u * kw + v, (u + dr) * kw + v + dc
-                    block = restrict(sums, u, v)
-                    blocks[:, k, :, k2] += block
-                    if k2 != k:
-                        blocks[:, k2, :, k] += block.T
-    out[:C * K, :C * K] += blocks.view(C * K, C * K)
+            sums = restricted(shifted)
+            us = [u for u in range(kh - dr) for v in range(max(0, -dc), min(kw, kw - dc))]
+            vs = [v for u in range(kh - dr) for v in range(max(0, -dc), min(kw, kw - dc))]
+            k = torch.tensor([u * kw + v for u, v in zip(us, vs)])
+            k2 = k + dr * kw + dc
+            values = sums[us, vs]  # [pairs, C, C]
+            blocks.index_put_((k, k2), values, accumulate=True)
+            if dr or dc:
+                blocks.index_put_((k2, k), values.transpose(1, 2), accumulate=True)
+    out[:C * K, :C * K] += blocks.permute(2, 0, 3, 1).reshape(C * K, C * K)
     if bias:
-        ones = x0.new_ones(1, H, W, B)
-        sums = products(ones)  # [C, 1]: sums of x over the reached rows and columns
-        for u in range(kh):
-            for v in range(kw):
-                s = restrict(sums, u, v)[:, 0]
-                out[u * kw + v:C * K:K, -1] += s
-                out[-1, u * kw + v:C * K:K] += s
+        sums = restricted(x0.new_ones(1, H, W, B))[..., 0]  # [kh, kw, C]: patch sums
+        s = sums.reshape(K, C).T.reshape(-1)  # in the (c, u, v) order of the unfolded input
+        out[:C * K, -1] += s
+        out[-1, :C * K] += s
         out[-1, -1] += B * Ho * Wo
     return out

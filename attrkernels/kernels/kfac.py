@@ -75,10 +75,12 @@ def homogeneous(a: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_last(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x @ q over the last dimension, keeping a positions-major x's layout (no gather copy)."""
-    if position_major(x):
+    """x @ q over the last dimension. A positions-major x [B, T, d] with many positions keeps its
+    layout (B GEMMs of q^T with [d, T]); with few (4 T < d) those GEMMs are too thin to reuse q
+    from cache, and gathering x into rows for one GEMM measured up to 1.8x faster."""
+    if position_major(x) and 4 * x.shape[1] >= x.shape[2]:
         return (q.T @ x.transpose(1, 2)).transpose(1, 2)
-    return x @ q
+    return x.contiguous() @ q
 
 
 def token_counts(idx: torch.Tensor, num: int, padding_idx: int | None = None,

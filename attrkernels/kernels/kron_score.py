@@ -9,17 +9,17 @@ W_j [d_out, d_in] (in the same basis). These kernels compute, for a batch of exa
     kron_self_inner:  out[b]    = <R_b, R_b * M> = sum_{o,i} R_b[o, i]^2 M[o, i]       [B]
 
 (without bases, R_b = G_b) in chunks of examples bounded in memory, never forming the
-full-model per-example gradient. kron_inner forms R_b for a chunk (``kfac.rotated_gradients``)
-and multiplies [chunk, d_out d_in] by [d_out d_in, n]: 2 B n d_out d_in FLOPs in one GEMM. (For
-T = 1 the alternative d_b^T (W_j a_b), which never forms R_b, measured 1.3-2x slower here: its
-[B, n, d_out] intermediate is larger and its contraction is not a GEMM.)
+full-model per-example gradient. kron_inner forms R for blocks of rows and multiplies
+[B, rows d_in] by [rows d_in, n]: 2 B n d_out d_in FLOPs in GEMMs that read W once. (For T = 1 the
+alternative d_b^T (W_j a_b), which never forms R_b, measured 1.3-2x slower here: its [B, n, d_out]
+intermediate is larger and its contraction is not a GEMM.)
 kron_self_inner never forms R_b for T = 1: R_b^2 = (d_b^2)(a_b^2)^T, so the sum is (d^2)^T M (a^2).
 """
 from __future__ import annotations
 
 import torch
 
-from .kfac import DEFAULT_MEMORY, Basis, example_chunk, rotated_gradients
+from .kfac import DEFAULT_MEMORY, Basis, example_chunk, rotated_gradients, rotation_plan
 
 
 def _check(A, D, shape):
@@ -32,17 +32,38 @@ def _check(A, D, shape):
 
 def kron_inner(A: torch.Tensor, D: torch.Tensor, W: torch.Tensor, basis_a: Basis | None = None,
                basis_s: Basis | None = None, memory_budget: int = DEFAULT_MEMORY) -> torch.Tensor:
-    """[B, n] inner products <R_b, W_j> of (rotated) per-example gradients with W [n, d_out, d_in]."""
+    """[B, n] inner products <R_b, W_j> of (rotated) per-example gradients with W [n, d_out, d_in].
+
+    R is formed in blocks of output rows o for all B examples at once, R[:, o] = (D Q_S)[:, :, o]^T
+    (A Q_A) (``rotation_plan``: an A side rotated after the product is applied to the block), so
+    each block of W is read once per call and the GEMMs have B rows. Blocks of examples are used
+    instead when the S side has to be rotated after the product (T > d_in), which needs whole R_b.
+    """
     _check(A, D, W.shape[1:])
     B, T, d_in = A.shape
     n, d_out = W.shape[0], W.shape[1]
     W = W.to(torch.float32)
-    Wf = W.reshape(n, d_out * d_in)
-    out = torch.empty(B, n, dtype=torch.float32, device=A.device)
-    step = example_chunk(B, 4 * d_out * d_in, memory_budget)
-    for b0 in range(0, B, step):
-        R = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
-        torch.mm(R.reshape(R.shape[0], -1), Wf.T, out=out[b0:b0 + step])
+    rotated = basis_a is not None and basis_s is not None
+    a_first, s_first = rotation_plan(T, basis_a, basis_s) if rotated else (True, True)
+    out = torch.zeros(B, n, dtype=torch.float32, device=A.device)
+    if not s_first:
+        Wf = W.reshape(n, d_out * d_in)
+        step = example_chunk(B, 4 * d_out * d_in, memory_budget)
+        for b0 in range(0, B, step):
+            R = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
+            torch.mm(R.reshape(R.shape[0], -1), Wf.T, out=out[b0:b0 + step])
+        return out
+    A, D = A.to(torch.float32), D.to(torch.float32)
+    if rotated:
+        D = basis_s.rotate(D)
+        if a_first:
+            A = basis_a.rotate(A)
+    rows = max(1, min(d_out, memory_budget // (4 * B * d_in)))
+    for o0 in range(0, d_out, rows):
+        R = torch.bmm(D[:, :, o0:o0 + rows].transpose(1, 2), A)  # [B, rows, d_in]
+        if rotated and not a_first:
+            R = basis_a.rotate(R, dim=2)
+        out.addmm_(R.reshape(B, -1), W[:, o0:o0 + rows].reshape(n, -1).T)
     return out
 
 

@@ -469,12 +469,12 @@ class EKFAC(AttributionMethod):
         return sampled_loss
 
     def _kron_chunks(self, layer: Layer, handler):
-        """(first example, A, D) for chunks of the batch whose unfolded inputs and per-example
-        gradients fit in ``memory_budget`` (A homogeneous when the layer has a bias)."""
+        """(first example, A, D) for chunks of the batch whose unfolded inputs fit in
+        ``memory_budget`` (A homogeneous when the layer has a bias); the kernels bound the
+        per-example gradients they form themselves."""
         size = handler.records[0].grad_out.shape[0]
         T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
-        step = example_chunk(size, 4 * max(T * (layer.d_in + layer.d_out), layer.d_in * layer.d_out),
-                             self.memory_budget)
+        step = example_chunk(size, 4 * T * (layer.d_in + layer.d_out), self.memory_budget)
         for b0 in range(0, size, step):
             A, D = handler.kron(slice(b0, b0 + step))
             yield b0, (homogeneous(A) if layer.bias else A.to(torch.float32)), D.to(torch.float32)
@@ -686,38 +686,37 @@ class EKFAC(AttributionMethod):
                              f"the curvature has no inverse; {hint}")
 
     def _queries(self, test, fit: _Fitted, inverse: dict, n_train_hint: int | None) -> tuple[dict, int]:
-        """Preconditioned test gradients per layer, in the eigenbasis or rotated back (cheaper side)."""
+        """Preconditioned test gradients per layer, in the eigenbasis or rotated back to parameter
+        space, whichever makes scoring cheaper (decided on the first batch from the loaders' sizes
+        when they are known, else as if both had the first batch's size)."""
         parts = {layer.name: [] for layer in self.layers}
-        n_test, positions = 0, {}
+        back, n_test = {}, 0
         for _, batch, size in self._batches(test, "test", "query gradients"):
             handlers = self._record(batch, size, self.task.measure, "test")
             for layer in self.layers:
-                f = fit.factors[layer.name]
-                basis_a, basis_s = f.bases32()
+                basis_a, basis_s = fit.factors[layer.name].bases32()
                 if layer.kind == "embedding":
                     rows, R = handlers[layer.name].sparse_rows()
-                    W = basis_s.rotate(R) * inverse[layer.name][:, rows].T
-                    parts[layer.name].append((rows, W))
+                    parts[layer.name].append((rows, basis_s.rotate(R) * inverse[layer.name][:, rows].T))
                     continue
                 for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
-                    positions[layer.name] = A.shape[1]
-                    parts[layer.name].append(rotated_gradients(A, D, basis_a, basis_s).mul_(inverse[layer.name]))
+                    if layer.name not in back:
+                        n_q = _dataset_len(test) or size
+                        cost = layer.d_out * basis_a.cost() + layer.d_in * basis_s.cost()
+                        back[layer.name] = n_q * cost <= (n_train_hint or n_q) * rotation_cost(A.shape[1], basis_a, basis_s)
+                    step = example_chunk(A.shape[0], 4 * layer.d_in * layer.d_out, self.memory_budget)
+                    for b0 in range(0, A.shape[0], step):
+                        W = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s).mul_(inverse[layer.name])
+                        if back[layer.name]:
+                            W = basis_s.rotate(basis_a.rotate(W, dim=2, transpose=True), dim=1, transpose=True)
+                        parts[layer.name].append(W)
             n_test += size
         queries = {}
-        n_train = n_train_hint if n_train_hint is not None else n_test
         for layer in self.layers:
-            f = fit.factors[layer.name]
             if layer.kind == "embedding":
                 queries[layer.name] = _embedding_query(parts[layer.name], n_test, layer.d_out)
-                continue
-            W = torch.cat(parts[layer.name])
-            basis_a, basis_s = f.bases32()
-            back = layer.d_out * basis_a.cost() + layer.d_in * basis_s.cost()
-            if n_test * back <= n_train * rotation_cost(positions[layer.name], basis_a, basis_s):
-                W = basis_s.rotate(basis_a.rotate(W, dim=2, transpose=True), dim=1, transpose=True)
-                queries[layer.name] = _Query(False, W.contiguous())
             else:
-                queries[layer.name] = _Query(True, W)
+                queries[layer.name] = _Query(not back[layer.name], torch.cat(parts[layer.name]))
         self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
         return queries, n_test
 
