@@ -1,6 +1,8 @@
 """Shared helpers of the benchmarks: timing, machine peaks, memory high-water marks, provenance."""
 from __future__ import annotations
 
+import csv
+import io
 import statistics
 import time
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import torch
 
 from attrkernels.provenance import cpu_name, provenance  # noqa: F401  (re-exported)
+from attrkernels.store import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,3 +95,22 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def write_results(stem: Path, rows: list, columns: list, info: dict, intro: str,
+                  extra: dict | None = None) -> None:
+    """``stem``.csv (provenance and ``extra`` as # lines, then rows) and ``stem``.md (``intro``
+    and the table), both written atomically; prints the table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    lines = {**info, **(extra or {})}
+    buf = io.StringIO()
+    buf.write("".join(f"# {key}: {val}\n" for key, val in lines.items()))
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    text = buf.getvalue().encode()
+    atomic_write(stem.with_suffix(".csv"), lambda f: f.write(text))
+    md = (intro + "\n\n" + markdown_table(rows, columns) + "\n").encode()
+    atomic_write(stem.with_suffix(".md"), lambda f: f.write(md))
+    print(md.decode())
+

@@ -22,7 +22,6 @@ Writes benchmarks/results/featurize_cpu.csv and .md.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import logging
 import statistics
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 import attrkernels as ak
 from attrkernels.tasks.resnet9 import resnet9
 
-from .common import RESULTS, markdown_table, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss
+from .common import RESULTS, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss, write_results
 
 K = 2048
 
@@ -171,23 +170,13 @@ def main(argv=None):
             print(r, flush=True)
         del model, batches, impls
     info = provenance(torch.device("cpu"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     columns = ["model", "params", "batch", "impl", "examples_per_s", "peak_mem_mb", "vs_dense",
                "dense_floor_ex_s", "note"]
-    stem = RESULTS / f"featurize_cpu_b{args.batch}"
-    with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
-        f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
-        f.write(f"# matmul_peak_gflops: {peak:.1f}\n")
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".csv.tmp").replace(stem.with_suffix(".csv"))
-    header = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores), "
-              f"{info['date']}, commit {info['commit']}. Matmul peak {peak:.1f} GFLOP/s. `vs_dense` = time / "
-              "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k).\n\n")
-    table = markdown_table(rows, columns)
-    stem.with_suffix(".md").write_text(header + table + "\n")
-    print(header + table)
+    intro = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores), "
+             f"{info['date']}, commit {info['commit']}. Matmul peak {peak:.1f} GFLOP/s. `vs_dense` = time / "
+             "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k).")
+    write_results(RESULTS / f"featurize_cpu_b{args.batch}", rows, columns, info, intro,
+                  {"matmul_peak_gflops": f"{peak:.1f}"})
     return 0
 
 

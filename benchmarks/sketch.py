@@ -20,7 +20,6 @@ Writes benchmarks/results/sketch_<device>.csv and .md.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import math
 import sys
@@ -29,8 +28,8 @@ import torch
 
 import attrkernels as ak
 
-from .common import (RESULTS, bandwidth_gbs, markdown_table, matmul_peak_gflops, peak_rss,
-                     provenance, reset_peak_rss, sync, time_call)
+from .common import (RESULTS, bandwidth_gbs, matmul_peak_gflops, peak_rss, provenance,
+                     reset_peak_rss, sync, time_call, write_results)
 
 KINDS = ("rademacher", "gaussian")
 PEER_KIND = {"rademacher": "rademacher", "gaussian": "normal"}
@@ -154,24 +153,14 @@ def main(argv=None):
         peak = peak_end
 
     info = provenance(device)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"sketch_{device.type}{'_quick' if args.quick else ''}"
     columns = ["impl", "kind", "B", "p", "k", "time_s", "gflops", "pct_peak", "floor_s",
                "extra_mem_mb", "ours_speedup", "note"]
-    with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
-        f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
-        f.write(f"# matmul_peak_gflops: {peak:.1f}\n# copy_bandwidth_gbs: {bw:.1f}\n")
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".csv.tmp").replace(stem.with_suffix(".csv"))
-    header = (f"Sketch benchmark on {info['device']} ({info['cores']} cores, torch threads "
-              f"{info['torch_threads']}), {info['date']}, commit {info['commit']}.\n"
-              f"fp32 matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bw:.1f} GB/s. "
-              f"`ours_speedup` = that row's time / ours (same kind and shape).\n\n")
-    table = markdown_table(rows, columns)
-    stem.with_suffix(".md").write_text(header + table + "\n")
-    print(header + table)
+    intro = (f"Sketch benchmark on {info['device']} ({info['cores']} cores, torch threads "
+             f"{info['torch_threads']}), {info['date']}, commit {info['commit']}.\n"
+             f"fp32 matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bw:.1f} GB/s. "
+             f"`ours_speedup` = that row's time / ours (same kind and shape).")
+    write_results(RESULTS / f"sketch_{device.type}{'_quick' if args.quick else ''}", rows, columns, info,
+                  intro, {"matmul_peak_gflops": f"{peak:.1f}", "copy_bandwidth_gbs": f"{bw:.1f}"})
     return 0
 
 

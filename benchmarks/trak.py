@@ -15,7 +15,6 @@ Writes benchmarks/results/trak_digits.csv and .md.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import torch
 
 import attrkernels as ak
 
-from .common import RESULTS, markdown_table, provenance
+from .common import RESULTS, provenance, write_results
 from .setup_task import checkpoints, ground_truth, lds_of, loaders
 
 
@@ -101,22 +100,12 @@ def main(argv=None):
                     rows.append(row("ours-sweep", k, M, s, t, gt, damping=f"{ratio:g} x mean nonzero eig"))
 
     info = provenance(torch.device("cpu"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     columns = ["impl", "k", "checkpoints", "damping", "lds", "ci", "seconds", "time_ratio"]
-    stem = RESULTS / "trak_digits"
-    with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
-        f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".csv.tmp").replace(stem.with_suffix(".csv"))
-    header = (f"TRAK on digits-mlp (1,000 train / 300 test, ground truth: {gt.masks.shape[0]} subsets "
-              f"x {gt.outputs.shape[1]} seeds) on {info['device']}, {info['date']}, commit {info['commit']}.\n"
-              f"Checkpoints: independently trained models ({np.mean(train_seconds):.2f} s each, not "
-              "counted). `seconds` = fit + score wall time; `time_ratio` = traker / ours.\n\n")
-    table = markdown_table(rows, columns)
-    stem.with_suffix(".md").write_text(header + table + "\n")
-    print(header + table)
+    intro = (f"TRAK on digits-mlp (1,000 train / 300 test, ground truth: {gt.masks.shape[0]} subsets "
+             f"x {gt.outputs.shape[1]} seeds) on {info['device']}, {info['date']}, commit {info['commit']}.\n"
+             f"Checkpoints: independently trained models ({np.mean(train_seconds):.2f} s each, not "
+             "counted). `seconds` = fit + score wall time; `time_ratio` = traker / ours.")
+    write_results(RESULTS / "trak_digits", rows, columns, info, intro)
     return 0
 
 

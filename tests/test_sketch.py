@@ -325,3 +325,19 @@ def test_gpu_features_equal_cpu_features():
 def test_auto_never_picks_the_interpreter_on_cpu():
     name, _ = backends.resolve("sketch", "auto", torch.device("cpu"))
     assert name in ("cpu", "torch")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_triton_p_slices_add_up(monkeypatch, accumulate):
+    # GPU backends split p into slices whose partial sums are added afterwards; shrink the slice
+    # so the interpreter exercises that path on a small problem.
+    from attrkernels.kernels import sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "SLICE_ROWS", 64)
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(9))
+    start = torch.randn(3, 130, generator=torch.Generator().manual_seed(10))
+    out = start.clone()
+    ak.sketch(x, 130, seed=4, kind="gaussian", backend="triton", out=out, accumulate=accumulate)
+    want = x.double().numpy() @ oracle(0, 300, 130, 4, "gaussian") + (start.double().numpy() if accumulate else 0)
+    assert rel_err(out, want) < 1e-5

@@ -132,6 +132,37 @@ def sketch_cpu(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
     return out
 
 
+# GPU backends split the p axis into slices run in parallel; the number of slices depends only on
+# the shape (never on the device) and partial sums are added in slice order, so results do not
+# depend on the GPU model.
+SLICE_ROWS = 16384
+MAX_SLICES = 64
+PARTIAL_BUDGET = 1 << 28  # floats in the [slices, B, k] buffer of partial sums
+
+
+def run_in_p_slices(x, out, k, accumulate, launch, align=64):
+    """Split p into slices and call ``launch(target, ld_slice, ld_row, slices, slice_rows,
+    accumulate)`` once, where ``target`` is ``out`` (one slice) or a [slices, B, k] buffer whose
+    slices are then summed in order into ``out``."""
+    B, p = x.shape
+    slices = min(MAX_SLICES, max(1, p // SLICE_ROWS))
+    while slices > 1 and slices * B * k > PARTIAL_BUDGET:
+        slices -= 1
+    slice_rows = -(-(-(-p // slices)) // align) * align
+    slices = -(-p // slice_rows)
+    if slices == 1:
+        launch(out, 0, out.stride(0), 1, slice_rows, bool(accumulate))
+        return out
+    partial = torch.empty(slices, B, k, dtype=torch.float32, device=x.device)
+    launch(partial, partial.stride(0), partial.stride(1), slices, slice_rows, False)
+    total = partial.sum(dim=0)
+    if accumulate:
+        out += total
+    else:
+        out.copy_(total)
+    return out
+
+
 def self_check(fn, device, variant):
     """Compare a GPU kernel with the reference on a small problem; raise on disagreement."""
     dtype, kind = variant

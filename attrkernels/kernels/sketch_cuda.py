@@ -3,8 +3,8 @@
 Pointers are passed as 64-bit integers (np.uint64), so any dtype crosses without a CuPy array.
 
 float32 x runs the SIMT kernel; float16 / bfloat16 x run the tensor-core (wmma) kernels. The p
-axis is split into slices that depend only on the shape (as for Triton), so results do not depend
-on the GPU model. Kernels launch on torch's current stream.
+axis is split into slices (``sketch.run_in_p_slices``), so results do not depend on the GPU model.
+Kernels launch on torch's current stream.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sketch_triton import _slices
 
 _KERNELS = {torch.float32: "sketch_f32", torch.float16: "sketch_wmma_f16",
             torch.bfloat16: "sketch_wmma_bf16"}
@@ -43,31 +42,22 @@ def sketch_cuda(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
     """CUDA backend of ``attrkernels.sketch`` (see kernels/sketch.py for the contract)."""
     import cupy
 
+    from .sketch import run_in_p_slices
+
     if x.stride(1) != 1:
         x = x.contiguous()
     B, p = x.shape
-    slices = _slices(B, p, k)
-    slice_rows = -(-p // slices)
-    slice_rows = -(-slice_rows // 32) * 32
-    slices = -(-p // slice_rows)
-    target = out if slices == 1 else torch.empty(slices, B, k, dtype=torch.float32, device=x.device)
-    lds = 0 if slices == 1 else target.stride(0)
-    ldo = out.stride(0) if slices == 1 else target.stride(1)
     fn = _module(x.device.index or 0).get_function(_KERNELS[x.dtype])
-    grid = (-(-B // TB), -(-k // TN), slices)
-    args = (
-        np.uint64(x.data_ptr()), np.uint64(target.data_ptr()), np.int64(B), np.int64(p), np.int64(k),
-        np.int64(x.stride(0)), np.int64(lds), np.int64(ldo), np.int64(slice_rows),
-        np.uint64(row_offset), np.uint64(seed), np.float32(1.0 / math.sqrt(k)),
-        np.int32(kind == "gaussian"), np.int32(bool(accumulate) and slices == 1),
-    )
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
-    with cupy.cuda.Device(x.device.index or 0), stream:
-        fn(grid, (THREADS,), args)
-    if slices > 1:
-        total = target.sum(dim=0)
-        if accumulate:
-            out += total
-        else:
-            out.copy_(total)
-    return out
+
+    def launch(target, ld_slice, ld_row, slices, slice_rows, acc):
+        args = (
+            np.uint64(x.data_ptr()), np.uint64(target.data_ptr()), np.int64(B), np.int64(p),
+            np.int64(k), np.int64(x.stride(0)), np.int64(ld_slice), np.int64(ld_row),
+            np.int64(slice_rows), np.uint64(row_offset), np.uint64(seed),
+            np.float32(1.0 / math.sqrt(k)), np.int32(kind == "gaussian"), np.int32(acc),
+        )
+        with cupy.cuda.Device(x.device.index or 0), stream:
+            fn((-(-B // TB), -(-k // TN), slices), (THREADS,), args)
+
+    return run_in_p_slices(x, out, k, accumulate, launch, align=32)

@@ -11,23 +11,17 @@ Precision: float32 x uses IEEE float32 dot products (no TF32). float16 / bfloat1
 cores: Rademacher tiles are exact in either format; Gaussian tiles are split into 2 (float16) or
 3 (bfloat16) terms whose sum carries float32 precision.
 
-The p axis is split into a number of slices that depends only on (B, p, k); slices write partial
-sums that are added in a fixed order, so results never depend on the GPU.
+The p axis is split into slices (``sketch.run_in_p_slices``) whose partial sums are added in a
+fixed order, so results never depend on the GPU.
 """
 from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 
 from .philox import STREAM_GAUSSIAN, STREAM_RADEMACHER
-
-SLICE_ROWS = 16384
-MAX_SLICES = 64
-PARTIAL_BUDGET = 1 << 28  # floats in the [slices, B, k] partial-sum buffer
-
 
 @triton.jit
 def _box_muller(wu, wa):
@@ -153,39 +147,21 @@ def _sketch_kernel(x_ptr, out_ptr, B, p, k, stride_xb, stride_os, stride_ob, row
         tl.store(ptrs, val, mask=mask)
 
 
-def _slices(B: int, p: int, k: int) -> int:
-    """Number of p-slices: a function of the shape only (never of the device)."""
-    s = min(MAX_SLICES, max(1, p // SLICE_ROWS))
-    while s > 1 and s * B * k > PARTIAL_BUDGET:
-        s -= 1
-    return s
-
-
 def sketch_triton(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
     """Triton backend of ``attrkernels.sketch`` (see kernels/sketch.py for the contract)."""
-    from .sketch import DTYPE_CODES
+    from .sketch import DTYPE_CODES, run_in_p_slices
 
     if x.stride(1) != 1:
         x = x.contiguous()
     B, p = x.shape
-    slices = _slices(B, p, k)
-    slice_rows = -(-p // slices)
     block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
     block_p = 32 if x.device.type == "cpu" else 64
-    grid = (triton.cdiv(B, block_b), triton.cdiv(k, 128), slices)
-    scale = 1.0 / math.sqrt(k)
     common = dict(X_DTYPE=DTYPE_CODES[x.dtype], GAUSSIAN=kind == "gaussian",
                   BLOCK_B=block_b, BLOCK_P=block_p, INTERPRET=x.device.type == "cpu")
-    if slices == 1:
-        _sketch_kernel[grid](x, out, B, p, k, x.stride(0), 0, out.stride(0), row_offset,
-                             slice_rows, seed, scale, ACCUMULATE=bool(accumulate), **common)
-        return out
-    partial = torch.empty(slices, B, k, dtype=torch.float32, device=x.device)
-    _sketch_kernel[grid](x, partial, B, p, k, x.stride(0), partial.stride(0), partial.stride(1),
-                         row_offset, slice_rows, seed, scale, ACCUMULATE=False, **common)
-    total = partial.sum(dim=0)
-    if accumulate:
-        out += total
-    else:
-        out.copy_(total)
-    return out
+
+    def launch(target, ld_slice, ld_row, slices, slice_rows, acc):
+        grid = (triton.cdiv(B, block_b), triton.cdiv(k, 128), slices)
+        _sketch_kernel[grid](x, target, B, p, k, x.stride(0), ld_slice, ld_row, row_offset,
+                             slice_rows, seed, 1.0 / math.sqrt(k), ACCUMULATE=acc, **common)
+
+    return run_in_p_slices(x, out, k, accumulate, launch)
