@@ -4,6 +4,7 @@ Tolerances: Rademacher P is compared bit for bit; Gaussian P within 1e-6 relativ
 (compiled backends use float32 polynomials, the oracle float64 libm); sketches against a float64
 x @ P within 1e-5 of the largest output (float32 accumulation over p terms).
 """
+import importlib
 import os
 
 import numpy as np
@@ -332,9 +333,7 @@ def test_auto_never_picks_the_interpreter_on_cpu():
 def test_triton_p_slices_add_up(monkeypatch, accumulate):
     # GPU backends split p into slices whose partial sums are added afterwards; shrink the slice
     # so the interpreter exercises that path on a small problem.
-    from attrkernels.kernels import sketch as sketch_module
-
-    monkeypatch.setattr(sketch_module, "SLICE_ROWS", 64)
+    monkeypatch.setattr(importlib.import_module("attrkernels.kernels.sketch"), "SLICE_ROWS", 64)
     x = torch.randn(3, 300, generator=torch.Generator().manual_seed(9))
     start = torch.randn(3, 130, generator=torch.Generator().manual_seed(10))
     out = start.clone()
