@@ -34,18 +34,18 @@ def rel(a, b):
 
 
 class Net(nn.Module):
-    def __init__(self, head_in=5 + 27):
+    def __init__(self, head_in=5 + 3 * 64):
         super().__init__()
         self.emb = nn.Embedding(11, 4)
         self.seq = nn.Linear(4, 5)
         self.conv = nn.Conv2d(1, 3, 3, stride=2, padding=1)  # unfolded
-        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)  # stride 1: covariance without unfolding
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)  # stride 1 on 8x8: covariance without unfolding
         self.head = nn.Linear(head_in, 4)
 
     def forward(self, inputs):
         tokens, image = inputs
         h1 = self.seq(self.emb(tokens)).tanh().mean(1)  # [B, 5]
-        h2 = self.conv2(self.conv(image).tanh()).tanh().flatten(1)  # [B, 27]
+        h2 = self.conv2(self.conv(image).tanh()).tanh().flatten(1)  # [B, 3 * 8 * 8]
         return self.head(torch.cat([h1, h2], 1))
 
 
@@ -69,7 +69,7 @@ class Loader:
 def net_data(n, seed, batch=8):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 11, (n, 3), generator=gen)
-    image = torch.randn(n, 1, 6, 6, generator=gen)
+    image = torch.randn(n, 1, 16, 16, generator=gen)
     labels = torch.randint(0, 4, (n,), generator=gen)
     return [((tokens[i:i + batch], image[i:i + batch]), labels[i:i + batch]) for i in range(0, n, batch)]
 
@@ -392,7 +392,7 @@ def test_store_refuses_another_model_or_settings(tmp_path):
     train = net_data(16, 8)
     ak.EKFAC(model, task, store=tmp_path / "f", verbose=False).fit(train)
     with pytest.raises(StoreMismatch, match="layers"):
-        ak.EKFAC(make_net(head_in=5 + 27), task, store=tmp_path / "f", params=["head.weight"],
+        ak.EKFAC(make_net(head_in=5 + 27), task, store=tmp_path / "f",
                  verbose=False).fit(train)
     with pytest.raises(StoreMismatch, match="fisher"):
         ak.EKFAC(model, task, store=tmp_path / "f", fisher="empirical", verbose=False).fit(train)

@@ -58,6 +58,7 @@ seed, block width or training data raises ``StoreMismatch`` naming the differenc
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +68,7 @@ from tqdm.auto import tqdm
 
 from ..capture import Capture, make_plan
 from ..kernels.conv_covariance import conv_covariance
-from ..kernels.conv_covariance import supported as conv_supported
+from ..kernels.conv_covariance import preferred as conv_preferred
 from ..kernels.kfac import (DEFAULT_MEMORY, Basis, covariance, ekfac_correction, example_chunk, homogeneous,
                             kron_eigh, rotated_gradients, rotation_cost, token_counts)
 from ..kernels.kron_score import kron_inner, kron_self_inner, sparse_rows_inner, sparse_rows_self_inner
@@ -161,8 +162,6 @@ def select_layers(model: nn.Module, params=None) -> tuple[list, list]:
     for mname, module in layers.items():
         bias_name = f"{mname}.bias" if mname else "bias"
         bias = getattr(module, "bias", None) is not None and bias_name in chosen_set
-        if not explicit and getattr(module, "bias", None) is not None and not module.bias.requires_grad:
-            bias = False
         if isinstance(module, nn.Embedding):
             if module.scale_grad_by_freq:
                 raise ValueError(f"{mname}: Embedding(scale_grad_by_freq=True) mixes examples in its gradient")
@@ -501,11 +500,12 @@ class EKFAC(AttributionMethod):
                     acc[0] = token_counts(idx, layer.d_in, layer.module.padding_idx, out=acc[0])
                     pad = layer.module.padding_idx
                     acc[2] += int(idx.numel() if pad is None else (idx != pad).sum())
-                elif layer.kind == "conv" and conv_supported(layer.module):
+                elif layer.kind == "conv" and conv_preferred(layer.module, handlers[layer.name].records[0].inputs.shape):
                     # stride-1 convolutions: the activation factor without unfolding the input
                     handler = handlers[layer.name]
                     for r in handler.records:
-                        acc[0] = conv_covariance(r.inputs, layer.module, layer.bias, out=acc[0])
+                        acc[0] = conv_covariance(r.inputs, layer.module, layer.bias, out=acc[0],
+                                                 memory_budget=self.memory_budget)
                     D = torch.cat([r.grad_out.flatten(2) for r in handler.records], 2).transpose(1, 2)
                     acc[2] += D.shape[0] * D.shape[1]
                 else:
@@ -639,21 +639,17 @@ class EKFAC(AttributionMethod):
         self.fitted = [_Fitted(state, fp, self._load(store, files, fp))]
         return self.fitted
 
+    @contextmanager
     def _preserved_model(self):
-        method = self
-
-        class _Preserve:
-            def __enter__(self):
-                self.state = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
-                self.training = method.model.training
-                method.model.eval()
-
-            def __exit__(self, *exc):
-                method.model.load_state_dict(self.state)
-                method.model.train(self.training)
-                return False
-
-        return _Preserve()
+        """Evaluation mode inside; the model's weights and mode restored afterwards."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(state)
+            self.model.train(training)
 
     # -----------------------------------------------------------------------------------------
     # Preconditioning and scores

@@ -1,0 +1,373 @@
+"""EK-FAC: ours vs kronfluence, fit + score time and LDS, same model, damping and data, same run.
+
+Models
+  digits-mlp   the built-in task (1,000 train / 300 test), the seed-0 model of
+               ``benchmarks.setup_task``; LDS against its default ground truth (200 subsets x 8
+               seeds, built on first use).
+  resnet9-w32  ResNet-9 of width 32 (1.65 M parameters, ``attrkernels.tasks.resnet9``) on random
+               CIFAR-shaped data (3x32x32, 10 classes, ``--cnn-train`` / ``--cnn-test`` examples),
+               untrained: time only, plus the agreement of the two libraries' scores.
+
+Both libraries run EK-FAC with the true Fisher (labels sampled from the model's softmax; each
+library draws its own) and damping 0.1 x the mean corrected eigenvalue of each layer
+(kronfluence: ``damping_factor=None``), on the same loaders (batch size ``--batch``), tracking
+the same layers (Linear and Conv2d; BatchNorm is left out by both). kronfluence's measurement is
+minus the margin, so its scores are ours transposed. On digits we also run kronfluence with its
+default damping (1e-8), our K-FAC and our empirical-Fisher EK-FAC. Times are medians of
+``--reps`` runs alternating the libraries (the CNN runs once); ``speedup`` = kronfluence's
+fit + score time / ours; ``corr`` = Pearson correlation with kronfluence's scores of the same
+model; ``floor_s`` = the FLOPs of our algorithm (counted per layer: passes, factors, float64
+eigendecompositions, eigenvalue correction, scores) over this machine's fp32 / fp64 matmul peak.
+
+Self-influence: the digits model retrained (same recipe and seed) with 5% of its training labels
+flipped to another class; the fraction of flipped examples among the top 5% by self-influence
+(ours and kronfluence's). Kernels: our factor kernels against the matmul peak and against the
+torch formulation they replace, at the ResNet-9's layer shapes.
+
+Threads: one by default (``--threads``). On this shared two-core machine a second thread makes
+small operations wait at OpenMP barriers whenever another process holds a core (the digits
+training loop measured 0.12 s on one thread and 10-19 s on two); both libraries run with the same
+setting.
+
+    python -m benchmarks.ekfac            # about 10 minutes (ground truth cached after the first run)
+    python -m benchmarks.ekfac --quick    # digits only
+
+Writes benchmarks/results/ekfac_cpu.csv and .md (``--quick``: ekfac_cpu_quick.*).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import attrkernels as ak
+from attrkernels.capture import Capture, make_plan
+from attrkernels.kernels.conv_covariance import conv_covariance
+from attrkernels.kernels.conv_covariance import preferred as conv_preferred
+from attrkernels.kernels.kfac import Basis, covariance, ekfac_correction, kron_eigh, rotation_cost
+from attrkernels.tasks.resnet9 import resnet9
+
+from .common import RESULTS, markdown_table, matmul_peak_gflops, provenance
+from .setup_task import checkpoints, ground_truth, lds_of
+
+EIGH_FLOPS = 4.7  # x d^3: tridiagonal reduction 4/3, divide and conquer ~4/3, back-transformation 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The two implementations
+
+
+def ours(cls, model, train, test, **kw):
+    """(scores [n_train, n_test], fit seconds, score seconds)."""
+    m = cls(model, ak.tasks.Classification(), verbose=False, **kw)
+    t0 = time.perf_counter()
+    m.fit(train)
+    t1 = time.perf_counter()
+    scores = m.score(test, train=train)
+    return scores, t1 - t0, time.perf_counter() - t1
+
+
+class KronfluenceTask:
+    """kronfluence's Task for (inputs, labels) batches: summed cross-entropy (labels sampled from
+    the softmax when ``sample``), measurement = minus the summed margins."""
+
+    def __new__(cls):
+        from kronfluence.task import Task
+
+        class _Task(Task):
+            def compute_train_loss(self, batch, model, sample=False):
+                inputs, labels = batch
+                logits = model(inputs)
+                if sample:
+                    with torch.no_grad():
+                        labels = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(1)
+                return F.cross_entropy(logits, labels, reduction="sum")
+
+            def compute_measurement(self, batch, model):
+                inputs, labels = batch
+                return -ak.tasks.margin(model(inputs), labels).sum()
+
+        return _Task()
+
+
+def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=False):
+    """kronfluence EK-FAC: (scores [n_train, n_test] or self-influence [n_train], fit s, score s)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    task = KronfluenceTask()
+    model = prepare_model(copy.deepcopy(model).eval(), task)
+    with tempfile.TemporaryDirectory() as tmp:
+        analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        t0 = time.perf_counter()
+        analyzer.fit_all_factors("f", dataset=train_set, per_device_batch_size=batch,
+                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        t1 = time.perf_counter()
+        score_args = ScoreArguments(damping_factor=damping)
+        if self_scores:
+            analyzer.compute_self_scores("s", "f", train_dataset=train_set, per_device_train_batch_size=batch,
+                                         score_args=score_args, overwrite_output_dir=True)
+            scores = analyzer.load_self_scores("s")["all_modules"]
+        else:
+            analyzer.compute_pairwise_scores("s", "f", query_dataset=test_set, train_dataset=train_set,
+                                             per_device_query_batch_size=batch,
+                                             per_device_train_batch_size=batch, score_args=score_args,
+                                             overwrite_output_dir=True)
+            scores = analyzer.load_pairwise_scores("s")["all_modules"].T
+        t2 = time.perf_counter()
+    return scores.float(), t1 - t0, t2 - t1
+
+
+# ---------------------------------------------------------------------------------------------
+# The FLOP floor of our algorithm
+
+
+def algorithm_flops(model, train, n_train, n_test, query_modes):
+    """(fp32 FLOPs, fp64 FLOPs) of our EK-FAC fit + score, counted per tracked layer."""
+    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False)
+    batch = next(iter(train))
+    handlers = m._record(batch, int(batch[1].shape[0]), m.task.loss, "train")
+    f32 = f64 = 0.0
+    for layer in m.layers:
+        h = handlers[layer.name]
+        T = sum(r.grad_out[0].numel() for r in h.records) // layer.d_out
+        d_in, d_out = layer.d_in, layer.d_out
+        dense_a, dense_s = Basis(d_in, (torch.empty(d_in, d_in),)), Basis(d_out, (torch.empty(d_out, d_out),))
+        rotation = rotation_cost(T, dense_a, dense_s)
+        product = T * d_in * d_out
+        passes = 2 * product * (3 * n_train + n_test)  # forward + input gradient, 3 train passes, 1 test
+        if layer.kind == "conv" and conv_preferred(layer.module, h.records[0].inputs.shape):
+            ks = layer.module.kernel_size
+            kh, kw = (1, *ks) if len(ks) == 1 else ks
+            shifts = ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
+            cov_a = shifts * T * (layer.module.in_channels ** 2)
+        else:
+            cov_a = T * d_in * d_in
+        cov = n_train * (cov_a + T * d_out * d_out)
+        lam = n_train * (product + rotation)
+        train_side = product + (rotation if query_modes[layer.name] == "eigenbasis" else 0) + n_test * d_in * d_out
+        test_side = product + rotation + (0 if query_modes[layer.name] == "eigenbasis"
+                                          else d_out * d_in * d_in + d_in * d_out * d_out)
+        f32 += passes + 2 * (cov + lam + n_train * train_side + n_test * test_side)
+        f64 += EIGH_FLOPS * (d_in ** 3 + d_out ** 3)
+    return f32, f64
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments
+
+
+def digits(args, peak32, peak64, rows):
+    task = ak.tasks.get("digits-mlp")
+    gt = ground_truth(task, verbose=True)
+    (state,), _ = checkpoints(task, 1)
+    model = task.make_model(0)
+    model.load_state_dict(state)
+    model.eval()
+    train_set, test_set = task.train_data(), task.test_data()
+    train = DataLoader(train_set, batch_size=args.batch)
+    test = DataLoader(test_set, batch_size=args.batch)
+    runs = {"ours": [], "kronfluence": []}
+    for _ in range(args.reps):
+        runs["ours"].append(ours(ak.EKFAC, model, train, test))
+        runs["kronfluence"].append(kronfluence(model, train_set, test_set, args.batch))
+    extra = {
+        "ours K-FAC": ours(ak.KFAC, model, train, test),
+        "ours empirical Fisher": ours(ak.EKFAC, model, train, test, fisher="empirical"),
+        "kronfluence damping 1e-8": kronfluence(model, train_set, test_set, args.batch, damping=1e-8),
+    }
+    peer = runs["kronfluence"][-1][0]
+    peer_total = statistics.median(f + s for _, f, s in runs["kronfluence"])
+    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train)
+    m.score(test, train=train)
+    f32, f64 = algorithm_flops(model, train, len(train_set), len(test_set), m.query_modes)
+    floor = f32 / (peak32 * 1e9) + f64 / (peak64 * 1e9)
+    for name, results in list(runs.items()) + [(k, [v]) for k, v in extra.items()]:
+        scores = results[-1][0]
+        fit_s = statistics.median(f for _, f, _ in results)
+        score_s = statistics.median(s for _, _, s in results)
+        r = lds_of(scores, gt)
+        rows.append(dict(
+            model="digits-mlp", impl=name, fit_s=f"{fit_s:.2f}", score_s=f"{score_s:.2f}",
+            total_s=f"{fit_s + score_s:.2f}", speedup=f"{peer_total / (fit_s + score_s):.1f}",
+            lds=f"{r.mean:.3f}", ci=f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+            corr=f"{_corr(scores, peer):.3f}", floor_s=f"{floor:.3f}" if name == "ours" else "",
+        ))
+        print(rows[-1], flush=True)
+
+
+def self_influence(args, rows_si):
+    """Recovery of flipped labels among the top 5% self-influence examples, ours and kronfluence."""
+    task = ak.tasks.get("digits-mlp")
+    x, y = task.train_data().tensors
+    gen = np.random.default_rng(0)
+    n = len(y)
+    flipped = np.sort(gen.choice(n, size=n // 20, replace=False))
+    y_flip = y.clone()
+    y_flip[flipped] = torch.from_numpy((y[flipped].numpy() + gen.integers(1, 10, len(flipped))) % 10)
+    model = task.make_model(0)
+    from attrkernels.tasks.training import split_seed, train_classifier
+
+    train_classifier(model, task.task, (x, y_flip), None, task.recipe,
+                     torch.Generator().manual_seed(split_seed(0)[1]))
+    model.eval()
+    train_set = TensorDataset(x, y_flip)
+    train = DataLoader(train_set, batch_size=args.batch)
+    top = n // 20
+    t0 = time.perf_counter()
+    ours_si = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train).self_influence(train)
+    ours_s = time.perf_counter() - t0
+    peer_si, fit_s, score_s = kronfluence(model, train_set, None, args.batch, self_scores=True)
+    for name, values, seconds in (("ours", ours_si, ours_s), ("kronfluence", peer_si, fit_s + score_s)):
+        found = np.intersect1d(torch.topk(values, top).indices.numpy(), flipped).size
+        rows_si.append(dict(impl=name, flipped=len(flipped), top=top, recovered=found,
+                            fraction=f"{found / len(flipped):.2f}", seconds=f"{seconds:.2f}"))
+        print(rows_si[-1], flush=True)
+
+
+def cnn(args, peak32, peak64, rows):
+    torch.manual_seed(0)
+    model = resnet9(10, width=32).eval()
+    gen = torch.Generator().manual_seed(0)
+    train_set = TensorDataset(torch.randn(args.cnn_train, 3, 32, 32, generator=gen),
+                              torch.randint(0, 10, (args.cnn_train,), generator=gen))
+    test_set = TensorDataset(torch.randn(args.cnn_test, 3, 32, 32, generator=gen),
+                             torch.randint(0, 10, (args.cnn_test,), generator=gen))
+    train = DataLoader(train_set, batch_size=args.batch)
+    test = DataLoader(test_set, batch_size=args.batch)
+    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False)
+    t0 = time.perf_counter()
+    m.fit(train)
+    t1 = time.perf_counter()
+    scores = m.score(test, train=train)
+    t2 = time.perf_counter()
+    peer, peer_fit, peer_score = kronfluence(model, train_set, test_set, args.batch)
+    f32, f64 = algorithm_flops(model, train, args.cnn_train, args.cnn_test, m.query_modes)
+    floor = f32 / (peak32 * 1e9) + f64 / (peak64 * 1e9)
+    params = sum(p.numel() for p in model.parameters())
+    for name, (fit_s, score_s), sc in (("ours", (t1 - t0, t2 - t1), scores),
+                                       ("kronfluence", (peer_fit, peer_score), peer)):
+        rows.append(dict(model=f"resnet9-w32 ({params / 1e6:.2f} M params)", impl=name,
+                         fit_s=f"{fit_s:.2f}", score_s=f"{score_s:.2f}", total_s=f"{fit_s + score_s:.2f}",
+                         speedup=f"{(peer_fit + peer_score) / (fit_s + score_s):.1f}",
+                         corr=f"{_corr(sc, peer):.3f}", floor_s=f"{floor:.2f}" if name == "ours" else ""))
+        print(rows[-1], flush=True)
+
+
+def kernels(peak32, rows_k):
+    """Our factor kernels vs the matmul peak and vs the torch formulation they replace (ResNet-9 shapes)."""
+    def clock(fn, reps=3):
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    B = 64
+    for c_in, hw in ((32, 32), (64, 16), (128, 8), (256, 4)):
+        conv = torch.nn.Conv2d(c_in, c_in, 3, padding=1, bias=False)
+        x = torch.randn(B, c_in, hw, hw)
+        with Capture(make_plan(conv)) as cap:
+            conv(x)
+        A = cap.handlers[""]._unfold(x)
+        flops = 2 * A.shape[0] * A.shape[1] * A.shape[2] ** 2
+        t_gemm = clock(lambda: covariance(A))
+        t_shift = clock(lambda: conv_covariance(x, conv))
+        rows_k.append(dict(kernel="activation factor, unfolded GEMM (addmm)", shape=f"B={B} C={c_in} {hw}x{hw} 3x3",
+                           ms=f"{t_gemm * 1e3:.1f}", gflops=f"{flops / t_gemm / 1e9:.0f}",
+                           pct_peak=f"{100 * flops / t_gemm / 1e9 / peak32:.0f}"))
+        rows_k.append(dict(kernel="activation factor, shifted correlations (ours)", shape=rows_k[-1]["shape"],
+                           ms=f"{t_shift * 1e3:.1f}", gflops="", pct_peak="",
+                           note=f"{t_gemm / t_shift:.1f}x faster than the unfolded GEMM"))
+    for T, d_in, d_out in ((256, 577, 128), (16, 2304, 256)):
+        gen = torch.Generator().manual_seed(0)
+        A, D = torch.randn(B, T, d_in, generator=gen), torch.randn(B, T, d_out, generator=gen)
+        (_, ba), (_, bs) = kron_eigh([torch.eye(d_in) + 0.1, torch.eye(d_out) + 0.1])
+        ba, bs = ba.astype(torch.float32), bs.astype(torch.float32)
+        rot = rotation_cost(T, ba, bs)
+        flops = 2 * B * (T * d_in * d_out + rot)
+        t = clock(lambda: ekfac_correction(A, D, ba, bs))
+        gemm_only = clock(lambda: torch.bmm(bs.rotate(D).transpose(1, 2), ba.rotate(A)))
+        rows_k.append(dict(kernel="EK-FAC correction (rotate, bmm, square, sum)", shape=f"B={B} T={T} {d_out}x{d_in}",
+                           ms=f"{t * 1e3:.1f}", gflops=f"{flops / t / 1e9:.0f}",
+                           pct_peak=f"{100 * flops / t / 1e9 / peak32:.0f}",
+                           note=f"its GEMMs alone (no square-sum epilogue) take {gemm_only * 1e3:.1f} ms"))
+    for r in rows_k:
+        print(r, flush=True)
+
+
+def _corr(a, b) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="digits only")
+    parser.add_argument("--reps", type=int, default=3, help="alternated runs per library on digits")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--cnn-train", type=int, default=1000)
+    parser.add_argument("--cnn-test", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    peak32 = matmul_peak_gflops(device, n=2048)
+    peak64 = matmul_peak_gflops(device, n=2048, dtype=torch.float64)
+    print(f"matmul peak fp32 {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s, {args.threads} thread(s)", flush=True)
+    rows, rows_si, rows_k = [], [], []
+    digits(args, peak32, peak64, rows)
+    self_influence(args, rows_si)
+    if not args.quick:
+        cnn(args, peak32, peak64, rows)
+        kernels(peak32, rows_k)
+
+    info = provenance(device)
+    from importlib.metadata import version
+
+    info["kronfluence"] = version("kronfluence")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"ekfac_cpu{'_quick' if args.quick else ''}"
+    columns = ["model", "impl", "fit_s", "score_s", "total_s", "speedup", "lds", "ci", "corr", "floor_s"]
+    with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
+        f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
+        f.write(f"# matmul_peak_gflops_fp32: {peak32:.1f}\n# matmul_peak_gflops_fp64: {peak64:.1f}\n")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".csv.tmp").replace(stem.with_suffix(".csv"))
+    header = (f"EK-FAC benchmark on {info['device']} ({info['cores']} cores, {args.threads} torch thread(s)), "
+              f"{info['date']}, commit {info['commit']}, kronfluence {info['kronfluence']}.\n"
+              f"fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s. Batch size {args.batch}; "
+              f"digits times are medians of {args.reps} alternated runs. `speedup` = kronfluence EK-FAC "
+              f"fit + score time / that row's; `corr` = Pearson correlation with kronfluence's scores; "
+              f"`floor_s` = FLOPs of our algorithm / peak.\n\n")
+    text = header + markdown_table(rows, columns) + "\n"
+    text += ("\nSelf-influence on digits with 5% of the training labels flipped: flipped examples among "
+             "the top 5% (fit + self-influence seconds).\n\n"
+             + markdown_table(rows_si, ["impl", "flipped", "top", "recovered", "fraction", "seconds"]) + "\n")
+    if rows_k:
+        text += ("\nFactor kernels at the ResNet-9's shapes (one thread; best of 3).\n\n"
+                 + markdown_table(rows_k, ["kernel", "shape", "ms", "gflops", "pct_peak", "note"]) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
