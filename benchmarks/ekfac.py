@@ -14,10 +14,13 @@ library draws its own) and damping 0.1 x the mean corrected eigenvalue of each l
 the same layers (Linear and Conv2d; BatchNorm is left out by both). kronfluence's measurement is
 minus the margin, so its scores are ours transposed. On digits we also run kronfluence with its
 default damping (1e-8), our K-FAC and our empirical-Fisher EK-FAC. Times are medians of
-``--reps`` runs alternating the libraries (the CNN runs once); ``speedup`` = kronfluence's
-fit + score time / ours; ``corr`` = Pearson correlation with kronfluence's scores of the same
-model; ``floor_s`` = the FLOPs of our algorithm (counted per layer: passes, factors, float64
-eigendecompositions, eigenvalue correction, scores) over this machine's fp32 / fp64 matmul peak.
+``--reps`` runs alternating the libraries (the CNN runs once), in wall and in process CPU
+seconds; ``speedup`` = kronfluence's fit + score CPU time / ours (CPU time leaves out the time
+other processes held the cores, which on this shared machine moves wall times by +-20% between
+runs minutes apart), ``speedup_wall`` the same in wall time; ``corr`` = Pearson correlation with
+kronfluence's scores of the same model; ``floor_s`` = the FLOPs of our algorithm (counted per
+layer: passes, factors, float64 eigendecompositions, eigenvalue correction, scores) over this
+machine's fp32 / fp64 matmul peak.
 
 Self-influence: the digits model retrained (same recipe and seed) with 5% of its training labels
 flipped to another class; the fraction of flipped examples among the top 5% by self-influence
@@ -68,14 +71,27 @@ EIGH_FLOPS = 4.7  # x d^3: tridiagonal reduction 4/3, divide and conquer ~4/3, b
 # The two implementations
 
 
+class Clock:
+    """Wall and process CPU time since the last ``lap``."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
 def ours(cls, model, train, test, **kw):
-    """(scores [n_train, n_test], fit seconds, score seconds)."""
+    """(scores [n_train, n_test], fit (wall, cpu) seconds, score (wall, cpu) seconds)."""
     m = cls(model, ak.tasks.Classification(), verbose=False, **kw)
-    t0 = time.perf_counter()
+    clock = Clock()
     m.fit(train)
-    t1 = time.perf_counter()
+    fit = clock.lap()
     scores = m.score(test, train=train)
-    return scores, t1 - t0, time.perf_counter() - t1
+    return scores, fit, clock.lap()
 
 
 class KronfluenceTask:
@@ -102,7 +118,8 @@ class KronfluenceTask:
 
 
 def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=False):
-    """kronfluence EK-FAC: (scores [n_train, n_test] or self-influence [n_train], fit s, score s)."""
+    """kronfluence EK-FAC: (scores [n_train, n_test] or self-influence [n_train], fit (wall, cpu),
+    score (wall, cpu))."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -112,10 +129,10 @@ def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=Fal
     model = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
-        t0 = time.perf_counter()
+        clock = Clock()
         analyzer.fit_all_factors("f", dataset=train_set, per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-        t1 = time.perf_counter()
+        fit = clock.lap()
         score_args = ScoreArguments(damping_factor=damping)
         if self_scores:
             analyzer.compute_self_scores("s", "f", train_dataset=train_set, per_device_train_batch_size=batch,
@@ -127,8 +144,8 @@ def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=Fal
                                              per_device_train_batch_size=batch, score_args=score_args,
                                              overwrite_output_dir=True)
             scores = analyzer.load_pairwise_scores("s")["all_modules"].T
-        t2 = time.perf_counter()
-    return scores.float(), t1 - t0, t2 - t1
+        score = clock.lap()
+    return scores.float(), fit, score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,23 +207,31 @@ def digits(args, peak32, peak64, rows):
         "kronfluence damping 1e-8": kronfluence(model, train_set, test_set, args.batch, damping=1e-8),
     }
     peer = runs["kronfluence"][-1][0]
-    peer_total = statistics.median(f + s for _, f, s in runs["kronfluence"])
+    peer_total = _totals(runs["kronfluence"])
     m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train)
     m.score(test, train=train)
     f32, f64 = algorithm_flops(model, train, len(train_set), len(test_set), m.query_modes)
     floor = f32 / (peak32 * 1e9) + f64 / (peak64 * 1e9)
     for name, results in list(runs.items()) + [(k, [v]) for k, v in extra.items()]:
-        scores = results[-1][0]
-        fit_s = statistics.median(f for _, f, _ in results)
-        score_s = statistics.median(s for _, _, s in results)
-        r = lds_of(scores, gt)
-        rows.append(dict(
-            model="digits-mlp", impl=name, fit_s=f"{fit_s:.2f}", score_s=f"{score_s:.2f}",
-            total_s=f"{fit_s + score_s:.2f}", speedup=f"{peer_total / (fit_s + score_s):.1f}",
-            lds=f"{r.mean:.3f}", ci=f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
-            corr=f"{_corr(scores, peer):.3f}", floor_s=f"{floor:.3f}" if name == "ours" else "",
-        ))
+        r = lds_of(results[-1][0], gt)
+        rows.append(dict(model="digits-mlp", impl=name, **_times(results, peer_total),
+                         lds=f"{r.mean:.3f}", ci=f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                         corr=f"{_corr(results[-1][0], peer):.3f}", floor_s=f"{floor:.3f}" if name == "ours" else ""))
         print(rows[-1], flush=True)
+
+
+def _totals(results) -> tuple[float, float]:
+    """Median (wall, cpu) fit + score seconds of runs (scores, (fit wall, cpu), (score wall, cpu))."""
+    return (statistics.median(f[0] + s[0] for _, f, s in results),
+            statistics.median(f[1] + s[1] for _, f, s in results))
+
+
+def _times(results, peer_total) -> dict:
+    fit = statistics.median(f[0] for _, f, _ in results)
+    score = statistics.median(s[0] for _, _, s in results)
+    wall, cpu = _totals(results)
+    return dict(fit_s=f"{fit:.2f}", score_s=f"{score:.2f}", total_s=f"{wall:.2f}", cpu_s=f"{cpu:.2f}",
+                speedup=f"{peer_total[1] / cpu:.1f}", speedup_wall=f"{peer_total[0] / wall:.1f}")
 
 
 def self_influence(args, rows_si):
@@ -227,11 +252,11 @@ def self_influence(args, rows_si):
     train_set = TensorDataset(x, y_flip)
     train = DataLoader(train_set, batch_size=args.batch)
     top = n // 20
-    t0 = time.perf_counter()
+    clock = Clock()
     ours_si = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train).self_influence(train)
-    ours_s = time.perf_counter() - t0
-    peer_si, fit_s, score_s = kronfluence(model, train_set, None, args.batch, self_scores=True)
-    for name, values, seconds in (("ours", ours_si, ours_s), ("kronfluence", peer_si, fit_s + score_s)):
+    ours_s = clock.lap()[0]
+    peer_si, fit, score = kronfluence(model, train_set, None, args.batch, self_scores=True)
+    for name, values, seconds in (("ours", ours_si, ours_s), ("kronfluence", peer_si, fit[0] + score[0])):
         found = np.intersect1d(torch.topk(values, top).indices.numpy(), flipped).size
         rows_si.append(dict(impl=name, flipped=len(flipped), top=top, recovered=found,
                             fraction=f"{found / len(flipped):.2f}", seconds=f"{seconds:.2f}"))
@@ -248,22 +273,18 @@ def cnn(args, peak32, peak64, rows):
                              torch.randint(0, 10, (args.cnn_test,), generator=gen))
     train = DataLoader(train_set, batch_size=args.batch)
     test = DataLoader(test_set, batch_size=args.batch)
-    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False)
-    t0 = time.perf_counter()
-    m.fit(train)
-    t1 = time.perf_counter()
-    scores = m.score(test, train=train)
-    t2 = time.perf_counter()
-    peer, peer_fit, peer_score = kronfluence(model, train_set, test_set, args.batch)
+    results = {"ours": ours(ak.EKFAC, model, train, test)}
+    results["kronfluence"] = kronfluence(model, train_set, test_set, args.batch)
+    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train)
+    m.score(test, train=train)  # the query modes, for the FLOP count
     f32, f64 = algorithm_flops(model, train, args.cnn_train, args.cnn_test, m.query_modes)
     floor = f32 / (peak32 * 1e9) + f64 / (peak64 * 1e9)
     params = sum(p.numel() for p in model.parameters())
-    for name, (fit_s, score_s), sc in (("ours", (t1 - t0, t2 - t1), scores),
-                                       ("kronfluence", (peer_fit, peer_score), peer)):
+    peer_total = _totals([results["kronfluence"]])
+    for name, result in results.items():
         rows.append(dict(model=f"resnet9-w32 ({params / 1e6:.2f} M params)", impl=name,
-                         fit_s=f"{fit_s:.2f}", score_s=f"{score_s:.2f}", total_s=f"{fit_s + score_s:.2f}",
-                         speedup=f"{(peer_fit + peer_score) / (fit_s + score_s):.1f}",
-                         corr=f"{_corr(sc, peer):.3f}", floor_s=f"{floor:.2f}" if name == "ours" else ""))
+                         **_times([result], peer_total), corr=f"{_corr(result[0], results['kronfluence'][0]):.3f}",
+                         floor_s=f"{floor:.2f}" if name == "ours" else ""))
         print(rows[-1], flush=True)
 
 
@@ -343,7 +364,8 @@ def main(argv=None):
     info["kronfluence"] = version("kronfluence")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ekfac_cpu{'_quick' if args.quick else ''}"
-    columns = ["model", "impl", "fit_s", "score_s", "total_s", "speedup", "lds", "ci", "corr", "floor_s"]
+    columns = ["model", "impl", "fit_s", "score_s", "total_s", "cpu_s", "speedup", "speedup_wall", "lds", "ci",
+               "corr", "floor_s"]
     with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
         f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
         f.write(f"# matmul_peak_gflops_fp32: {peak32:.1f}\n# matmul_peak_gflops_fp64: {peak64:.1f}\n")
@@ -354,9 +376,11 @@ def main(argv=None):
     header = (f"EK-FAC benchmark on {info['device']} ({info['cores']} cores, {args.threads} torch thread(s)), "
               f"{info['date']}, commit {info['commit']}, kronfluence {info['kronfluence']}.\n"
               f"fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s. Batch size {args.batch}; "
-              f"digits times are medians of {args.reps} alternated runs. `speedup` = kronfluence EK-FAC "
-              f"fit + score time / that row's; `corr` = Pearson correlation with kronfluence's scores; "
-              f"`floor_s` = FLOPs of our algorithm / peak.\n\n")
+              f"digits times are medians of {args.reps} alternated runs. `*_s` are wall seconds, `cpu_s` the "
+              f"process CPU seconds of fit + score; `speedup` = kronfluence EK-FAC's CPU time / that row's "
+              f"(CPU time does not count the time other processes held the cores), `speedup_wall` the same "
+              f"in wall time; `corr` = Pearson correlation with kronfluence's scores; `floor_s` = FLOPs of "
+              f"our algorithm / peak.\n\n")
     text = header + markdown_table(rows, columns) + "\n"
     text += ("\nSelf-influence on digits with 5% of the training labels flipped: flipped examples among "
              "the top 5% (fit + self-influence seconds).\n\n"

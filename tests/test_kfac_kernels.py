@@ -288,3 +288,12 @@ def test_conv_covariance_applies_only_to_stride_one_convolutions():
     assert not conv_supported(nn.Conv2d(2, 2, 2, padding="same"))
     with pytest.raises(ValueError, match="stride-1"):
         conv_covariance(torch.zeros(1, 2, 4, 4), nn.Conv2d(2, 2, 3, stride=2))
+
+
+def test_covariance_of_wide_factors_is_the_mirrored_block_triangle():
+    gen = torch.Generator().manual_seed(70)
+    x = torch.randn(40, 3, 700, generator=gen)  # wider than 2 GRAM_BLOCK: blocked
+    ref = x.reshape(-1, 700).double().T @ x.reshape(-1, 700).double()
+    got = covariance(x)
+    assert rel(got, ref) < 1e-5 and torch.equal(got, got.T)
+    assert rel(covariance(x.transpose(1, 2).contiguous().transpose(1, 2)), ref) < 1e-5  # positions-major
