@@ -289,7 +289,8 @@ def cnn(args, peak32, peak64, rows):
 
 
 def kernels(peak32, rows_k):
-    """Our factor kernels vs the matmul peak and vs the torch formulation they replace (ResNet-9 shapes)."""
+    """Our factor kernels at the ResNet-9's shapes (B = 64) vs the matmul peak and vs the plain
+    torch formulation: is a custom (C++ / Triton) kernel worth it?"""
     def clock(fn, reps=3):
         fn()
         best = float("inf")
@@ -299,35 +300,48 @@ def kernels(peak32, rows_k):
             best = min(best, time.perf_counter() - t0)
         return best
 
+    def row(kernel, shape, seconds, flops=None, note=""):
+        rows_k.append(dict(kernel=kernel, shape=shape, ms=f"{seconds * 1e3:.1f}",
+                           gflops=f"{flops / seconds / 1e9:.0f}" if flops else "",
+                           pct_peak=f"{100 * flops / seconds / 1e9 / peak32:.0f}" if flops else "", note=note))
+
     B = 64
+    gen = torch.Generator().manual_seed(0)
+    # activation factor of a wide unfolded layer: one GEMM vs the blocked symmetric update
+    A = torch.randn(B * 16, 2304, generator=gen)
+    flops = 2 * A.shape[0] * A.shape[1] ** 2
+    t_gemm = clock(lambda: torch.zeros(2304, 2304).addmm_(A.T, A))
+    t_ours = clock(lambda: covariance(A))
+    row("activation factor, one GEMM (torch addmm)", "n=1024 d=2304", t_gemm, flops)
+    row("activation factor, blocked symmetric update (ours)", "n=1024 d=2304", t_ours,
+        note=f"{t_gemm / t_ours:.1f}x faster than addmm (half the FLOPs)")
+    # stride-1 convolutions: unfolded GEMM vs shifted correlations
     for c_in, hw in ((32, 32), (64, 16), (128, 8), (256, 4)):
         conv = torch.nn.Conv2d(c_in, c_in, 3, padding=1, bias=False)
-        x = torch.randn(B, c_in, hw, hw)
+        x = torch.randn(B, c_in, hw, hw, generator=gen)
         with Capture(make_plan(conv)) as cap:
             conv(x)
-        A = cap.handlers[""]._unfold(x)
-        flops = 2 * A.shape[0] * A.shape[1] * A.shape[2] ** 2
-        t_gemm = clock(lambda: covariance(A))
+        U = cap.handlers[""]._unfold(x)
+        flops = 2 * U.shape[0] * U.shape[1] * U.shape[2] ** 2
+        t_gemm = clock(lambda: torch.zeros(U.shape[2], U.shape[2]).addmm_(U.reshape(-1, U.shape[2]).T,
+                                                                            U.reshape(-1, U.shape[2])))
         t_shift = clock(lambda: conv_covariance(x, conv))
-        rows_k.append(dict(kernel="activation factor, unfolded GEMM (addmm)", shape=f"B={B} C={c_in} {hw}x{hw} 3x3",
-                           ms=f"{t_gemm * 1e3:.1f}", gflops=f"{flops / t_gemm / 1e9:.0f}",
-                           pct_peak=f"{100 * flops / t_gemm / 1e9 / peak32:.0f}"))
-        rows_k.append(dict(kernel="activation factor, shifted correlations (ours)", shape=rows_k[-1]["shape"],
-                           ms=f"{t_shift * 1e3:.1f}", gflops="", pct_peak="",
-                           note=f"{t_gemm / t_shift:.1f}x faster than the unfolded GEMM"))
-    for T, d_in, d_out in ((256, 577, 128), (16, 2304, 256)):
-        gen = torch.Generator().manual_seed(0)
+        shape = f"C={c_in} {hw}x{hw} 3x3"
+        row("conv activation factor, unfolded GEMM (torch)", shape, t_gemm, flops)
+        row("conv activation factor, shifted correlations (ours)", shape, t_shift,
+            note=f"{t_gemm / t_shift:.1f}x faster{'' if conv_preferred(conv, x.shape) else ' (not used at this size)'}")
+    # EK-FAC correction: how much of it a fused rotate-square-accumulate kernel could save
+    for T, d_in, d_out in ((64, 1152, 256), (16, 2304, 256)):  # both sides rotated before the product
         A, D = torch.randn(B, T, d_in, generator=gen), torch.randn(B, T, d_out, generator=gen)
         (_, ba), (_, bs) = kron_eigh([torch.eye(d_in) + 0.1, torch.eye(d_out) + 0.1])
         ba, bs = ba.astype(torch.float32), bs.astype(torch.float32)
-        rot = rotation_cost(T, ba, bs)
-        flops = 2 * B * (T * d_in * d_out + rot)
-        t = clock(lambda: ekfac_correction(A, D, ba, bs))
-        gemm_only = clock(lambda: torch.bmm(bs.rotate(D).transpose(1, 2), ba.rotate(A)))
-        rows_k.append(dict(kernel="EK-FAC correction (rotate, bmm, square, sum)", shape=f"B={B} T={T} {d_out}x{d_in}",
-                           ms=f"{t * 1e3:.1f}", gflops=f"{flops / t / 1e9:.0f}",
-                           pct_peak=f"{100 * flops / t / 1e9 / peak32:.0f}",
-                           note=f"its GEMMs alone (no square-sum epilogue) take {gemm_only * 1e3:.1f} ms"))
+        total = clock(lambda: ekfac_correction(A, D, ba, bs))
+        product = 2 * B * T * d_in * d_out
+        flops = product + 2 * B * rotation_cost(T, ba, bs)
+        epilogue_floor = product / (peak32 * 1e9)
+        rotations = clock(lambda: (ba.rotate(A), bs.rotate(D)))
+        row("EK-FAC correction (torch: rotate, bmm, square, sum)", f"T={T} {d_out}x{d_in}", total, flops,
+            note=f"a fused product-square-sum kernel could save at most {max(0.0, total - rotations - epilogue_floor) * 1e3:.0f} ms")
     for r in rows_k:
         print(r, flush=True)
 
@@ -386,7 +400,9 @@ def main(argv=None):
              "the top 5% (fit + self-influence seconds).\n\n"
              + markdown_table(rows_si, ["impl", "flipped", "top", "recovered", "fraction", "seconds"]) + "\n")
     if rows_k:
-        text += ("\nFactor kernels at the ResNet-9's shapes (one thread; best of 3).\n\n"
+        text += ("\nFactor kernels at the ResNet-9's shapes (B = 64, one thread; best of 3). The last column of "
+                 "the correction rows bounds what a fused kernel could gain: its time minus the rotations "
+                 "minus the product's FLOPs at peak.\n\n"
                  + markdown_table(rows_k, ["kernel", "shape", "ms", "gflops", "pct_peak", "note"]) + "\n")
     stem.with_suffix(".md").write_text(text)
     print(text)

@@ -9,6 +9,8 @@ import torch.nn as nn
 
 from attrkernels.capture import Capture, make_plan
 from attrkernels.kernels.conv_covariance import conv_covariance
+from attrkernels.kernels.conv_grad import conv_example_gradients, conv_rotated_gradients
+from attrkernels.kernels.conv_grad import supported as conv_grad_supported
 from attrkernels.kernels.conv_covariance import supported as conv_supported
 from attrkernels.kernels.kfac import (Basis, block_sizes, covariance, ekfac_correction, homogeneous,
                                       kron_eigh, rotated_gradients, rotation_plan, token_counts)
@@ -297,3 +299,35 @@ def test_covariance_of_wide_factors_is_the_mirrored_block_triangle():
     got = covariance(x)
     assert rel(got, ref) < 1e-5 and torch.equal(got, got.T)
     assert rel(covariance(x.transpose(1, 2).contiguous().transpose(1, 2)), ref) < 1e-5  # positions-major
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example convolution gradients without unfolding
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(3, 4, 3, stride=2, padding=1), (5, 3, 9, 8)),
+    (nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(2, 0)), (4, 2, 8, 6)),
+    (nn.Conv1d(3, 2, 5, stride=3, padding=2), (4, 3, 17)),
+    (nn.Conv2d(1, 2, 2), (3, 1, 10, 10)),  # T = 81 > d_in: the output side is rotated after the product
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_gradients_equal_unfolded_products_and_rotate_like_the_naive_reference(conv, shape, bias):
+    gen = torch.Generator().manual_seed(80)
+    x = torch.randn(*shape, generator=gen)
+    with Capture(make_plan(conv)) as cap:
+        y = conv(x)
+    torch.autograd.grad((y.sin()).sum(), [conv.weight])
+    r = cap.handlers[""].records[0]
+    A, D = cap.handlers[""].kron()
+    A = homogeneous(A) if bias else A
+    G = torch.einsum("bto,bti->boi", D.double(), A.double())
+    assert rel(conv_example_gradients(r.inputs, r.grad_out, conv, bias), G) < 1e-5
+    d_in, d_out = A.shape[2], D.shape[2]
+    for width in (None, 3):
+        ba, bs = random_basis(d_in, gen, width), random_basis(d_out, gen, width)
+        got = conv_rotated_gradients([r.inputs, r.inputs], [r.grad_out, r.grad_out], conv, bias,
+                                     ba.astype(torch.float32), bs.astype(torch.float32))
+        assert rel(got, 2 * bs.dense().T @ G @ ba.dense()) < 1e-5  # two calls add up
+    assert not conv_grad_supported(nn.Conv2d(2, 2, 3, groups=2))
+    assert not conv_grad_supported(nn.Conv2d(2, 2, 3, padding="same"))

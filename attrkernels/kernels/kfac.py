@@ -276,6 +276,10 @@ def ekfac_correction(A: torch.Tensor, D: torch.Tensor, basis_a: Basis, basis_s: 
         return out.addmm_(d.square().T, a.square())
     step = example_chunk(B, 4 * d_out * d_in, memory_budget)
     for b0 in range(0, B, step):
-        G = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
-        out.add_(G.square_().sum(0))
+        add_squares(rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s), out)
     return out
+
+
+def add_squares(R: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out += sum_b R_b^2 (elementwise) for formed rotated gradients R [B, d_out, d_in]; R is overwritten."""
+    return out.add_(R.square_().sum(0))

@@ -47,11 +47,9 @@ def kron_inner(A: torch.Tensor, D: torch.Tensor, W: torch.Tensor, basis_a: Basis
     a_first, s_first = rotation_plan(T, basis_a, basis_s) if rotated else (True, True)
     out = torch.zeros(B, n, dtype=torch.float32, device=A.device)
     if not s_first:
-        Wf = W.reshape(n, d_out * d_in)
         step = example_chunk(B, 4 * d_out * d_in, memory_budget)
         for b0 in range(0, B, step):
-            R = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
-            torch.mm(R.reshape(R.shape[0], -1), Wf.T, out=out[b0:b0 + step])
+            out[b0:b0 + step] = gradient_inner(rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s), W)
         return out
     A, D = A.to(torch.float32), D.to(torch.float32)
     if rotated:
@@ -83,9 +81,18 @@ def kron_self_inner(A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, basis_a: 
     out = torch.empty(B, dtype=torch.float32, device=A.device)
     step = example_chunk(B, 4 * d_out * d_in, memory_budget)
     for b0 in range(0, B, step):
-        R = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
-        out[b0:b0 + step] = (R.square_() * M).sum((1, 2))
+        out[b0:b0 + step] = gradient_self_inner(rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s), M)
     return out
+
+
+def gradient_inner(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """[B, n] = <R_b, W_j> for formed gradients R [B, d_out, d_in] and W [n, d_out, d_in]: one GEMM."""
+    return R.reshape(R.shape[0], -1) @ W.to(torch.float32).reshape(W.shape[0], -1).T
+
+
+def gradient_self_inner(R: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """[B] = sum_{o,i} R_b[o, i]^2 M[o, i] for formed gradients R [B, d_out, d_in]; R is overwritten."""
+    return (R.square_() * M.to(torch.float32)).sum((1, 2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,9 +69,12 @@ from tqdm.auto import tqdm
 from ..capture import Capture, make_plan
 from ..kernels.conv_covariance import conv_covariance
 from ..kernels.conv_covariance import preferred as conv_preferred
-from ..kernels.kfac import (DEFAULT_MEMORY, Basis, covariance, ekfac_correction, example_chunk, homogeneous,
-                            kron_eigh, rotated_gradients, rotation_cost, token_counts)
-from ..kernels.kron_score import kron_inner, kron_self_inner, sparse_rows_inner, sparse_rows_self_inner
+from ..kernels.conv_grad import conv_rotated_gradients
+from ..kernels.conv_grad import supported as conv_grad_supported
+from ..kernels.kfac import (DEFAULT_MEMORY, Basis, add_squares, covariance, ekfac_correction, example_chunk,
+                            homogeneous, kron_eigh, rotated_gradients, rotation_cost, rotation_plan, token_counts)
+from ..kernels.kron_score import (gradient_inner, gradient_self_inner, kron_inner, kron_self_inner,
+                                  sparse_rows_inner, sparse_rows_self_inner)
 from ..kernels.philox import derive_seed
 from ..store import Store
 from ..tasks.base import Classification
@@ -478,6 +481,37 @@ class EKFAC(AttributionMethod):
             A, D = handler.kron(slice(b0, b0 + step))
             yield b0, (homogeneous(A) if layer.bias else A.to(torch.float32)), D.to(torch.float32)
 
+    def _rotated_chunks(self, layer: Layer, handler, bases):
+        """Formed (rotated) per-example gradients of a Linear / conv layer, chunk by chunk."""
+        if self._direct(layer, handler, bases):
+            for _, R in self._gradient_chunks(layer, handler, bases):
+                yield R
+            return
+        for _, A, D in self._kron_chunks(layer, handler):
+            step = example_chunk(A.shape[0], 4 * layer.d_in * layer.d_out, self.memory_budget)
+            for b0 in range(0, A.shape[0], step):
+                yield rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], *bases)
+
+    def _direct(self, layer: Layer, handler, bases) -> bool:
+        """Whether this layer's (rotated) per-example gradients are formed by a grouped
+        weight-gradient convolution instead of unfolding: a supported convolution whose input
+        side is rotated after the product (or not at all)."""
+        if layer.kind != "conv" or not conv_grad_supported(layer.module):
+            return False
+        T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
+        return bases is None or not rotation_plan(T, *bases)[0]
+
+    def _gradient_chunks(self, layer: Layer, handler, bases):
+        """(first example, formed (rotated) per-example gradients [chunk, d_out, d_in]) for a
+        ``_direct`` layer, in chunks under ``memory_budget``."""
+        size = handler.records[0].grad_out.shape[0]
+        step = example_chunk(size, 4 * layer.d_in * layer.d_out, self.memory_budget)
+        for b0 in range(0, size, step):
+            rows = slice(b0, b0 + step)
+            yield b0, conv_rotated_gradients([r.inputs[rows] for r in handler.records],
+                                             [r.grad_out[rows] for r in handler.records],
+                                             layer.module, layer.bias, *(bases or (None, None)))
+
     @staticmethod
     def _embedding_tokens(layer: Layer, handler):
         """(indices [B, T], D [B, T, d] zero at padding positions)."""
@@ -542,6 +576,9 @@ class EKFAC(AttributionMethod):
                 if layer.kind == "embedding":
                     rows, R = handlers[layer.name].sparse_rows()
                     sums[layer.name][:, rows] += basis_s.rotate(R).square().sum(0).T.cpu()
+                elif self._direct(layer, handlers[layer.name], (basis_a, basis_s)):
+                    for _, R in self._gradient_chunks(layer, handlers[layer.name], (basis_a, basis_s)):
+                        add_squares(R, sums[layer.name])
                 else:
                     for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
                         ekfac_correction(A, D, basis_a, basis_s, out=sums[layer.name], memory_budget=self.memory_budget)
@@ -695,17 +732,17 @@ class EKFAC(AttributionMethod):
                     rows, R = handlers[layer.name].sparse_rows()
                     parts[layer.name].append((rows, basis_s.rotate(R) * inverse[layer.name][:, rows].T))
                     continue
-                for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
-                    if layer.name not in back:
-                        n_q = _dataset_len(test) or size
-                        cost = layer.d_out * basis_a.cost() + layer.d_in * basis_s.cost()
-                        back[layer.name] = n_q * cost <= (n_train_hint or n_q) * rotation_cost(A.shape[1], basis_a, basis_s)
-                    step = example_chunk(A.shape[0], 4 * layer.d_in * layer.d_out, self.memory_budget)
-                    for b0 in range(0, A.shape[0], step):
-                        W = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s).mul_(inverse[layer.name])
-                        if back[layer.name]:
-                            W = basis_s.rotate(basis_a.rotate(W, dim=2, transpose=True), dim=1, transpose=True)
-                        parts[layer.name].append(W)
+                handler, bases = handlers[layer.name], (basis_a, basis_s)
+                if layer.name not in back:
+                    n_q = _dataset_len(test) or size
+                    T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
+                    cost = layer.d_out * basis_a.cost() + layer.d_in * basis_s.cost()
+                    back[layer.name] = n_q * cost <= (n_train_hint or n_q) * rotation_cost(T, basis_a, basis_s)
+                for R in self._rotated_chunks(layer, handler, bases):
+                    W = R.mul_(inverse[layer.name])
+                    if back[layer.name]:
+                        W = basis_s.rotate(basis_a.rotate(W, dim=2, transpose=True), dim=1, transpose=True)
+                    parts[layer.name].append(W)
             n_test += size
         queries = {}
         for layer in self.layers:
@@ -726,9 +763,13 @@ class EKFAC(AttributionMethod):
                 rows, R = handlers[layer.name].sparse_rows()
                 tile += sparse_rows_inner(rows, R, q.rows, q.W, basis_s).cpu()
                 continue
-            bases = (basis_a, basis_s) if q.rotated else (None, None)
+            bases = (basis_a, basis_s) if q.rotated else None
+            if self._direct(layer, handlers[layer.name], bases):
+                for b0, R in self._gradient_chunks(layer, handlers[layer.name], bases):
+                    tile[b0:b0 + R.shape[0]] += gradient_inner(R, q.W).cpu()
+                continue
             for b0, A, D in self._kron_chunks(layer, handlers[layer.name]):
-                tile[b0:b0 + A.shape[0]] += kron_inner(A, D, q.W, *bases, self.memory_budget).cpu()
+                tile[b0:b0 + A.shape[0]] += kron_inner(A, D, q.W, *(bases or (None, None)), self.memory_budget).cpu()
         return tile
 
     def _self_inner(self, layer: Layer, handler, f: LayerFactors, inverse: torch.Tensor) -> torch.Tensor:
@@ -736,6 +777,8 @@ class EKFAC(AttributionMethod):
         if layer.kind == "embedding":
             rows, R = handler.sparse_rows()
             return sparse_rows_self_inner(rows, R, inverse, basis_s)
+        if self._direct(layer, handler, (basis_a, basis_s)):
+            return torch.cat([gradient_self_inner(R, inverse) for _, R in self._gradient_chunks(layer, handler, (basis_a, basis_s))])
         return torch.cat([kron_self_inner(A, D, inverse, basis_a, basis_s, self.memory_budget)
                           for _, A, D in self._kron_chunks(layer, handler)])
 
