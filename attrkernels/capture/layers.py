@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import conv_grad
+
 
 @dataclass
 class Record:
@@ -152,6 +154,9 @@ class ConvHandler(Handler):
 
     def blocks(self, tracked, budget):
         m = self.module
+        if conv_grad.supported(m):
+            yield from self._direct_blocks(tracked, budget)
+            return
         groups = self._a_d_groups()
         if m.weight in tracked:
             row_len = m.weight[0].numel()
@@ -163,6 +168,24 @@ class ConvHandler(Handler):
         if m.bias is not None and m.bias in tracked:
             D = torch.cat([d for _, d in groups], dim=2)
             yield Block(m.bias, 0, D.to(torch.float32).sum(1))
+
+    def _direct_blocks(self, tracked, budget):
+        """groups = 1, zero padding: each block of output channels is one grouped weight-gradient
+        convolution over the batch (kernels.conv_grad), without unfolding the input."""
+        m = self.module
+        B = self.records[0].inputs.shape[0]
+        if m.weight in tracked:
+            row_len = m.weight[0].numel()
+            step = _rows_per_block(B, row_len, budget)
+            for o0 in range(0, m.out_channels, step):
+                o1 = min(m.out_channels, o0 + step)
+                G = None
+                for r in self.records:
+                    g = conv_grad.conv_example_gradients(r.inputs, r.grad_out[:, o0:o1], m)
+                    G = g if G is None else G.add_(g)
+                yield Block(m.weight, o0 * row_len, G.reshape(B, -1))
+        if m.bias is not None and m.bias in tracked:
+            yield Block(m.bias, 0, sum(r.grad_out.to(torch.float32).flatten(2).sum(2) for r in self.records))
 
 
 class EmbeddingHandler(Handler):
