@@ -3,16 +3,18 @@
 Tolerances: float32 kernels within 1e-5 (relative to the largest entry) of the float64
 reference; float64 eigendecompositions reconstruct their factor within 1e-10.
 """
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
 
 from attrkernels.capture import Capture, make_plan
 from attrkernels.kernels.conv_covariance import conv_covariance
+from attrkernels.kernels.conv_covariance import supported as conv_supported
 from attrkernels.kernels.conv_grad import conv_example_gradients, conv_rotated_gradients
 from attrkernels.kernels.conv_grad import supported as conv_grad_supported
-from attrkernels.kernels.conv_covariance import supported as conv_supported
-from attrkernels.kernels.kfac import (Basis, block_sizes, covariance, ekfac_correction, homogeneous,
+from attrkernels.kernels.kfac import (Basis, _eigh, block_sizes, covariance, ekfac_correction, homogeneous,
                                       kron_eigh, rotated_gradients, rotation_plan, token_counts)
 from attrkernels.kernels.kron_score import (kron_inner, kron_self_inner, sparse_rows_inner,
                                             sparse_rows_self_inner)
@@ -331,3 +333,15 @@ def test_conv_gradients_equal_unfolded_products_and_rotate_like_the_naive_refere
         assert rel(got, 2 * bs.dense().T @ G @ ba.dense()) < 1e-5  # two calls add up
     assert not conv_grad_supported(nn.Conv2d(2, 2, 3, groups=2))
     assert not conv_grad_supported(nn.Conv2d(2, 2, 3, padding="same"))
+
+
+def test_eigh_backends_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(90)
+    stack = torch.stack([spd(9, gen), spd(9, gen)])
+    e1, q1 = _eigh(stack)  # SciPy's dsyevd when threadpoolctl is there
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails: torch.linalg.eigh
+    e2, q2 = _eigh(stack)
+    assert rel(e1, e2) < 1e-12
+    for k in range(2):
+        assert rel(q1[k] @ torch.diag(e1[k]) @ q1[k].T, stack[k]) < 1e-12
+        assert rel(q2[k] @ torch.diag(e2[k]) @ q2[k].T, stack[k]) < 1e-12

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Bytes of per-example tensors (unfolded inputs, gradients) held at once. Kept under glibc's
@@ -162,6 +163,29 @@ def block_sizes(dim: int, block_width: int | None) -> list[int]:
     return [dim // n + (1 if i < dim % n else 0) for i in range(n)]
 
 
+def _eigh(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched symmetric eigendecomposition [k, w, w] -> ([k, w], [k, w, w]), float64.
+
+    On the CPU, LAPACK's dsyevd through SciPy (OpenBLAS) with as many BLAS threads as torch
+    uses: 1.3-1.7x faster than torch.linalg.eigh (MKL) here at w = 576-2304, one thread. That
+    needs threadpoolctl (a dependency of scikit-learn) to hold SciPy's BLAS to torch's thread
+    count; without it, and on GPUs, torch.linalg.eigh.
+    """
+    if stack.device.type == "cpu":
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            threadpool_limits = None
+        if threadpool_limits is not None:
+            from scipy.linalg import eigh
+
+            with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+                pairs = [eigh(m.numpy(), driver="evd", check_finite=False) for m in stack]
+            return (torch.from_numpy(np.stack([e for e, _ in pairs])),
+                    torch.from_numpy(np.stack([q for _, q in pairs])))
+    return torch.linalg.eigh(stack)
+
+
 def kron_eigh(factors: list, block_width: int | None = None) -> list:
     """Eigendecompositions (e [d] float64, Basis) of symmetric PSD factors, batched and blocked.
 
@@ -171,7 +195,7 @@ def kron_eigh(factors: list, block_width: int | None = None) -> list:
     decomposes blockdiag(F_11, F_22, ...) exactly, not F. For EK-FAC this only changes the basis
     (still orthonormal) in which Lambda is then fitted exactly, so the approximation degrades
     gracefully; for K-FAC the eigenvalues are those of the blocks. Blocks (and whole factors) of
-    equal size are stacked and decomposed in one batched ``torch.linalg.eigh`` call.
+    equal size are stacked and decomposed in one batched call (``_eigh``).
     Eigenvalues come per block in ascending order and are not clipped (they can be tiny negative
     numbers for rank-deficient factors). A diagonal factor has the identity basis.
     """
@@ -193,7 +217,7 @@ def kron_eigh(factors: list, block_width: int | None = None) -> list:
             start += w
     solved = {}
     for w, items in jobs.items():
-        values, vectors = torch.linalg.eigh(torch.stack([m for _, _, m in items]))
+        values, vectors = _eigh(torch.stack([m for _, _, m in items]))
         for k, (i, j, _) in enumerate(items):
             solved[i, j] = (values[k], vectors[k])
     out = []

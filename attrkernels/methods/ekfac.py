@@ -470,13 +470,17 @@ class EKFAC(AttributionMethod):
         sampled_loss.__name__ = "sampled_loss"
         return sampled_loss
 
+    @staticmethod
+    def _positions(layer: Layer, handler) -> int:
+        """T: output positions per example, over all calls of the layer."""
+        return sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
+
     def _kron_chunks(self, layer: Layer, handler):
         """(first example, A, D) for chunks of the batch whose unfolded inputs fit in
         ``memory_budget`` (A homogeneous when the layer has a bias); the kernels bound the
         per-example gradients they form themselves."""
         size = handler.records[0].grad_out.shape[0]
-        T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
-        step = example_chunk(size, 4 * T * (layer.d_in + layer.d_out), self.memory_budget)
+        step = example_chunk(size, 4 * self._positions(layer, handler) * (layer.d_in + layer.d_out), self.memory_budget)
         for b0 in range(0, size, step):
             A, D = handler.kron(slice(b0, b0 + step))
             yield b0, (homogeneous(A) if layer.bias else A.to(torch.float32)), D.to(torch.float32)
@@ -498,8 +502,7 @@ class EKFAC(AttributionMethod):
         side is rotated after the product (or not at all)."""
         if layer.kind != "conv" or not conv_grad_supported(layer.module):
             return False
-        T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
-        return bases is None or not rotation_plan(T, *bases)[0]
+        return bases is None or not rotation_plan(self._positions(layer, handler), *bases)[0]
 
     def _gradient_chunks(self, layer: Layer, handler, bases):
         """(first example, formed (rotated) per-example gradients [chunk, d_out, d_in]) for a
@@ -567,7 +570,8 @@ class EKFAC(AttributionMethod):
             (f.eig_a, f.basis_a), (f.eig_s, f.basis_s) = solved[2 * i], solved[2 * i + 1]
 
     def _lambda_pass(self, train, k, factors: dict) -> None:
-        sums = {layer.name: torch.zeros(layer.d_out, layer.d_in) for layer in self.layers}
+        device = next(self.model.parameters()).device
+        sums = {layer.name: torch.zeros(layer.d_out, layer.d_in, device=device) for layer in self.layers}
         n = 0
         for start, batch, size in self._batches(train, "train", f"eigenvalue correction (checkpoint {k})"):
             handlers = self._record(batch, size, self._fisher_loss(1, k, start), "train")
@@ -575,7 +579,7 @@ class EKFAC(AttributionMethod):
                 basis_a, basis_s = factors[layer.name].bases32()
                 if layer.kind == "embedding":
                     rows, R = handlers[layer.name].sparse_rows()
-                    sums[layer.name][:, rows] += basis_s.rotate(R).square().sum(0).T.cpu()
+                    sums[layer.name][:, rows] += basis_s.rotate(R).square().sum(0).T
                 elif self._direct(layer, handlers[layer.name], (basis_a, basis_s)):
                     for _, R in self._gradient_chunks(layer, handlers[layer.name], (basis_a, basis_s)):
                         add_squares(R, sums[layer.name])
@@ -635,13 +639,14 @@ class EKFAC(AttributionMethod):
     def _save(self, store, name, fp, n, tensors) -> None:
         if store is None:
             return
-        store.save_tensors(name, tensors, {"fingerprint": fp, "strategy": self.strategy,
-                                           "examples": "" if n is None else n})
+        store.save_tensors(name, {k: v.cpu() for k, v in tensors.items()},
+                           {"fingerprint": fp, "strategy": self.strategy, "examples": "" if n is None else n})
 
     def _load(self, store: Store, files: dict, fp: str, base: dict | None = None) -> dict:
         tensors = {}
+        device = next(self.model.parameters()).device
         for name in files.values():
-            tensors.update(store.load_tensors(name))
+            tensors.update(store.load_tensors(name, device=device))
         factors = base or {}
         for layer in self.layers:
             key = layer.name
@@ -735,9 +740,9 @@ class EKFAC(AttributionMethod):
                 handler, bases = handlers[layer.name], (basis_a, basis_s)
                 if layer.name not in back:
                     n_q = _dataset_len(test) or size
-                    T = sum(r.grad_out[0].numel() for r in handler.records) // layer.d_out
                     cost = layer.d_out * basis_a.cost() + layer.d_in * basis_s.cost()
-                    back[layer.name] = n_q * cost <= (n_train_hint or n_q) * rotation_cost(T, basis_a, basis_s)
+                    rotation = rotation_cost(self._positions(layer, handler), basis_a, basis_s)
+                    back[layer.name] = n_q * cost <= (n_train_hint or n_q) * rotation
                 for R in self._rotated_chunks(layer, handler, bases):
                     W = R.mul_(inverse[layer.name])
                     if back[layer.name]:
@@ -801,10 +806,10 @@ class KFAC(EKFAC):
 def _embedding_query(parts: list, n: int, d: int) -> _Query:
     """Dense [n, U, d] preconditioned rows over the union U of the query batches' rows."""
     rows = torch.unique(torch.cat([r for r, _ in parts]))
-    W = torch.zeros(n, rows.numel(), d, dtype=torch.float32)
+    W = torch.zeros(n, rows.numel(), d, dtype=torch.float32, device=rows.device)
     start = 0
     for r, w in parts:
-        W[start:start + w.shape[0], torch.searchsorted(rows, r)] = w.cpu()
+        W[start:start + w.shape[0], torch.searchsorted(rows, r)] = w
         start += w.shape[0]
     return _Query(True, W, rows)
 
