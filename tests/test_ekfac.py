@@ -296,7 +296,7 @@ def test_sign_duplicate_raises_and_flipped_label_lowers_the_margin(cls):
     model = trained_mlp(x, y)
     train = [(x[i:i + 20], y[i:i + 20]) for i in range(0, 60, 20)]
     test = [(torch.stack([x[0], x[0]]), torch.tensor([2, 0]))]  # the outlier with its label, and flipped
-    s = cls(model, ak.tasks.Classification(), verbose=False).fit(train).score(test, train=train)
+    s = cls(model, ak.tasks.Classification(), verbose=False).fit(train).score(test)  # train: fit's loader
     assert s[0, 0] > 0 and int(s[:, 0].argmax()) == 0  # its duplicate helps it most
     assert s[0, 1] < 0 and int(s[:, 1].argmin()) == 0  # and hurts the flipped label most
 
@@ -308,7 +308,7 @@ def test_checkpoints_average_scores():
     sd = [trained_mlp(x, y, steps).state_dict() for steps in (50, 300)]
     model, task = trained_mlp(x, y, 1), ak.tasks.Classification()
     kw = dict(fisher="empirical", verbose=False)
-    both = ak.EKFAC(model, task, **kw).fit(train, checkpoints=sd).score(test, train=train)
+    both = ak.EKFAC(model, task, **kw).fit(train, checkpoints=[sd[0], ak.tasks.Checkpoint(sd[1], 2, 0.1)]).score(test)
     each = [ak.EKFAC(model, task, **kw).fit(train, checkpoints=[c]).score(test, train=train) for c in sd]
     assert rel(both, (each[0] + each[1]) / 2) < 1e-6
     assert torch.equal(model.state_dict()["0.weight"], trained_mlp(x, y, 1).state_dict()["0.weight"])

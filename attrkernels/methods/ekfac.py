@@ -2,8 +2,8 @@
 
     m = ak.EKFAC(model, task, store="runs/ekfac")     # or ak.KFAC(...)
     m.fit(train_loader, checkpoints=[sd0, sd1])       # factors per checkpoint, saved in the store
-    scores = m.score(test_loader, train=train_loader) # [n_train, n_test]
-    flagged = m.self_influence(train_loader)          # [n_train], large = unusual (e.g. mislabeled)
+    scores = m.score(test_loader)                     # [n_train, n_test], streamed over train_loader
+    flagged = m.self_influence()                      # [n_train], large = unusual (e.g. mislabeled)
 
 Scores. With g_i = d loss_i / d theta (``task.loss``), f_j = ``task.measure`` of test example j
 and F the Fisher of the training loss (mean over training examples), the influence-function
@@ -46,7 +46,10 @@ over the test set (preconditioned query gradients held in memory: n_test x track
 floats) and one over the training set, streaming [batch, n_test] tiles into ``out``; per layer
 the training gradients are either rotated into the eigenbasis or the queries rotated back,
 whichever costs fewer FLOPs. Per-example gradients exist only per layer, in chunks of at most
-``memory_budget`` bytes.
+``memory_budget`` bytes. The backward passes ask only for the layers' output gradients (no weight
+gradients). Convolutions avoid unfolding where they can: the activation factor of a stride-1
+convolution from shifted correlations (``kernels.conv_covariance``), per-example gradients from
+one grouped weight-gradient convolution (``kernels.conv_grad``).
 
 Store. With ``store=path``, each checkpoint's factors are written as safetensors per stage
 (covariance, eigen, lambda; named by the checkpoint's fingerprint) with JSON metadata, and a
@@ -78,7 +81,8 @@ from ..kernels.kron_score import (gradient_inner, gradient_self_inner, kron_inne
 from ..kernels.philox import derive_seed
 from ..store import Store
 from ..tasks.base import Classification
-from .base import AttributionMethod, as_checkpoints, call_task, fingerprint, iterate, load_checkpoint
+from .base import AttributionMethod, call_task, fingerprint, iterate, load_checkpoint, preserved_weights
+from .influence import unwrap_checkpoints
 
 FISHERS = ("true", "empirical")
 HEURISTIC_DAMPING = 0.1
@@ -320,6 +324,7 @@ class EKFAC(AttributionMethod):
         self.plan = make_plan(model, names)
         self._params = list(self.plan.params)
         self.fitted: list[_Fitted] = []
+        self.train = None  # the loader given to fit
         self.query_modes: dict = {}  # per layer, where the last score() preconditioned the queries
 
     # -----------------------------------------------------------------------------------------
@@ -331,8 +336,12 @@ class EKFAC(AttributionMethod):
         return [f.factors for f in self.fitted]
 
     def fit(self, train, checkpoints=None) -> "EKFAC":
-        """Fit (or load from the store) the factors of every checkpoint on the training loader."""
-        checkpoints = as_checkpoints(self.model, checkpoints)
+        """Fit (or load from the store) the factors of every checkpoint on the training loader.
+
+        ``checkpoints``: state dicts, paths or ``ak.tasks.Checkpoint`` objects (None: the model's
+        current weights). The loader is kept as the default training set of ``score``.
+        """
+        checkpoints = unwrap_checkpoints(self.model, checkpoints)
         store = self._open_store(train)
         fitted = []
         with self._preserved_model():
@@ -340,15 +349,17 @@ class EKFAC(AttributionMethod):
                 load_checkpoint(self.model, ckpt, k)
                 fp = fingerprint(ckpt)
                 fitted.append(_Fitted(ckpt, fp, self._factors_of(train, k, fp, store)))
-        self.fitted = fitted
+        self.fitted, self.train = fitted, train
         return self
 
-    def score(self, test, *, train, out=None) -> torch.Tensor:
+    def score(self, test, *, train=None, out=None) -> torch.Tensor:
         """scores [n_train, n_test] (float32), averaged over the fitted checkpoints.
 
-        ``out``: optional [n_train, n_test] tensor or NumPy array (e.g. a memmap) filled tile by
-        tile and returned; otherwise a new tensor is returned.
+        ``train``: the training loader (default: the one given to ``fit``; needed when the
+        factors come from the store without a ``fit``). ``out``: optional [n_train, n_test] tensor
+        or NumPy array (e.g. a memmap) filled tile by tile and returned; otherwise a new tensor.
         """
+        train = self._train_loader(train)
         fitted = self._ready(train)
         n_train_hint = _dataset_len(train)
         result, rows_seen = out, None
@@ -376,13 +387,14 @@ class EKFAC(AttributionMethod):
             raise ValueError(f"out has {result.shape[0]} rows but the train loader yielded {rows_seen} examples")
         return result
 
-    def self_influence(self, train) -> torch.Tensor:
+    def self_influence(self, train=None) -> torch.Tensor:
         """[n_train] g_i^T (F + damping)^{-1} g_i with g_i = grad loss_i, averaged over checkpoints.
 
         In the sign convention of ``score`` with measurement -loss_i: how much including example i
         lowers its own loss. Large values flag examples the rest of the data does not explain,
-        e.g. mislabeled ones.
+        e.g. mislabeled ones. ``train`` defaults to the loader given to ``fit``.
         """
+        train = self._train_loader(train)
         fitted = self._ready(train)
         total = None
         with self._preserved_model():
@@ -402,6 +414,13 @@ class EKFAC(AttributionMethod):
                     raise ValueError("the train loader must yield the same examples for every checkpoint")
                 total = values if total is None else total + values
         return total
+
+    def _train_loader(self, train):
+        if train is not None:
+            return train
+        if self.train is None:
+            raise RuntimeError(f"pass train= (the training loader) or call {type(self).__name__}.fit(train) first")
+        return self.train
 
     # -----------------------------------------------------------------------------------------
     # Passes over data
@@ -684,14 +703,9 @@ class EKFAC(AttributionMethod):
     @contextmanager
     def _preserved_model(self):
         """Evaluation mode inside; the model's weights and mode restored afterwards."""
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        training = self.model.training
-        self.model.eval()
-        try:
+        with preserved_weights(self.model):
+            self.model.eval()
             yield
-        finally:
-            self.model.load_state_dict(state)
-            self.model.train(training)
 
     # -----------------------------------------------------------------------------------------
     # Preconditioning and scores
