@@ -15,9 +15,10 @@ gradients of the 300 test examples):
   solve   time to the relative residual ``--tol`` for all 300 queries: block CG (ours, all
           columns share each pass), one CG per query (ours: ``block_cg`` on one column; timed on
           ``--per-query`` queries and scaled to 300), both streaming the loader, and dattri's
-          ``ihvp_at_x_cg`` vmapped over the 300 queries on all N examples at once. dattri's CG has no stopping test (its ``tol`` is unused), so it runs
-          the largest number of iterations per-query CG needed, and the relative residual it
-          reached is measured with one more pass.
+          ``ihvp_at_x_cg`` vmapped over the 300 queries on all N examples at once. dattri's CG
+          has no stopping test (its ``tol`` is unused), so it runs the largest number of
+          iterations per-query CG needed, and the relative residual it reached is measured with
+          one more pass. Floors count (6 + 12 w) N p FLOPs per pass of w columns.
 
 Part 2, LDS on ``digits-mlp`` (1,000 train / 300 test, ground truth of benchmarks/setup_task),
 one checkpoint (the model trained on all data with seed 0, shared by every row), damping 1e-2
@@ -149,7 +150,7 @@ def part_kernels(args, peak, rows):
     print(f"part 1: MLP with {p} parameters, Hessian over {N} examples, {V} right-hand sides", file=sys.stderr)
 
     # --- HVP throughput
-    flat, dattri_hvp, dattri_cg = dattri_parts(model, batch, KERNEL_DAMPING)
+    _, dattri_hvp, dattri_cg = dattri_parts(model, batch, KERNEL_DAMPING)
     whole.matvec(G)  # warm up torch.func and the allocator at full size
     ours = whole.matvec(G)
     t_ours = median_cpu(lambda: whole.matvec(G))
@@ -158,12 +159,12 @@ def part_kernels(args, peak, rows):
     rel = float((ours - ref).norm() / ref.norm())
     floor = flops_pass(V) / (peak * 1e9)
     add(rows, dict(part="hvp", impl="ours", setting=f"V={V}, vmapped fwd-over-rev", cpu_s=t_ours, x_ours=1.0,
-                     floor_s=floor, hvp_columns=V, note=f"{V / t_ours:.0f} HVP/s"))
+                   floor_s=floor, hvp_columns=V, note=f"{V / t_ours:.0f} HVP/s"))
     add(rows, dict(part="hvp", impl="dattri", setting="hvp_at_x rev-rev, vmapped", cpu_s=t_dattri,
-                     x_ours=t_dattri / t_ours, floor_s=floor, hvp_columns=V, note=f"{V / t_dattri:.0f} HVP/s"))
+                   x_ours=t_dattri / t_ours, floor_s=floor, hvp_columns=V, note=f"{V / t_dattri:.0f} HVP/s"))
     add(rows, dict(part="hvp", impl="torch.autograd", setting="double backward, one vector at a time",
-                     cpu_s=t_auto, x_ours=t_auto / t_ours, floor_s=floor, hvp_columns=V,
-                     note=f"{V / t_auto:.0f} HVP/s; ours vs it: rel. diff {rel:.1e}"))
+                   cpu_s=t_auto, x_ours=t_auto / t_ours, floor_s=floor, hvp_columns=V,
+                   note=f"{V / t_auto:.0f} HVP/s; ours vs it: rel. diff {rel:.1e}"))
 
     # --- solves to a fixed residual
     def residual_of(X):
@@ -174,10 +175,11 @@ def part_kernels(args, peak, rows):
     block, t_block, w_block = timed(lambda: block_cg(op.matvec, G, tol=args.tol, max_iter=500))
     work = lambda steps, columns: (6 * steps + 12 * columns) * N * p / (peak * 1e9)  # noqa: E731
     floor_block = work(block.steps, block.columns)
-    add(rows, dict(part="solve", impl="ours block CG", setting=f"{V} queries, tol {args.tol:g}, batches of {args.batch}",
-                     cpu_s=t_block, wall_s=w_block,
-                     x_ours=1.0, floor_s=floor_block, steps=block.steps, hvp_columns=block.columns,
-                     residual=f"{float(residual_of(block.x).max()):.1e}"))
+    add(rows, dict(part="solve", impl="ours block CG",
+                   setting=f"{V} queries, tol {args.tol:g}, batches of {args.batch}",
+                   cpu_s=t_block, wall_s=w_block,
+                   x_ours=1.0, floor_s=floor_block, steps=block.steps, hvp_columns=block.columns,
+                   residual=f"{float(residual_of(block.x).max()):.1e}"))
     picks = torch.linspace(0, V - 1, args.per_query).round().long().tolist()
     steps, t_single = [], 0.0
     for j in picks:
@@ -186,18 +188,18 @@ def part_kernels(args, peak, rows):
         t_single += t
     t_per_query = t_single / len(picks) * V
     add(rows, dict(part="solve", impl="ours per-query CG", setting=f"{V} queries (timed {len(picks)}, scaled)",
-                     cpu_s=t_per_query, x_ours=t_per_query / t_block,
-                     floor_s=work(np.mean(steps) * V, np.mean(steps) * V), steps=f"{min(steps)}-{max(steps)} per query",
-                     hvp_columns=int(np.mean(steps) * V), residual=f"<= {args.tol:g}"))
+                   cpu_s=t_per_query, x_ours=t_per_query / t_block,
+                   floor_s=work(np.mean(steps) * V, np.mean(steps) * V), steps=f"{min(steps)}-{max(steps)} per query",
+                   hvp_columns=int(np.mean(steps) * V), residual=f"<= {args.tol:g}"))
     if not args.quick:
         iters = max(steps)
         X, t_d, w_d = timed(lambda: dattri_cg(iters)(G.T.contiguous()).T)  # it vmaps over the rows itself
         res = residual_of(X.contiguous())
         add(rows, dict(part="solve", impl="dattri ihvp_cg", setting=f"{V} queries vmapped, max_iter {iters}",
-                         cpu_s=t_d, wall_s=w_d, x_ours=t_d / t_block, floor_s=work(iters + 1, (iters + 1) * V),
-                         steps=iters + 1, hvp_columns=(iters + 1) * V,
-                         residual=f"{float(res.max()):.1e} (median {float(res.median()):.1e})",
-                         note="no stopping test; runs max_iter iterations plus one initial product"))
+                       cpu_s=t_d, wall_s=w_d, x_ours=t_d / t_block, floor_s=work(iters + 1, (iters + 1) * V),
+                       steps=iters + 1, hvp_columns=(iters + 1) * V,
+                       residual=f"{float(res.max()):.1e} (median {float(res.median()):.1e})",
+                       note="no stopping test; runs max_iter iterations plus one initial product"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +294,8 @@ def part_digits(args, rows):
                                      verbose=False), train, test, [state])
     lds_row(scores, impl="ours IF-explicit", setting=f"all {method.plan.total} parameters", cpu_s=t,
             wall_s=w,
-            x_dattri=t_dattri / t, memory=f"packed {method.factors[0].nbytes / 1e9:.2f} GB, peak RSS +{rss / 1e9:.2f} GB")
+            x_dattri=t_dattri / t,
+            memory=f"packed {method.factors[0].nbytes / 1e9:.2f} GB, peak RSS +{rss / 1e9:.2f} GB")
 
 
 def main(argv=None):

@@ -7,6 +7,15 @@ import torch
 from attrkernels.kernels.cg import CGConvergenceWarning, NotPositiveDefiniteError, block_cg, orthonormalize
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: small problems, and no oversubscription on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def spd(p=60, low=1e-2, high=10.0, seed=0, dtype=torch.float64):
     """A p x p SPD matrix with log-spaced eigenvalues in [low, high]."""
     g = torch.Generator().manual_seed(seed)

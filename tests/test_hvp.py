@@ -6,6 +6,15 @@ import torch.nn.functional as F
 from attrkernels.kernels.hvp import hvp
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: small problems, and no oversubscription on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def mlp_problem(seed=0, n=24, d=3, h=4, c=3, dtype=torch.float64):
     """A tanh MLP (non-zero second derivatives everywhere) with data in 3 batches."""
     g = torch.Generator().manual_seed(seed)

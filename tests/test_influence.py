@@ -12,6 +12,16 @@ from attrkernels.kernels.cg import CGConvergenceWarning
 from attrkernels.kernels.lissa import LissaDivergenceError
 from attrkernels.tasks import Checkpoint, Classification, margin
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: small problems, and no oversubscription on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 DECAY = 0.05  # L2 coefficient of the training objective, passed as the damping
 
 
@@ -81,11 +91,14 @@ def test_cg_and_lissa_agree_with_explicit(problem):
     cg = ak.InfluenceCG(model, task, damping=DECAY, tol=1e-7, verbose=False).fit(batches(x, y))
     cg_scores = cg.score(batches(xt, yt))
     assert bool(cg.info[0].converged.all())
-    lissa = ak.InfluenceLiSSA(model, task, damping=DECAY, depth=300, verbose=False).fit(batches(x, y, 20))
+    lissa = ak.InfluenceLiSSA(model, task, damping=DECAY, depth=300, verbose=False).fit(batches(x, y))
     lissa_scores = lissa.score(batches(xt, yt))
     for other in (cg_scores, lissa_scores):
         assert np.corrcoef(scores.flatten().numpy(), other.flatten().numpy())[0, 1] >= 0.99
     torch.testing.assert_close(cg_scores, scores, rtol=1e-3, atol=1e-4)
+    blocks = ak.InfluenceCG(model, task, damping=DECAY, tol=1e-7, query_batch=5, hvp_chunk=3, verbose=False)
+    torch.testing.assert_close(blocks.fit(batches(x, y)).score(batches(xt, yt)), cg_scores, rtol=1e-4, atol=1e-5)
+    assert len(blocks.info) == 3  # 12 test examples in blocks of 5
 
 
 def test_gauss_newton_equals_hessian_for_a_linear_model(problem):

@@ -25,7 +25,8 @@ updated residual); done columns are frozen and leave the search block, which is 
 exits early, column by column and as a whole. Loss of conjugacy (rounding, or dropped
 residuals of converged columns): in exact arithmetic R_{k+1} is orthogonal to P_{k-1}; when
 ||P_{k-1}^T R_{k+1}|| exceeds ``restart_tol`` ||R_{k+1}|| the search block restarts from the
-residuals (P = orth(R)), as Powell's restart test does for nonlinear CG.
+residuals (P = orth(R)), as Powell's restart test does for nonlinear CG. The test is made on
+one seeded random combination of the normalised residual columns (a matrix-vector product).
 
 If some G_k has an eigenvalue <= 10 eps ||G_k|| (eps of B's dtype), A is not positive definite
 on that direction (or too ill-conditioned for the dtype): ``NotPositiveDefiniteError`` carries
@@ -35,7 +36,7 @@ the smallest Rayleigh quotient found. Columns not converged within ``max_iter`` 
 Memory: X, R [p, V], their active columns and four blocks of at most [p, V] (P, Q, the
 previous P, a temporary), in B's dtype; the w x w algebra is float64. Cost per step: one
 ``matvec`` on w <= V columns plus 8 products of a [p, w] and a [w, w] matrix (about 16 p w^2
-FLOPs): next to a Hessian-vector product on N examples (about 12 N p FLOPs per column) this
+FLOPs): next to Hessian-vector products on N examples (about 12 N p FLOPs per column) this
 is a fraction 1.3 w / N.
 """
 from __future__ import annotations
@@ -108,6 +109,14 @@ def _pd_inverse(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (U / s) @ U.T
 
 
+def _leak(P_prev: torch.Tensor, R: torch.Tensor, norms: torch.Tensor) -> float:
+    """||P_prev^T z|| / ||z|| for z = sum_j s_j r_j / ||r_j||, seeded signs s_j (a matrix-vector
+    product instead of the matrix product P_prev^T R: every column counts alike)."""
+    signs = torch.randint(0, 2, (R.shape[1],), generator=torch.Generator().manual_seed(R.shape[1])) * 2 - 1
+    z = R @ (signs / norms.clamp_min(torch.finfo(torch.float64).tiny)).to(R.dtype)
+    return float((P_prev.T @ z).to(torch.float64).norm() / z.to(torch.float64).norm().clamp_min(1e-300))
+
+
 def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
              restart_tol: float = RESTART_TOL, warn: bool = True) -> CGResult:
     """Solve A X = B for all columns of B [p, V] at once (see the module docstring).
@@ -173,8 +182,7 @@ def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
                 break
         if steps == max_iter:
             break
-        if P_prev is not None and float((P_prev.T @ R_act).to(torch.float64).norm()) > \
-                restart_tol * float(R_act.to(torch.float64).norm()):
+        if P_prev is not None and _leak(P_prev, R_act, residual[idx] * scale[idx]) > restart_tol:
             P, P_prev = orthonormalize(R_act), None
             restarts += 1
             continue

@@ -24,8 +24,10 @@ by all V vectors:
 
 Per batch of B examples with a model of p parameters the Hessian product costs about
 6 B p FLOPs (forward + backward) plus 12 B p per vector (tangent forward and backward).
-``chunk`` bounds how many vectors are vmapped at once (the tangent activations take
-V x the activation memory of one batch).
+``chunk`` bounds how many vectors are vmapped at once: the tangent activations take chunk x the
+activation memory of one batch. On a CPU the default is 32 vectors, which keeps them near the
+caches (1.5x faster than all 300 at once for batches of 250-1000 examples of the digits MLP,
+benchmarks/influence.py); elsewhere all V at once.
 
 Parameters are a flat vector ``theta`` [p] with ``vectors`` [V, p], or a dict {name: tensor}
 with ``vectors`` {name: [V, *shape]}; ``loss`` / ``outputs`` take the parameters in the same
@@ -38,6 +40,8 @@ from collections.abc import Mapping
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+
+CPU_CHUNK = 32
 
 
 def check_damping(damping) -> float:
@@ -72,6 +76,10 @@ def _block_size(params, vectors) -> int:
     if len(sizes) != 1:
         raise ValueError(f"every entry of vectors must hold the same number of vectors, got {sorted(sizes)}")
     return sizes.pop()
+
+
+def _device(vectors) -> torch.device:
+    return vectors.device if torch.is_tensor(vectors) else next(iter(vectors.values())).device
 
 
 def _rows(vectors, start: int, stop: int):
@@ -139,7 +147,7 @@ def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, c
         batches: an iterable of batches (e.g. a DataLoader) covering the N examples of the mean.
         damping: lambda >= 0, added as lambda * v.
         outputs: ``outputs(params, batch) -> z [B, ...]``; selects the Gauss-Newton matrix.
-        chunk: at most this many vectors per vmapped call (default: all V).
+        chunk: at most this many vectors per vmapped call (default: 32 on a CPU, else all V).
 
     Returns the products in the form and dtype of ``vectors``.
     """
@@ -148,7 +156,7 @@ def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, c
     if V == 0:
         raise ValueError("vectors must hold at least one vector (V >= 1)")
     if chunk is None:
-        chunk = V
+        chunk = CPU_CHUNK if _device(vectors).type == "cpu" else V
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     if not callable(loss):

@@ -269,7 +269,7 @@ class InfluenceCG(_Influence):
     this many passes over the training data (a CGConvergenceWarning lists unconverged residuals);
     params: names of the tracked parameters (default all trainable); hvp_chunk: vectors per
     vmapped product (memory); query_batch: test examples per block solve (default: all).
-    ``info[c]`` holds the CGResult (without x) of checkpoint c.
+    ``info`` holds the CGResult (without x) of every block solve, checkpoint by checkpoint.
 
     The first block-CG step is the exact solution restricted to the span of the test gradients
     (a Galerkin projection), so ``max_iter=1`` is a cheap, sound approximation: on digits-mlp
