@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -48,7 +47,7 @@ from ..kernels.lissa import lissa
 from ..kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
 from ..tasks.base import Classification
 from ..tasks.training import Checkpoint
-from .base import AttributionMethod, as_checkpoints, call_task, iterate, load_checkpoint
+from .base import AttributionMethod, as_checkpoints, call_task, iterate, load_checkpoint, preserved_weights
 
 CURVATURES = ("hessian", "gauss-newton")
 
@@ -71,18 +70,6 @@ def unwrap_checkpoints(model: nn.Module, checkpoints) -> list:
     if isinstance(checkpoints, (list, tuple)):
         checkpoints = [c.state_dict if isinstance(c, Checkpoint) else c for c in checkpoints]
     return as_checkpoints(model, checkpoints)
-
-
-@contextmanager
-def restored(model: nn.Module):
-    """Run a block that loads checkpoints into ``model``; put its weights and mode back afterwards."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    training = model.training
-    try:
-        yield
-    finally:
-        model.load_state_dict(state)
-        model.train(training)
 
 
 def nice_ceiling(x: float) -> float:
@@ -210,7 +197,7 @@ class _Influence(AttributionMethod):
         """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``)."""
         self.checkpoints = unwrap_checkpoints(self.model, checkpoints)
         self.train = train
-        with restored(self.model):
+        with preserved_weights(self.model):
             for index, ckpt in enumerate(self.checkpoints):
                 load_checkpoint(self.model, ckpt, index)
                 if index == 0 and self.curvature == "gauss-newton":
@@ -240,7 +227,7 @@ class _Influence(AttributionMethod):
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
         scores = None
         self.info = []
-        with restored(self.model):
+        with preserved_weights(self.model):
             for index, ckpt in enumerate(tqdm(self.checkpoints, desc=type(self).__name__, unit="checkpoint",
                                               disable=not self.verbose)):
                 load_checkpoint(self.model, ckpt, index)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..capture import Featurizer, make_plan
 from ..kernels.philox import derive_seed
 from ..tasks.training import Checkpoint
-from .base import AttributionMethod, iterate, load_checkpoint
-from .influence import restored, unwrap_checkpoints
+from .base import AttributionMethod, iterate, load_checkpoint, preserved_weights
+from .influence import unwrap_checkpoints
 
 
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
@@ -73,7 +73,7 @@ class TracIn(AttributionMethod):
         rates = learning_rates_of(checkpoints, learning_rates)
         self.checkpoints = unwrap_checkpoints(self.model, checkpoints)
         self.learning_rates, self.train = rates, train
-        with restored(self.model):
+        with preserved_weights(self.model):
             for index, ckpt in enumerate(self.checkpoints):
                 load_checkpoint(self.model, ckpt, index)
         return self
@@ -95,7 +95,7 @@ class TracIn(AttributionMethod):
         if self.checkpoints is None:
             raise RuntimeError("call TracIn.fit(train, checkpoints, learning_rates) before score()")
         scores = None
-        with restored(self.model):
+        with preserved_weights(self.model):
             for index, ckpt in enumerate(tqdm(self.checkpoints, desc="TracIn", unit="checkpoint",
                                               disable=not self.verbose)):
                 load_checkpoint(self.model, ckpt, index)
