@@ -86,7 +86,8 @@ def conv_covariance(x: torch.Tensor, module: nn.Module, bias: bool = False, out:
     B, C, H, W = x.shape
     Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"input of spatial size {(H, W)} is smaller than the kernel {(kh, kw)} with padding {(ph, pw)}")
+        raise ValueError(f"input of spatial size {(H, W)} is smaller than the kernel {(kh, kw)} "
+                         f"with padding {(ph, pw)}")
     K = kh * kw
     d = C * K + bias
     if out is None:

@@ -81,7 +81,8 @@ def kron_self_inner(A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, basis_a: 
     out = torch.empty(B, dtype=torch.float32, device=A.device)
     step = example_chunk(B, 4 * d_out * d_in, memory_budget)
     for b0 in range(0, B, step):
-        out[b0:b0 + step] = gradient_self_inner(rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s), M)
+        R = rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], basis_a, basis_s)
+        out[b0:b0 + step] = gradient_self_inner(R, M)
     return out
 
 

@@ -138,7 +138,8 @@ def select_layers(model: nn.Module, params=None) -> tuple[list, list]:
         by_name = dict(named)
         unknown = [n for n in chosen if n not in by_name]
         if unknown:
-            raise ValueError(f"params names unknown parameters {unknown}; the model has e.g. {[n for n, _ in named[:5]]}")
+            raise ValueError(f"params names unknown parameters {unknown}; the model has e.g. "
+                             f"{[n for n, _ in named[:5]]}")
         frozen = [n for n in chosen if not by_name[n].requires_grad]
         if frozen:
             raise ValueError(f"params names parameters with requires_grad=False: {frozen}")
@@ -550,15 +551,14 @@ class EKFAC(AttributionMethod):
         for start, batch, size in self._batches(train, "train", f"covariances (checkpoint {k})"):
             handlers = self._record(batch, size, self._fisher_loss(0, k, start), "train")
             for layer in self.layers:
-                acc = sums[layer.name]
+                acc, handler = sums[layer.name], handlers[layer.name]
                 if layer.kind == "embedding":
                     idx, D = self._embedding_tokens(layer, handlers[layer.name])
                     acc[0] = token_counts(idx, layer.d_in, layer.module.padding_idx, out=acc[0])
                     pad = layer.module.padding_idx
                     acc[2] += int(idx.numel() if pad is None else (idx != pad).sum())
-                elif layer.kind == "conv" and conv_preferred(layer.module, handlers[layer.name].records[0].inputs.shape):
+                elif layer.kind == "conv" and conv_preferred(layer.module, handler.records[0].inputs.shape):
                     # stride-1 convolutions: the activation factor without unfolding the input
-                    handler = handlers[layer.name]
                     for r in handler.records:
                         acc[0] = conv_covariance(r.inputs, layer.module, layer.bias, out=acc[0],
                                                  memory_budget=self.memory_budget)
@@ -693,7 +693,8 @@ class EKFAC(AttributionMethod):
         fp = fingerprint(state)
         files = {stage: f"{stage}_{fp}.safetensors" for stage in self._stages()}
         if not all(store.exists(f) for f in files.values()):
-            have = sorted({p.name.split("_", 1)[1].split(".")[0] for p in store.path.glob(f"{self._stages()[-1]}_*.safetensors")})
+            last = self._stages()[-1]
+            have = sorted({p.name[len(last) + 1:].split(".")[0] for p in store.path.glob(f"{last}_*.safetensors")})
             raise ValueError(f"the model's weights (fingerprint {fp}) differ from every checkpoint whose factors "
                              f"the store {store.path} holds ({have or 'none'}); call fit(train, checkpoints) "
                              "with the checkpoints to score")
@@ -797,7 +798,8 @@ class EKFAC(AttributionMethod):
             rows, R = handler.sparse_rows()
             return sparse_rows_self_inner(rows, R, inverse, basis_s)
         if self._direct(layer, handler, (basis_a, basis_s)):
-            return torch.cat([gradient_self_inner(R, inverse) for _, R in self._gradient_chunks(layer, handler, (basis_a, basis_s))])
+            chunks = self._gradient_chunks(layer, handler, (basis_a, basis_s))
+            return torch.cat([gradient_self_inner(R, inverse) for _, R in chunks])
         return torch.cat([kron_self_inner(A, D, inverse, basis_a, basis_s, self.memory_budget)
                           for _, A, D in self._kron_chunks(layer, handler)])
 
