@@ -1,24 +1,24 @@
 """Influence functions: batched HVPs and block CG against per-query CG, dattri and autograd; LDS on digits.
 
 Part 1, kernels (an MLP 64-384-256-10, 126,090 parameters, trained on the digits training set;
-the Hessian of the mean loss over its first ``--examples`` training examples, streamed in
-loader batches of ``--batch``; damping 0.05, the value our not-positive-definite error suggests
-for this Hessian (its smallest eigenvalue is about -0.017); right-hand sides = the margin
-gradients of the 300 test examples):
+the Hessian of the mean loss over its first ``--examples`` training examples; damping 0.05, the
+value our not-positive-definite error suggests for this Hessian (its smallest eigenvalue is about
+-0.017); right-hand sides = the margin gradients of the 300 test examples). Everything runs
+twice: streaming the N examples in loader batches of ``--batch``, and on all N at once.
 
   hvp     the damped Hessian times 300 vectors: ours (one vmapped forward-over-reverse pass),
-          dattri's ``hvp_at_x`` (reverse-over-reverse, vmapped over the vectors, as its IF-CG
-          uses it) and plain torch.autograd double backward (the gradient graph built once,
-          one backward through it per vector), all on the whole batch of N examples (median of 3
-          for ours and dattri). Floor = FLOPs / peak with FLOPs = (6 + 12 V) N p (primal pass
-          once, forward and backward tangent per vector).
+          plain torch.autograd double backward (per batch, the gradient graph built once and
+          one backward through it per vector) and, on all N at once, dattri's ``hvp_at_x``
+          (reverse-over-reverse, vmapped over the vectors, as its IF-CG uses it); median of 3
+          for ours and dattri.
   solve   time to the relative residual ``--tol`` for all 300 queries: block CG (ours, all
-          columns share each pass), one CG per query (ours: ``block_cg`` on one column; timed on
-          ``--per-query`` queries and scaled to 300), both streaming the loader, and dattri's
-          ``ihvp_at_x_cg`` vmapped over the 300 queries on all N examples at once. dattri's CG
-          has no stopping test (its ``tol`` is unused), so it runs the largest number of
-          iterations per-query CG needed, and the relative residual it reached is measured with
-          one more pass. Floors count (6 + 12 w) N p FLOPs per pass of w columns.
+          columns share each pass) and one CG per query (ours: ``block_cg`` on one column, timed
+          on ``--per-query`` queries and scaled to 300); dattri's ``ihvp_at_x_cg`` vmapped over
+          the 300 queries on all N examples at once. dattri's CG has no stopping test (its
+          ``tol`` is unused), so it runs the largest number of iterations per-query CG needed,
+          and the relative residual it reached is measured with one more pass.
+  Floors: FLOPs / peak with (6 + 12 w) N p FLOPs per pass of w vectors over N examples (primal
+  pass once, forward and backward tangent per vector).
 
 Part 2, LDS on ``digits-mlp`` (1,000 train / 300 test, ground truth of benchmarks/setup_task),
 one checkpoint (the model trained on all data with seed 0, shared by every row), damping 1e-2
@@ -142,60 +142,63 @@ def part_kernels(args, peak, rows):
     model, batch, loader, G = kernel_problem(args.examples, args.batch)
     p, V = G.shape
     N = batch[0].shape[0]
-    whole = Curvature(model, Classification(), make_plan(model), [batch], damping=KERNEL_DAMPING,
-                      curvature="hessian")
-    op = Curvature(model, Classification(), make_plan(model), loader, damping=KERNEL_DAMPING,
-                   curvature="hessian")
-    flops_pass = lambda w: (6 + 12 * w) * N * p  # noqa: E731
+    loaders_ = {f"batches of {args.batch}": loader, "one batch": [batch]}
+    ops = {name: Curvature(model, Classification(), make_plan(model), data, damping=KERNEL_DAMPING,
+                           curvature="hessian") for name, data in loaders_.items()}
+    work = lambda steps, columns: (6 * steps + 12 * columns) * N * p / (peak * 1e9)  # noqa: E731
     print(f"part 1: MLP with {p} parameters, Hessian over {N} examples, {V} right-hand sides", file=sys.stderr)
-
-    # --- HVP throughput
     _, dattri_hvp, dattri_cg = dattri_parts(model, batch, KERNEL_DAMPING)
-    whole.matvec(G)  # warm up torch.func and the allocator at full size
-    ours = whole.matvec(G)
-    t_ours = median_cpu(lambda: whole.matvec(G))
-    t_dattri = median_cpu(lambda: torch.vmap(dattri_hvp)(G.T.contiguous()))
-    ref, t_auto, _ = timed(lambda: autograd_double_backward(model, batch, G, KERNEL_DAMPING))
-    rel = float((ours - ref).norm() / ref.norm())
-    floor = flops_pass(V) / (peak * 1e9)
-    add(rows, dict(part="hvp", impl="ours", setting=f"V={V}, vmapped fwd-over-rev", cpu_s=t_ours, x_ours=1.0,
-                   floor_s=floor, hvp_columns=V, note=f"{V / t_ours:.0f} HVP/s"))
-    add(rows, dict(part="hvp", impl="dattri", setting="hvp_at_x rev-rev, vmapped", cpu_s=t_dattri,
-                   x_ours=t_dattri / t_ours, floor_s=floor, hvp_columns=V, note=f"{V / t_dattri:.0f} HVP/s"))
-    add(rows, dict(part="hvp", impl="torch.autograd", setting="double backward, one vector at a time",
-                   cpu_s=t_auto, x_ours=t_auto / t_ours, floor_s=floor, hvp_columns=V,
-                   note=f"{V / t_auto:.0f} HVP/s; ours vs it: rel. diff {rel:.1e}"))
+    ops["one batch"].matvec(G)  # warm up torch.func and the allocator at full size
+
+    # --- HVP throughput: 300 products, on the streamed loader and on all N examples at once
+    for name, data in loaders_.items():
+        op = ops[name]
+        ours = op.matvec(G)
+        t_ours = median_cpu(lambda: op.matvec(G))
+        ref, t_auto, _ = timed(lambda: sum(autograd_double_backward(model, b, G, 0.0) * b[0].shape[0]
+                                           for b in data) / N + KERNEL_DAMPING * G)
+        rel = float((ours - ref).norm() / ref.norm())
+        floor = work(1, V)
+        add(rows, dict(part="hvp", impl="ours", setting=f"V={V}, vmapped fwd-over-rev, {name}", cpu_s=t_ours,
+                       x_ours=1.0, floor_s=floor, hvp_columns=V, note=f"{V / t_ours:.0f} HVP/s"))
+        if name == "one batch":
+            t_dattri = median_cpu(lambda: torch.vmap(dattri_hvp)(G.T.contiguous()))
+            add(rows, dict(part="hvp", impl="dattri", setting=f"hvp_at_x rev-rev, vmapped, {name}",
+                           cpu_s=t_dattri, x_ours=t_dattri / t_ours, floor_s=floor, hvp_columns=V,
+                           note=f"{V / t_dattri:.0f} HVP/s"))
+        add(rows, dict(part="hvp", impl="torch.autograd", setting=f"double backward per vector, {name}",
+                       cpu_s=t_auto, x_ours=t_auto / t_ours, floor_s=floor, hvp_columns=V,
+                       note=f"{V / t_auto:.0f} HVP/s; ours vs it: rel. diff {rel:.1e}"))
 
     # --- solves to a fixed residual
     def residual_of(X):
-        R = G - op.matvec(X)
+        R = G - ops["one batch"].matvec(X)
         return R.norm(dim=0) / G.norm(dim=0)
 
-    op.matvec(G[:, :1])
-    block, t_block, w_block = timed(lambda: block_cg(op.matvec, G, tol=args.tol, max_iter=500))
-    work = lambda steps, columns: (6 * steps + 12 * columns) * N * p / (peak * 1e9)  # noqa: E731
-    floor_block = work(block.steps, block.columns)
-    add(rows, dict(part="solve", impl="ours block CG",
-                   setting=f"{V} queries, tol {args.tol:g}, batches of {args.batch}",
-                   cpu_s=t_block, wall_s=w_block,
-                   x_ours=1.0, floor_s=floor_block, steps=block.steps, hvp_columns=block.columns,
-                   residual=f"{float(residual_of(block.x).max()):.1e}"))
     picks = torch.linspace(0, V - 1, args.per_query).round().long().tolist()
-    steps, t_single = [], 0.0
-    for j in picks:
-        one, t, _ = timed(lambda: block_cg(op.matvec, G[:, j:j + 1], tol=args.tol, max_iter=2000))
-        steps.append(one.steps)
-        t_single += t
-    t_per_query = t_single / len(picks) * V
-    add(rows, dict(part="solve", impl="ours per-query CG", setting=f"{V} queries (timed {len(picks)}, scaled)",
-                   cpu_s=t_per_query, x_ours=t_per_query / t_block,
-                   floor_s=work(np.mean(steps) * V, np.mean(steps) * V), steps=f"{min(steps)}-{max(steps)} per query",
-                   hvp_columns=int(np.mean(steps) * V), residual=f"<= {args.tol:g}"))
+    for name, op in ops.items():
+        block, t_block, w_block = timed(lambda: block_cg(op.matvec, G, tol=args.tol, max_iter=500))
+        add(rows, dict(part="solve", impl="ours block CG", setting=f"{V} queries, tol {args.tol:g}, {name}",
+                       cpu_s=t_block, wall_s=w_block, x_ours=1.0, floor_s=work(block.steps, block.columns),
+                       steps=block.steps, hvp_columns=block.columns,
+                       residual=f"{float(residual_of(block.x).max()):.1e}"))
+        steps, t_single = [], 0.0
+        for j in picks:
+            one, t, _ = timed(lambda: block_cg(op.matvec, G[:, j:j + 1], tol=args.tol, max_iter=2000))
+            steps.append(one.steps)
+            t_single += t
+        t_per_query = t_single / len(picks) * V
+        total = float(np.mean(steps) * V)
+        add(rows, dict(part="solve", impl="ours per-query CG",
+                       setting=f"{V} queries (timed {len(picks)}, scaled), {name}", cpu_s=t_per_query,
+                       x_ours=t_per_query / t_block, floor_s=work(total, total),
+                       steps=f"{min(steps)}-{max(steps)} per query", hvp_columns=int(total),
+                       residual=f"<= {args.tol:g}"))
     if not args.quick:
         iters = max(steps)
         X, t_d, w_d = timed(lambda: dattri_cg(iters)(G.T.contiguous()).T)  # it vmaps over the rows itself
         res = residual_of(X.contiguous())
-        add(rows, dict(part="solve", impl="dattri ihvp_cg", setting=f"{V} queries vmapped, max_iter {iters}",
+        add(rows, dict(part="solve", impl="dattri ihvp_cg", setting=f"{V} queries vmapped, max_iter {iters}, one batch",
                        cpu_s=t_d, wall_s=w_d, x_ours=t_d / t_block, floor_s=work(iters + 1, (iters + 1) * V),
                        steps=iters + 1, hvp_columns=(iters + 1) * V,
                        residual=f"{float(res.max()):.1e} (median {float(res.median()):.1e})",
@@ -229,6 +232,11 @@ def dattri_if_cg(task, state):
         warnings.simplefilter("ignore")
         scores = attributor.attribute(train, test)
     return scores, time.process_time() - c0, time.perf_counter() - w0
+
+
+def dattri_ifcg_scores(ctx, ckpts) -> torch.Tensor:
+    """The frontier's dattri row: its IF-CG (defaults, damping 1e-2) per checkpoint, scores averaged."""
+    return sum(dattri_if_cg(ctx.task, state)[0] for state in ckpts) / len(ckpts)
 
 
 def ours_method(make, train, test, ckpts, fit_kwargs=None):
@@ -335,9 +343,9 @@ def main(argv=None):
             "seconds of the process (ratios use them: robust to the other jobs on this shared machine), "
             "`wall_s`: wall seconds.\n"
             "Part 1: MLP 64-384-256-10 (126,090 parameters), Hessian of the mean loss over "
-            f"{args.examples} digits examples (solves: loader batches of {args.batch}), damping "
-            f"{KERNEL_DAMPING}, 300 queries; "
-            f"`x_ours` = its time / ours (block CG, or our HVP pass). Part 2: digits-mlp, damping "
+            f"{args.examples} digits examples (streamed in batches of {args.batch}, or in one batch), "
+            f"damping {KERNEL_DAMPING}, 300 queries; `x_ours` = its time / ours on the same data (block "
+            "CG, or our HVP pass). Part 2: digits-mlp, damping "
             f"{DIGITS_DAMPING}, one checkpoint, LDS with 95% CI; `x_dattri` = dattri's time / this row's.\n")
     (RESULTS / "influence_cpu.md").write_text(head + "\n" + markdown_table(rows, COLUMNS) + "\n")
     print(head + "\n" + markdown_table(rows, COLUMNS))
