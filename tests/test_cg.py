@@ -7,13 +7,7 @@ import torch
 from attrkernels.kernels.cg import CGConvergenceWarning, NotPositiveDefiniteError, block_cg, orthonormalize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: small problems, and no oversubscription on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spd(p=60, low=1e-2, high=10.0, seed=0, dtype=torch.float64):

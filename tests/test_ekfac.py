@@ -15,13 +15,7 @@ from attrkernels.kernels.kfac import kron_eigh
 from attrkernels.store import StoreMismatch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and on a loaded machine two threads spin at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel(a, b):

@@ -6,13 +6,7 @@ import torch.nn.functional as F
 from attrkernels.kernels.hvp import hvp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: small problems, and no oversubscription on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mlp_problem(seed=0, n=24, d=3, h=4, c=3, dtype=torch.float64):

@@ -13,13 +13,7 @@ from attrkernels.kernels.lissa import LissaDivergenceError
 from attrkernels.tasks import Checkpoint, Classification, margin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: small problems, and no oversubscription on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DECAY = 0.05  # L2 coefficient of the training objective, passed as the damping

@@ -9,13 +9,7 @@ from attrkernels.kernels.lissa import LissaDivergenceError, lissa
 from attrkernels.kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: small problems, and no oversubscription on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spd(p, low, high, seed=0):

@@ -20,13 +20,7 @@ from attrkernels.kernels.kron_score import (kron_inner, kron_self_inner, sparse_
                                             sparse_rows_self_inner)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and on a loaded machine two threads spin at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel(a, b):

@@ -9,13 +9,7 @@ from attrkernels.tasks import BuiltinTask, Classification, Recipe, available, ge
 from attrkernels.tasks.training import checkpoint_epochs, split_seed
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Train on one thread, as the harness workers do (also avoids oversubscription on busy machines)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_registry():

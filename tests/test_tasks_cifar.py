@@ -10,13 +10,7 @@ from attrkernels.tasks import Recipe, get
 from attrkernels.tasks.cifar import crop_flip
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Train on one thread, as the harness workers do (also avoids oversubscription on busy machines)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -8,13 +8,7 @@ from attrkernels.tasks import Recipe, get
 pytest.importorskip("mnist1d")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Train on one thread, as the harness workers do (also avoids oversubscription on busy machines)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_data_model_and_training():
@@ -27,6 +21,6 @@ def test_data_model_and_training():
     assert set(y.tolist()) == set(range(10)) and yt.dtype == torch.long
     assert task.config()["data"]["n_train"] == 4000
     quick = get("mnist1d-cnn", recipe=Recipe(epochs=2, batch_size=100, lr=0.05))
-    quick.cached("data", task._data)  # reuse the generated signals
+    quick.cached("arrays", lambda: task.cached("arrays", task.arrays))  # reuse the generated signals
     model, saved = quick.train(np.arange(400), seed=0, checkpoints=2)
     assert model(xt[:5]).shape == (5, 10) and [c.epoch for c in saved] == [1, 2]

@@ -8,13 +8,7 @@ import attrkernels as ak
 from attrkernels.tasks import Checkpoint, Classification
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: small problems, and no oversubscription on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data(n=30, n_test=6, d=5, c=3, seed=0):

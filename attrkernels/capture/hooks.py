@@ -39,31 +39,36 @@ def _under_functional_owner(name: str, owners: set) -> bool:
     return any(name == o or name.startswith(o + ".") for o in owners)
 
 
-def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
-    """Resolve ``params`` (names, default: all trainable) into a capture plan."""
+def resolve_params(model: nn.Module, params=None) -> list:
+    """Names of the parameters ``params`` selects (names or one name; None: every trainable one),
+    in ``model.named_parameters()`` order; a clear error for unknown, frozen or no parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
-    by_name = dict(named)
     if params is None:
         chosen = [n for n, p in named if p.requires_grad]
         if not chosen:
             raise ValueError("model has no trainable parameters (none has requires_grad=True)")
-    else:
-        if isinstance(params, str):
-            params = [params]
-        chosen = list(params)
-        if not chosen:
-            raise ValueError("params selects no parameter")
-        unknown = [n for n in chosen if n not in by_name]
-        if unknown:
-            raise ValueError(f"params names unknown parameters {unknown}; the model has e.g. "
-                             f"{[n for n, _ in named[:5]]}")
-        frozen = [n for n in chosen if not by_name[n].requires_grad]
-        if frozen:
-            raise ValueError(f"params names parameters with requires_grad=False: {frozen}")
-        order = {n: i for i, (n, _) in enumerate(named)}
-        chosen = sorted(set(chosen), key=order.__getitem__)
+        return chosen
+    chosen = [params] if isinstance(params, str) else list(params)
+    if not chosen:
+        raise ValueError("params selects no parameter")
+    by_name = dict(named)
+    unknown = [n for n in chosen if n not in by_name]
+    if unknown:
+        raise ValueError(f"params names unknown parameters {unknown}; the model has e.g. "
+                         f"{[n for n, _ in named[:5]]}")
+    frozen = [n for n in chosen if not by_name[n].requires_grad]
+    if frozen:
+        raise ValueError(f"params names parameters with requires_grad=False: {frozen}")
+    order = {n: i for i, (n, _) in enumerate(named)}
+    return sorted(set(chosen), key=order.__getitem__)
+
+
+def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
+    """Resolve ``params`` (names, default: all trainable) into a capture plan."""
+    chosen = resolve_params(model, params)
+    by_name = dict(model.named_parameters())
     forced = set(fallback)
     unknown = forced - set(by_name)
     if unknown:

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import Capture, make_plan
+from ..capture.hooks import resolve_params
 from ..kernels.conv_covariance import conv_covariance
 from ..kernels.conv_covariance import preferred as conv_preferred
 from ..kernels.conv_grad import conv_rotated_gradients
@@ -127,24 +128,9 @@ def select_layers(model: nn.Module, params=None) -> tuple[list, list]:
     for mname, module in model.named_modules(remove_duplicate=False):
         for role, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((f"{mname}.{role}" if mname else role, mname, module, role))
-    named = list(model.named_parameters())
-    if params is None:
-        chosen = [n for n, p in named if p.requires_grad]
-        explicit = False
-    else:
-        chosen = [params] if isinstance(params, str) else list(params)
-        if not chosen:
-            raise ValueError("params selects no parameter")
-        by_name = dict(named)
-        unknown = [n for n in chosen if n not in by_name]
-        if unknown:
-            raise ValueError(f"params names unknown parameters {unknown}; the model has e.g. "
-                             f"{[n for n, _ in named[:5]]}")
-        frozen = [n for n in chosen if not by_name[n].requires_grad]
-        if frozen:
-            raise ValueError(f"params names parameters with requires_grad=False: {frozen}")
-        explicit = True
-    by_name = dict(named)
+    chosen = resolve_params(model, params)
+    explicit = params is not None
+    by_name = dict(model.named_parameters())
     chosen_set = set(chosen)
     layers, skipped, bad = {}, [], []
     for name in chosen:

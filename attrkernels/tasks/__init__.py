@@ -5,9 +5,9 @@ Built-in tasks (data + model + training recipe + measurement) are reached by nam
 user's own task follows.
 """
 from .base import Classification, Task, margin
-from .builtin import BuiltinTask, available, config_hash, get, register
+from .builtin import BuiltinTask, InMemoryTask, available, config_hash, get, register
 from .training import Checkpoint, Recipe
 from . import cifar, digits, mnist1d_cnn  # noqa: F401  (register the built-in tasks)
 
-__all__ = ["Task", "Classification", "margin", "BuiltinTask", "Recipe", "Checkpoint",
+__all__ = ["Task", "Classification", "margin", "BuiltinTask", "InMemoryTask", "Recipe", "Checkpoint",
            "get", "available", "register", "config_hash"]

@@ -108,6 +108,22 @@ class BuiltinTask:
         return config_hash(self.config())
 
 
+class InMemoryTask(BuiltinTask):
+    """A built-in task whose data is four tensors generated or loaded at once: subclasses define
+    ``arrays() -> (x_train, y_train, x_test, y_test)``, computed once per instance."""
+
+    def arrays(self) -> tuple:
+        raise NotImplementedError(f"{type(self).__name__} must define arrays()")
+
+    def train_data(self) -> TensorDataset:
+        x, y, _, _ = self.cached("arrays", self.arrays)
+        return TensorDataset(x, y)
+
+    def test_data(self) -> TensorDataset:
+        _, _, x, y = self.cached("arrays", self.arrays)
+        return TensorDataset(x, y)
+
+
 def config_hash(config: dict) -> str:
     """SHA-256 (hex) of ``config`` serialised as sorted, compact JSON."""
     try:
