@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     fr = sub.add_parser("frontier", help="LDS vs cost of every method on a built-in task")
     fr.add_argument("--task", default="digits-mlp")
     fr.add_argument("--quick", action="store_true", help="quick protocol and cheap configurations")
-    fr.add_argument("--out", default=None, help="output folder (default benchmarks/results/<task>)")
+    fr.add_argument("--out", default=None, help="output folder (default benchmarks/results/<task>[-quick])")
     fr.add_argument("--runs", default="runs", help="cache folder (ground truth, checkpoints, results)")
     fr.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
     fr.set_defaults(func=frontier)

@@ -5,7 +5,8 @@
 
 Our configurations are those of ``attrkernels.frontier``; this adds the peers that are installed
 (same checkpoints, same ground truth, cost measured the same way): traker's TRAK, kronfluence's
-EK-FAC and dattri's IF-CG. Writes benchmarks/results/<task>/frontier.csv and frontier.png.
+EK-FAC and dattri's IF-CG. Writes benchmarks/results/<task>/frontier.csv and frontier.png
+(<task>-quick/ with --quick).
 """
 from __future__ import annotations
 
@@ -61,9 +62,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs")
     args = parser.parse_args(argv)
     peers = [] if args.no_peers else peer_configs(args.quick)
-    rows = run_frontier(args.task, quick=args.quick, out=RESULTS / args.task, runs=args.runs,
+    out = RESULTS / (args.task + ("-quick" if args.quick else ""))
+    rows = run_frontier(args.task, quick=args.quick, out=out, runs=args.runs,
                         extra_configs=peers, only=args.only.split(",") if args.only else None)
-    print(f"{len(rows)} configurations -> {RESULTS / args.task}/frontier.csv, frontier.png")
+    print(f"{len(rows)} configurations -> {out}/frontier.csv, frontier.png")
     return 0
 
 
