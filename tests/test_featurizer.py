@@ -358,6 +358,33 @@ def test_tied_weights_are_detected_and_fallback_fixes_them():
     assert rel(fz.gradients(batch), reference_gradients(model, task.measure, batch)) < 1e-5
 
 
+class PositionTable(nn.Module):
+    """Token embedding plus a position nn.Embedding looked up with arange(T), broadcast over the
+    batch (as GPT-style models do): its module input has no batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(20, 8), nn.Embedding(5, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos(torch.arange(idx.shape[1]))
+        return self.fc(torch.tanh(x).mean(1))
+
+
+@pytest.mark.parametrize("B", [5, 3])
+def test_module_called_without_batch_dim_goes_to_fallback(B):
+    torch.manual_seed(0)
+    model = PositionTable()
+    batch = (torch.randint(0, 20, (B, 5)), torch.randint(0, 3, (B,)))  # B = 5 = T: same leading size
+    fz = ak.Featurizer(model, task.measure, 32, seed=3)
+    with pytest.warns(UserWarning, match=r"without the batch dimension.*\['pos.weight'\]"):
+        phi = fz(batch)
+    want = ak.sketch(reference_gradients(model, task.measure, batch), 32, seed=3)
+    assert rel(phi, want) < 1e-5
+    assert rel(fz(batch), want) < 1e-5  # the new plan is kept
+
+
 def test_bad_arguments():
     model = mlp()
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 
 
-def _example(batch, b):
+def one_example(batch, b):
     """Example b of a batch (tuple/list/dict of tensors, leading dim B) keeping a batch dim of 1."""
     if torch.is_tensor(batch):
         return batch[b:b + 1]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_example(v, b) for v in batch)
+        return type(batch)(one_example(v, b) for v in batch)
     if isinstance(batch, dict):
-        return {k: _example(v, b) for k, v in batch.items()}
+        return {k: one_example(v, b) for k, v in batch.items()}
     return batch
 
 
@@ -72,7 +72,7 @@ def fallback_gradients(model, output_fn, batch, named_params, batch_size):
         grads = {n: [] for n in values}
         params = [p for _, p in named_params]
         for b in range(batch_size):
-            out = output_fn(model, _example(batch, b)).sum()
+            out = output_fn(model, one_example(batch, b)).sum()
             gs = torch.autograd.grad(out, params, allow_unused=True)
             for (n, p), g in zip(named_params, gs):
                 grads[n].append(torch.zeros_like(p) if g is None else g)

@@ -28,6 +28,7 @@ functional use) raises instead of giving wrong features.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ import torch
 from ..kernels.philox import derive_seed, split_seed
 from ..kernels.projection import check_k, check_kind
 from ..kernels.sketch import sketch
-from .fallback import fallback_gradients
+from .fallback import fallback_gradients, one_example
 from .hooks import Capture, make_plan
 from .layers import Block, ConvHandler, LinearHandler
 
@@ -62,6 +63,10 @@ def _factor_dims(share: int, d_in: int, d_out: int) -> tuple[int, int]:
         k_out = d_out
         k_in = math.ceil(share / k_out)
     return k_in, k_out
+
+
+class _Replan(Exception):
+    """The plan changed during a capture; capture again."""
 
 
 def _batch_size(batch):
@@ -109,8 +114,10 @@ class Featurizer:
             raise ValueError(f"memory_budget must be an int of at least 4096 bytes, got {memory_budget!r}")
         self.model, self.output_fn, self.seed, self.mode = model, output_fn, seed, mode
         self.backend, self.memory_budget = backend, memory_budget
-        self.plan = make_plan(model, params, fallback)
+        self.params, self.fallback = params, tuple(fallback)
+        self.plan = make_plan(model, params, self.fallback)
         self.peak_bytes = 0  # largest per-example-gradient block of the last call
+        self._probed = False
         if mode == "factored":
             self._layout_factored()
 
@@ -166,6 +173,7 @@ class Featurizer:
                     f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}"
                 )
             B = out.shape[0]
+            self._route_unbatched_to_fallback(cap.handlers, B)
             bad = ~torch.isfinite(out.detach())
             if bad.any():
                 raise ValueError(f"output_fn returned NaN or Inf for examples "
@@ -191,6 +199,52 @@ class Featurizer:
         finally:
             model.train(was_training)
         return cap.handlers, B, fb, batch_grads
+
+    def _route_unbatched_to_fallback(self, handlers, B):
+        """A hooked module called on inputs without the batch dimension (e.g. a positional
+        embedding looked up with arange(T) and broadcast over the batch) receives output-gradients
+        already summed over examples, so hooks cannot give its per-example gradients: move its
+        parameters to the torch.func fallback (once, with a warning) and ask for a retry."""
+        unbatched = [mname for mname, h in handlers.items()
+                     if any(r.inputs.ndim == 0 or r.inputs.shape[0] != B for r in h.records)]
+        if not unbatched:
+            return
+        names = [n for n, p in zip(self.plan.names, self.plan.params)
+                 for m in unbatched if any(p is q for q in handlers[m].module.parameters(recurse=False))]
+        warnings.warn(f"modules {unbatched} are called without the batch dimension; the per-example "
+                      f"gradients of {names} are computed with torch.func instead of hooks", stacklevel=4)
+        self.fallback = tuple(dict.fromkeys(self.fallback + tuple(names)))
+        self.plan = make_plan(self.model, self.params, self.fallback)
+        if self.mode == "factored":
+            self._layout_factored()
+        raise _Replan()
+
+    def _capture_planned(self, batch):
+        """_capture, after a one-example probe on the first call, and once more after a change
+        of plan."""
+        if not self._probed:
+            self._probed = True
+            try:
+                self._probe(batch)
+            except _Replan:
+                pass
+        try:
+            return self._capture(batch)
+        except _Replan:
+            return self._capture(batch)
+
+    def _probe(self, batch):
+        """Forward one example: a hooked module whose input then still has a leading dimension
+        other than 1 does not see the batch (the shapes of a full batch cannot tell when that
+        dimension happens to equal B)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with Capture(self.plan) as cap, torch.no_grad():
+                self.output_fn(self.model, one_example(batch, 0))
+        finally:
+            self.model.train(was_training)
+        self._route_unbatched_to_fallback(cap.handlers, 1)
 
     def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True):
         """All gradient blocks; checks that hooked blocks add up to batch gradients, and (when
@@ -250,7 +304,7 @@ class Featurizer:
     # -----------------------------------------------------------------------------------------
     def __call__(self, batch) -> torch.Tensor:
         self.peak_bytes = 0
-        handlers, B, fb, batch_grads = self._capture(batch)
+        handlers, B, fb, batch_grads = self._capture_planned(batch)
         device = next(iter(self.plan.params)).device
         phi = torch.zeros(B, self.k, dtype=torch.float32, device=device)
         if self.mode == "dense":
@@ -295,7 +349,7 @@ class Featurizer:
     # -----------------------------------------------------------------------------------------
     def gradients(self, batch) -> torch.Tensor:
         """The materialised per-example gradients g [B, p] (float32): a reference for small models."""
-        handlers, B, fb, batch_grads = self._capture(batch)
+        handlers, B, fb, batch_grads = self._capture_planned(batch)
         device = next(iter(self.plan.params)).device
         g = torch.zeros(B, self.plan.total, dtype=torch.float32, device=device)
         for blk in self._blocks(handlers, fb, batch_grads):
