@@ -111,11 +111,9 @@ def timed(fn, batches):
 def traker_featurizer(model, n, projector=None):
     from trak import TRAKer
 
-    logging.getLogger("trak").setLevel(logging.ERROR)
-    logging.getLogger("STORE").setLevel(logging.ERROR)
     tmp = tempfile.mkdtemp(prefix="bench-traker-")
     tr = TRAKer(model=model, task="image_classification", train_set_size=n, save_dir=tmp, device="cpu",
-                proj_dim=K, use_half_precision=False, projector=projector)
+                proj_dim=K, use_half_precision=False, projector=projector, logging_level=logging.ERROR)
     tr.load_checkpoint(model.state_dict(), model_id=0)
     return tr
 

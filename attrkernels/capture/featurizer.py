@@ -65,6 +65,9 @@ def _factor_dims(share: int, d_in: int, d_out: int) -> tuple[int, int]:
     return k_in, k_out
 
 
+DEFAULT_MEMORY_BUDGET = 32 << 20
+
+
 class _Replan(Exception):
     """The plan changed during a capture; capture again."""
 
@@ -97,12 +100,13 @@ class Featurizer:
         mode: "dense" (exact sketch of g) or "factored" (per-layer Kronecker projections).
         params: names of the tracked parameters (default: every parameter with requires_grad).
         backend: sketch backend ("auto", "cpu", "triton", "cuda", "torch").
-        memory_budget: bytes of per-example gradient held at once (default 256 MiB).
+        memory_budget: bytes of per-example gradient held at once (default 32 MiB: blocks big
+            enough for the sketch kernel's peak, small next to what vmap-based featurizers hold).
         fallback: names of parameters to compute with torch.func even if a hook could.
     """
 
     def __init__(self, model, output_fn, k, *, seed=0, kind="rademacher", mode="dense",
-                 params=None, backend="auto", memory_budget=256 << 20, fallback=()):
+                 params=None, backend="auto", memory_budget=DEFAULT_MEMORY_BUDGET, fallback=()):
         if not callable(output_fn):
             raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
         self.k = check_k(k)
@@ -260,6 +264,7 @@ class Featurizer:
                 s[blk.start:blk.start + blk.values.shape[1]] += blk.values.sum(0)
                 self.peak_bytes = max(self.peak_bytes, blk.values.numel() * blk.values.element_size())
                 yield blk
+                del blk
         by_id = {id(p): p for _, p in self.plan.fallback}
         for name, g in fb.items():
             p = dict(self.plan.fallback)[name]
@@ -310,6 +315,7 @@ class Featurizer:
         if self.mode == "dense":
             for blk in self._blocks(handlers, fb, batch_grads, check_finite=False):
                 self._sketch_block(blk, self.k, self.seed, self.plan.offsets[id(blk.param)], phi)
+                del blk
             return phi
         self._factored(handlers, fb, batch_grads, phi)
         return phi

@@ -95,6 +95,7 @@ def _outer_blocks(param, A, D, budget):
         o1 = min(d_out, o0 + step)
         G = torch.bmm(D[:, :, o0:o1].to(torch.float32).transpose(1, 2), At)  # [B, o1-o0, d_in]
         yield Block(param, o0 * d_in, G.reshape(B, -1))
+        del G  # one block alive at a time: freed before the next is formed
 
 
 class LinearHandler(Handler):

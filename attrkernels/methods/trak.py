@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import Featurizer
+from ..capture.featurizer import DEFAULT_MEMORY_BUDGET
 from ..kernels.philox import derive_seed
 from ..store import Store
 from .base import (AttributionMethod, as_checkpoints, call_task, fingerprint, iterate,
@@ -91,7 +92,7 @@ class TRAK(AttributionMethod):
 
     def __init__(self, model, task, *, k=2048, seed=0, kind="rademacher", mode="dense",
                  damping=None, damping_ratio=DEFAULT_DAMPING_RATIO, store=None, params=None,
-                 backend="auto", memory_budget=256 << 20, verbose=True):
+                 backend="auto", memory_budget=DEFAULT_MEMORY_BUDGET, verbose=True):
         super().__init__(model, task, verbose=verbose)
         if damping is not None and not damping >= 0:
             raise ValueError(f"damping must be >= 0 or None, got {damping!r}")
