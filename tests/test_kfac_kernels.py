@@ -199,7 +199,7 @@ def test_ekfac_correction_rejects_mismatched_shapes():
 # Score kernels
 
 
-@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("T", [1, 4, 6])  # 4: d_out < T <= d_in, the A side rotated after the product
 def test_kron_inner_and_self_inner_match_naive(T):
     gen = torch.Generator().manual_seed(30 + T)
     A, D = torch.randn(9, T, 5, generator=gen), torch.randn(9, T, 3, generator=gen)
@@ -210,6 +210,7 @@ def test_kron_inner_and_self_inner_match_naive(T):
     b32 = (ba.astype(torch.float32), bs.astype(torch.float32))
     ref = torch.einsum("boi,joi->bj", R, W.double())
     assert rel(kron_inner(A, D, W, *b32, memory_budget=4096), ref) < 1e-5
+    assert rel(kron_inner(A, D, W, *b32, memory_budget=4 * 9 * 5), ref) < 1e-5  # one output row per block
     G = torch.einsum("bto,bti->boi", D.double(), A.double())
     assert rel(kron_inner(A, D, W), torch.einsum("boi,joi->bj", G, W.double())) < 1e-5
     assert rel(kron_self_inner(A, D, M, *b32, memory_budget=4096), (R.square() * M.double()).sum((1, 2))) < 1e-5

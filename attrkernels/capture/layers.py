@@ -180,10 +180,8 @@ class ConvHandler(Handler):
             step = _rows_per_block(B, row_len, budget)
             for o0 in range(0, m.out_channels, step):
                 o1 = min(m.out_channels, o0 + step)
-                G = None
-                for r in self.records:
-                    g = conv_grad.conv_example_gradients(r.inputs, r.grad_out[:, o0:o1], m)
-                    G = g if G is None else G.add_(g)
+                G = conv_grad.conv_rotated_gradients([r.inputs for r in self.records],
+                                                     [r.grad_out[:, o0:o1] for r in self.records], m)
                 yield Block(m.weight, o0 * row_len, G.reshape(B, -1))
         if m.bias is not None and m.bias in tracked:
             yield Block(m.bias, 0, sum(r.grad_out.to(torch.float32).flatten(2).sum(2) for r in self.records))

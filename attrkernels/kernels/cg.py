@@ -112,7 +112,8 @@ def _pd_inverse(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _leak(P_prev: torch.Tensor, R: torch.Tensor, norms: torch.Tensor) -> float:
     """||P_prev^T z|| / ||z|| for z = sum_j s_j r_j / ||r_j||, seeded signs s_j (a matrix-vector
     product instead of the matrix product P_prev^T R: every column counts alike)."""
-    signs = torch.randint(0, 2, (R.shape[1],), generator=torch.Generator().manual_seed(R.shape[1])) * 2 - 1
+    signs = (torch.randint(0, 2, (R.shape[1],), generator=torch.Generator().manual_seed(R.shape[1])) * 2 - 1
+             ).to(norms.device)
     z = R @ (signs / norms.clamp_min(torch.finfo(torch.float64).tiny)).to(R.dtype)
     return float((P_prev.T @ z).to(torch.float64).norm() / z.to(torch.float64).norm().clamp_min(1e-300))
 
@@ -145,16 +146,15 @@ def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
         raise ValueError(f"restart_tol must be > 0, got {restart_tol}")
     p, V = B.shape
     X = torch.zeros_like(B)
-    R = B.clone()
     b_norm = B.to(torch.float64).norm(dim=0)
     scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-    residual = R.to(torch.float64).norm(dim=0) / scale
+    residual = b_norm / scale  # of X = 0
     active = residual > tol
-    iterations = torch.full((V,), max_iter, dtype=torch.int64)
+    iterations = torch.full((V,), max_iter, dtype=torch.int64, device=B.device)
     iterations[~active] = 0
     steps = columns = restarts = 0
     idx = torch.nonzero(active).flatten()  # the active columns, compacted below
-    R_act, X_act = R[:, idx], X[:, idx]
+    R_act, X_act = B[:, idx].clone(), X[:, idx]
     P = orthonormalize(R_act) if idx.numel() else None
     P_prev = None
     while P is not None and P.shape[1] and steps < max_iter:
@@ -174,7 +174,7 @@ def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
         residual[idx] = R_act.to(torch.float64).norm(dim=0) / scale[idx]
         done = residual[idx] <= tol
         if bool(done.any()):
-            X[:, idx[done]], R[:, idx[done]] = X_act[:, done], R_act[:, done]
+            X[:, idx[done]] = X_act[:, done]
             iterations[idx[done]] = steps
             active[idx[done]] = False
             idx, R_act, X_act = idx[~done], R_act[:, ~done], X_act[:, ~done]
@@ -189,7 +189,7 @@ def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
         beta = (G_inv @ (Q.T @ R_act).to(torch.float64)).to(B.dtype)
         P_prev, P = P, orthonormalize(torch.addmm(R_act, P, beta, alpha=-1))
     if idx.numel():
-        X[:, idx], R[:, idx] = X_act, R_act
+        X[:, idx] = X_act
     converged = ~active
     if warn and not bool(converged.all()):
         bad = torch.nonzero(~converged).flatten()

@@ -58,7 +58,7 @@ def _padding(module) -> tuple:
     return (0,) * len(module.kernel_size) if module.padding == "valid" else tuple(module.padding)
 
 
-def _excluded(k: int, pad: int, size: int, out_size: int, offset: int) -> list:
+def _excluded(pad: int, size: int, out_size: int, offset: int) -> list:
     """Input rows (or columns) in [0, size) that kernel offset ``offset`` does not reach."""
     start, stop = offset - pad, offset - pad + out_size
     return list(range(0, min(size, max(0, start)))) + list(range(max(0, min(size, stop)), size))
@@ -94,8 +94,8 @@ def conv_covariance(x: torch.Tensor, module: nn.Module, bias: bool = False, out:
         out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
     elif out.shape != (d, d):
         raise ValueError(f"out must have shape {(d, d)}, got {tuple(out.shape)}")
-    rows_out = [_excluded(kh, ph, H, Ho, u) for u in range(kh)]
-    cols_out = [_excluded(kw, pw, W, Wo, v) for v in range(kw)]
+    rows_out = [_excluded(ph, H, Ho, u) for u in range(kh)]
+    cols_out = [_excluded(pw, W, Wo, v) for v in range(kw)]
     border_rows = sorted({p for r in rows_out for p in r})
     border_cols = sorted({q for c in cols_out for q in c})
     R, Q = len(border_rows), len(border_cols)

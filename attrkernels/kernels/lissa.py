@@ -67,7 +67,7 @@ def lissa(operator, B: torch.Tensor, *, scale: float, depth: int, damping: float
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     b_norm = B.to(torch.float64).norm(dim=0)
     total = torch.zeros_like(B)
-    change = torch.zeros(B.shape[1], dtype=torch.float64)
+    change = torch.zeros(B.shape[1], dtype=torch.float64, device=B.device)
     steps = 0
     for _ in range(repeat):
         X = B.clone()

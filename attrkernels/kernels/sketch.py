@@ -148,7 +148,8 @@ def run_in_p_slices(x, out, k, accumulate, launch, align=64):
     slices = min(MAX_SLICES, max(1, p // SLICE_ROWS))
     while slices > 1 and slices * B * k > PARTIAL_BUDGET:
         slices -= 1
-    slice_rows = -(-(-(-p // slices)) // align) * align
+    slice_rows = -(-p // slices)  # ceil(p / slices), then up to a multiple of align
+    slice_rows = -(-slice_rows // align) * align
     slices = -(-p // slice_rows)
     if slices == 1:
         launch(out, 0, out.stride(0), 1, slice_rows, bool(accumulate))

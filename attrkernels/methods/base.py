@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..tasks.base import Task
+from ..tasks.training import Checkpoint
 
 
 class AttributionMethod:
@@ -43,12 +44,13 @@ class AttributionMethod:
 
 
 def as_checkpoints(model: nn.Module, checkpoints) -> list:
-    """The checkpoints to use: the model's current weights when None, else a non-empty list."""
+    """The checkpoints to use: the model's current weights when None, else a non-empty list of
+    state dicts or paths (``ak.tasks.Checkpoint`` objects unwrapped)."""
     if checkpoints is None:
         return [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    if isinstance(checkpoints, (Mapping, str, Path)):
+    if isinstance(checkpoints, (Mapping, str, Path, Checkpoint)):
         checkpoints = [checkpoints]
-    checkpoints = list(checkpoints)
+    checkpoints = [c.state_dict if isinstance(c, Checkpoint) else c for c in checkpoints]
     if not checkpoints:
         raise ValueError("checkpoints is empty; pass state_dicts or paths, or None for the model's weights")
     return checkpoints

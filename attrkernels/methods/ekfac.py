@@ -82,8 +82,8 @@ from ..kernels.kron_score import (gradient_inner, gradient_self_inner, kron_inne
 from ..kernels.philox import derive_seed
 from ..store import Store
 from ..tasks.base import Classification
-from .base import AttributionMethod, call_task, fingerprint, iterate, load_checkpoint, preserved_weights
-from .influence import unwrap_checkpoints
+from .base import (AttributionMethod, as_checkpoints, call_task, fingerprint, iterate, load_checkpoint,
+                   preserved_weights)
 
 FISHERS = ("true", "empirical")
 HEURISTIC_DAMPING = 0.1
@@ -328,7 +328,7 @@ class EKFAC(AttributionMethod):
         ``checkpoints``: state dicts, paths or ``ak.tasks.Checkpoint`` objects (None: the model's
         current weights). The loader is kept as the default training set of ``score``.
         """
-        checkpoints = unwrap_checkpoints(self.model, checkpoints)
+        checkpoints = as_checkpoints(self.model, checkpoints)
         store = self._open_store(train)
         fitted = []
         with self._preserved_model():

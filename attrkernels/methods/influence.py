@@ -46,7 +46,6 @@ from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
 from ..kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
 from ..tasks.base import Classification
-from ..tasks.training import Checkpoint
 from .base import AttributionMethod, as_checkpoints, call_task, iterate, load_checkpoint, preserved_weights
 
 CURVATURES = ("hessian", "gauss-newton")
@@ -61,15 +60,6 @@ class _TaskCall(nn.Module):
 
     def forward(self, batch):
         return self.fn(self.model, batch)
-
-
-def unwrap_checkpoints(model: nn.Module, checkpoints) -> list:
-    """State dicts / paths of ``checkpoints`` (``ak.tasks.Checkpoint`` objects unwrapped)."""
-    if isinstance(checkpoints, Checkpoint):
-        checkpoints = [checkpoints]
-    if isinstance(checkpoints, (list, tuple)):
-        checkpoints = [c.state_dict if isinstance(c, Checkpoint) else c for c in checkpoints]
-    return as_checkpoints(model, checkpoints)
 
 
 def nice_ceiling(x: float) -> float:
@@ -184,7 +174,6 @@ class _Influence(AttributionMethod):
             raise ValueError(f"hvp_chunk must be a positive int or None, got {hvp_chunk!r}")
         self.curvature, self.hvp_chunk = curvature, hvp_chunk
         self.plan = make_plan(model, params)
-        self.params = params
         self.checkpoints = None
         self.train = None
         self.info: list = []  # per checkpoint: the solver's diagnostics
@@ -195,7 +184,7 @@ class _Influence(AttributionMethod):
 
     def fit(self, train, checkpoints=None):
         """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``)."""
-        self.checkpoints = unwrap_checkpoints(self.model, checkpoints)
+        self.checkpoints = as_checkpoints(self.model, checkpoints)
         self.train = train
         with preserved_weights(self.model):
             for index, ckpt in enumerate(self.checkpoints):
@@ -311,7 +300,8 @@ class InfluenceExplicit(_Influence):
         self.factors: list = []
 
     def fit(self, train, checkpoints=None):
-        need = 4 * self.plan.total * (self.plan.total + 2) * len(unwrap_checkpoints(self.model, checkpoints))
+        checkpoints = as_checkpoints(self.model, checkpoints)
+        need = 4 * self.plan.total * (self.plan.total + 2) * len(checkpoints)
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need > 0.8 * physical:
             raise MemoryError(

@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from ..capture import Featurizer, make_plan
 from ..kernels.philox import derive_seed
 from ..tasks.training import Checkpoint
-from .base import AttributionMethod, iterate, load_checkpoint, preserved_weights
-from .influence import unwrap_checkpoints
+from .base import AttributionMethod, as_checkpoints, iterate, load_checkpoint, preserved_weights
 
 
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
@@ -71,7 +70,7 @@ class TracIn(AttributionMethod):
     def fit(self, train, checkpoints=None, learning_rates=None):
         """Record the train loader, the checkpoints and their learning rates (required)."""
         rates = learning_rates_of(checkpoints, learning_rates)
-        self.checkpoints = unwrap_checkpoints(self.model, checkpoints)
+        self.checkpoints = as_checkpoints(self.model, checkpoints)
         self.learning_rates, self.train = rates, train
         with preserved_weights(self.model):
             for index, ckpt in enumerate(self.checkpoints):

@@ -258,8 +258,8 @@ def _cholesky(K, lam, k, n_train):
         hint = f"; k = {k} exceeds n_train = {n_train}, so Phi^T Phi has rank < k" if k > n_train else ""
         raise KernelNotPositiveDefinite(
             f"the TRAK kernel Phi^T Phi + {lam:g} I ({k} x {k}) is not positive definite{hint}. "
-            f"Pass damping > 0, e.g. damping={2 * mean_eig:.3g} (2 x its mean nonzero eigenvalue, "
-            "the default of damping=None)."
+            f"Pass damping > 0, e.g. damping={DEFAULT_DAMPING_RATIO * mean_eig:.3g} "
+            f"({DEFAULT_DAMPING_RATIO:g} x its mean nonzero eigenvalue, the default of damping=None)."
         ) from None
 
 
