@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import time
 import warnings
@@ -40,7 +41,7 @@ from .methods.ekfac import EKFAC, KFAC
 from .methods.influence import InfluenceCG, InfluenceExplicit, InfluenceLiSSA
 from .methods.tracin import TracIn
 from .provenance import provenance
-from .store import read_json, write_json
+from .store import atomic_write, read_json, write_json
 
 
 @dataclass
@@ -62,12 +63,56 @@ class Config:
     cost: Callable | None = None
 
 
+class CheckpointCache:
+    """Checkpoints of a task trained once and cached under ``<runs>/ckpt/<task>/`` with the seconds
+    their training took (timed after an untimed warm-up run, so the first one does not also pay the
+    process's one-time start-up, ~1 s here); a changed task config retrains them."""
+
+    def __init__(self, task, runs):
+        self.task, self.folder, self._warm = task, Path(runs) / "ckpt" / task.name, False
+
+    def _cached(self, name: str, make):
+        """(state_dicts, learning rates, seconds) trained by ``make`` once and cached."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path, info = self.folder / f"{name}.pt", self.folder / f"{name}.json"
+        if not (path.exists() and info.exists() and read_json(info).get("config") == self.task.config_hash()):
+            if not self._warm:
+                self.task.train(np.arange(min(64, len(self.task.train_data()))), 0)
+                self._warm = True
+            t0 = time.perf_counter()
+            states, rates = make()
+            seconds = time.perf_counter() - t0
+            torch.save({"states": states, "rates": rates}, path)
+            write_json(info, {"seconds": seconds, "config": self.task.config_hash()})
+        saved = torch.load(path, weights_only=True)
+        return saved["states"], saved["rates"], read_json(info)["seconds"]
+
+    def models(self, count: int) -> tuple[list, list]:
+        """(state_dicts, training seconds each) of ``count`` models trained on all training data
+        with seeds 0..count-1."""
+        states, seconds = [], []
+        for seed in range(count):
+            state, _, s = self._cached(f"model-seed{seed}", lambda seed=seed: (
+                [self.task.train(None, seed)[0].state_dict()], [0.0]))
+            states += state
+            seconds.append(s)
+        return states, seconds
+
+    def trajectory(self, count: int):
+        """(state_dicts, learning rates, seconds) of ``count`` evenly spaced checkpoints of one
+        training run (seed 0)."""
+        def make():
+            _, ckpts = self.task.train(None, 0, checkpoints=count)
+            return [c.state_dict for c in ckpts], [float(c.lr) for c in ckpts]
+        return self._cached(f"trajectory-{count}", make)
+
+
 class Context:
     """Task, data, ground truth and cached checkpoints shared by the configurations."""
 
     def __init__(self, task, runs: Path, protocol: str, batch_size: int = 100, verbose: bool = True):
         self.task, self.runs, self.protocol, self.verbose = task, Path(runs), protocol, verbose
-        self._warm = False
+        self.checkpoints = CheckpointCache(task, runs)
         self.train = DataLoader(task.train_data(), batch_size=batch_size, shuffle=False)
         self.test = DataLoader(task.test_data(), batch_size=batch_size, shuffle=False)
         t0 = time.perf_counter()
@@ -78,44 +123,14 @@ class Context:
     def model(self):
         return self.task.make_model(0)
 
-    def _cached(self, name: str, make):
-        """(state_dicts, learning rates, seconds) trained by ``make`` once and cached."""
-        folder = self.runs / "ckpt" / self.task.name
-        folder.mkdir(parents=True, exist_ok=True)
-        path, info = folder / f"{name}.pt", folder / f"{name}.json"
-        if not (path.exists() and info.exists() and read_json(info).get("config") == self.task.config_hash()):
-            self._warm_up()
-            t0 = time.perf_counter()
-            states, rates = make()
-            seconds = time.perf_counter() - t0
-            torch.save({"states": states, "rates": rates}, path)
-            write_json(info, {"seconds": seconds, "config": self.task.config_hash()})
-        saved = torch.load(path, weights_only=True)
-        return saved["states"], saved["rates"], read_json(info)["seconds"]
-
-    def _warm_up(self):
-        """Train once on a few examples, untimed, so that the first timed training run does not
-        also pay the process's one-time start-up (lazy library initialisation, ~1 s here)."""
-        if not self._warm:
-            self.task.train(np.arange(min(64, len(self.task.train_data()))), 0)
-            self._warm = True
-
     def models(self, count: int):
-        """``count`` models trained on all training data (seeds 0..count-1), their summed cost."""
-        out, seconds = [], 0.0
-        for seed in range(count):
-            states, _, s = self._cached(f"model-seed{seed}", lambda seed=seed: (
-                [self.task.train(None, seed)[0].state_dict()], [0.0]))
-            out += states
-            seconds += s
-        return out, None, seconds
+        """(state_dicts, None, summed training seconds) of ``count`` independently trained models."""
+        states, seconds = self.checkpoints.models(count)
+        return states, None, sum(seconds)
 
     def trajectory(self, count: int):
-        """``count`` evenly spaced checkpoints of one training run (seed 0) with learning rates."""
-        def make():
-            _, ckpts = self.task.train(None, 0, checkpoints=count)
-            return [c.state_dict for c in ckpts], [float(c.lr) for c in ckpts]
-        return self._cached(f"trajectory-{count}", make)
+        """(state_dicts, learning rates, seconds) of ``count`` checkpoints of one run."""
+        return self.checkpoints.trajectory(count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,23 +298,20 @@ def plot(rows: list, path: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130, bbox_inches="tight"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_csv(rows: list, path: Path, header: dict) -> None:
     columns = ["family", "label", "lds", "ci_low", "ci_high", "train_s", "method_s", "cost_s"]
     extra = sorted({k for r in rows for k in r if k.startswith("setting_")})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write("".join(f"# {k}: {v}\n" for k, v in header.items()))
-        w = csv.DictWriter(f, fieldnames=columns + extra, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    text.write("".join(f"# {k}: {v}\n" for k, v in header.items()))
+    w = csv.DictWriter(text, fieldnames=columns + extra, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def run_frontier(task_name: str = "digits-mlp", *, quick: bool = False, out=None, runs="runs",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from attrkernels.provenance import cpu_name, provenance  # noqa: F401  (re-exported)
+from attrkernels.provenance import provenance  # noqa: F401  (re-exported for the benchmarks)
 from attrkernels.store import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,9 +98,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(stem: Path, rows: list, columns: list, info: dict, intro: str,
-                  extra: dict | None = None) -> None:
-    """``stem``.csv (provenance and ``extra`` as # lines, then rows) and ``stem``.md (``intro``
-    and the table), both written atomically; prints the table."""
+                  extra: dict | None = None, outro: str = "") -> None:
+    """``stem``.csv (provenance and ``extra`` as # lines, then rows) and ``stem``.md (``intro``,
+    the table, then ``outro``), both written atomically; prints the markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     lines = {**info, **(extra or {})}
     buf = io.StringIO()
@@ -110,7 +110,7 @@ def write_results(stem: Path, rows: list, columns: list, info: dict, intro: str,
     writer.writerows(rows)
     text = buf.getvalue().encode()
     atomic_write(stem.with_suffix(".csv"), lambda f: f.write(text))
-    md = (intro + "\n\n" + markdown_table(rows, columns) + "\n").encode()
+    md = (intro + "\n\n" + markdown_table(rows, columns) + "\n" + outro).encode()
     atomic_write(stem.with_suffix(".md"), lambda f: f.write(md))
     print(md.decode())
 

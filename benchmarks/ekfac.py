@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import statistics
 import sys
@@ -61,7 +60,7 @@ from attrkernels.kernels.conv_covariance import preferred as conv_preferred
 from attrkernels.kernels.kfac import Basis, covariance, ekfac_correction, kron_eigh, rotation_cost
 from attrkernels.tasks.resnet9 import resnet9
 
-from .common import RESULTS, markdown_table, matmul_peak_gflops, provenance
+from .common import RESULTS, markdown_table, matmul_peak_gflops, provenance, write_results
 from .setup_task import checkpoints, ground_truth, lds_of
 
 EIGH_FLOPS = 4.7  # x d^3: tridiagonal reduction 4/3, divide and conquer ~4/3, back-transformation 2
@@ -99,13 +98,14 @@ class Clock:
 
 
 def ours(cls, model, train, test, **kw):
-    """(scores [n_train, n_test], fit (wall, cpu) seconds, score (wall, cpu) seconds)."""
+    """(scores [n_train, n_test], fit (wall, cpu) seconds, score (wall, cpu) seconds, the fitted
+    method's query modes (for the FLOP count))."""
     m = cls(model, ak.tasks.Classification(), verbose=False, **kw)
     clock = Clock()
     m.fit(train)
     fit = clock.lap()
     scores = m.score(test, train=train)
-    return scores, fit, clock.lap()
+    return scores, fit, clock.lap(), m.query_modes
 
 
 class KronfluenceTask:
@@ -234,9 +234,7 @@ def digits(args, rows):
     }
     peer = runs["kronfluence"][-1][0]
     peer_total = _totals(runs["kronfluence"])
-    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train)
-    m.score(test, train=train)
-    flops = algorithm_flops(model, train, len(train_set), len(test_set), m.query_modes)
+    flops = algorithm_flops(model, train, len(train_set), len(test_set), runs["ours"][-1][3])
     for name, results in list(runs.items()) + [(k, [v]) for k, v in extra.items()]:
         r = lds_of(results[-1][0], gt)
         rows.append(dict(model="digits-mlp", impl=name, **_times(results, peer_total),
@@ -247,13 +245,13 @@ def digits(args, rows):
 
 def _totals(results) -> tuple[float, float]:
     """Median (wall, cpu) fit + score seconds of runs (scores, (fit wall, cpu), (score wall, cpu))."""
-    return (statistics.median(f[0] + s[0] for _, f, s in results),
-            statistics.median(f[1] + s[1] for _, f, s in results))
+    return (statistics.median(f[0] + s[0] for _, f, s, *_ in results),
+            statistics.median(f[1] + s[1] for _, f, s, *_ in results))
 
 
 def _times(results, peer_total) -> dict:
-    fit = statistics.median(f[0] for _, f, _ in results)
-    score = statistics.median(s[0] for _, _, s in results)
+    fit = statistics.median(r[1][0] for r in results)
+    score = statistics.median(r[2][0] for r in results)
     wall, cpu = _totals(results)
     return dict(fit_s=f"{fit:.2f}", score_s=f"{score:.2f}", total_s=f"{wall:.2f}", cpu_s=f"{cpu:.2f}",
                 speedup=f"{peer_total[1] / cpu:.1f}", speedup_wall=f"{peer_total[0] / wall:.1f}")
@@ -300,9 +298,7 @@ def cnn(args, rows):
     test = DataLoader(test_set, batch_size=args.batch)
     results = {"ours": ours(ak.EKFAC, model, train, test)}
     results["kronfluence"] = kronfluence(model, train_set, test_set, args.batch)
-    m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False).fit(train)
-    m.score(test, train=train)  # the query modes, for the FLOP count
-    flops = algorithm_flops(model, train, args.cnn_train, args.cnn_test, m.query_modes)
+    flops = algorithm_flops(model, train, args.cnn_train, args.cnn_test, results["ours"][3])
     params = sum(p.numel() for p in model.parameters())
     peer_total = _totals([results["kronfluence"]])
     for name, result in results.items():
@@ -408,37 +404,28 @@ def main(argv=None):
     from importlib.metadata import version
 
     info["kronfluence"] = version("kronfluence")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ekfac_cpu{'_quick' if args.quick else ''}"
     columns = ["model", "impl", "fit_s", "score_s", "total_s", "cpu_s", "speedup", "speedup_wall", "lds", "ci",
                "corr", "floor_s"]
-    with open(stem.with_suffix(".csv.tmp"), "w", newline="") as f:
-        f.write("".join(f"# {key}: {val}\n" for key, val in info.items()))
-        f.write(f"# matmul_peak_gflops_fp32: {peak32:.1f}\n# matmul_peak_gflops_fp64: {peak64:.1f}\n")
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".csv.tmp").replace(stem.with_suffix(".csv"))
-    header = (f"EK-FAC benchmark on {info['device']} ({info['cores']} cores, {args.threads} torch thread(s)), "
-              f"{info['date']}, commit {info['commit']}, kronfluence {info['kronfluence']}.\n"
-              f"fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s. Batch size {args.batch}; "
-              f"digits times are medians of {args.reps} alternated runs. `*_s` are wall seconds, `cpu_s` the "
-              f"process CPU seconds of fit + score; `speedup` = kronfluence EK-FAC's CPU time / that row's "
-              f"(CPU time does not count the time other processes held the cores), `speedup_wall` the same "
-              f"in wall time; `corr` = Pearson correlation with kronfluence's scores; `floor_s` = FLOPs of "
-              f"our algorithm / peak.\n\n")
-    text = header + markdown_table(rows, columns) + "\n"
-    text += ("\nSelf-influence on digits with 5% of the training labels flipped: flipped examples among "
+    intro = (f"EK-FAC benchmark on {info['device']} ({info['cores']} cores, {args.threads} torch thread(s)), "
+             f"{info['date']}, commit {info['commit']}, kronfluence {info['kronfluence']}.\n"
+             f"fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s. Batch size {args.batch}; "
+             f"digits times are medians of {args.reps} alternated runs. `*_s` are wall seconds, `cpu_s` the "
+             f"process CPU seconds of fit + score; `speedup` = kronfluence EK-FAC's CPU time / that row's "
+             f"(CPU time does not count the time other processes held the cores), `speedup_wall` the same "
+             f"in wall time; `corr` = Pearson correlation with kronfluence's scores; `floor_s` = FLOPs of "
+             f"our algorithm / peak.")
+    outro = ("\nSelf-influence on digits with 5% of the training labels flipped: flipped examples among "
              "the top 5% (fit + self-influence seconds).\n\n"
              + markdown_table(rows_si, ["impl", "flipped", "top", "recovered", "fraction", "seconds"]) + "\n")
-    text += NOTES
+    outro += NOTES
     if rows_k:
-        text += ("\nFactor kernels at the ResNet-9's shapes (B = 64, one thread; best of 3). The last column of "
-                 "the correction rows bounds what a fused kernel could gain: its time minus the rotations "
-                 "minus the product's FLOPs at peak.\n\n"
-                 + markdown_table(rows_k, ["kernel", "shape", "ms", "gflops", "pct_peak", "note"]) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+        outro += ("\nFactor kernels at the ResNet-9's shapes (B = 64, one thread; best of 3). The last column of "
+                  "the correction rows bounds what a fused kernel could gain: its time minus the rotations "
+                  "minus the product's FLOPs at peak.\n\n"
+                  + markdown_table(rows_k, ["kernel", "shape", "ms", "gflops", "pct_peak", "note"]) + "\n")
+    write_results(stem, rows, columns, info, intro,
+                  {"matmul_peak_gflops_fp32": f"{peak32:.1f}", "matmul_peak_gflops_fp64": f"{peak64:.1f}"}, outro)
     return 0
 
 

@@ -23,14 +23,6 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _runner(module: str, name: str):
-    """A peer runner from another benchmark module, or None when it is not there."""
-    try:
-        return getattr(importlib.import_module(f"benchmarks.{module}"), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def peer_configs(quick: bool) -> list:
     out = []
     if _installed("trak"):
@@ -42,14 +34,16 @@ def peer_configs(quick: bool) -> list:
         for M in ((1, 5) if quick else (1, 5, 10)):
             out.append(Config("traker (peer)", f"traker TRAK k=512 M={M}", ("models", M),
                               run_traker(512), {"k": 512, "M": M}))
-    kronfluence = _runner("ekfac", "kronfluence_scores") if _installed("kronfluence") else None
-    if kronfluence is not None:
+    if _installed("kronfluence"):
+        from .ekfac import kronfluence_scores
+
         out.append(Config("kronfluence (peer)", "kronfluence EK-FAC M=1", ("models", 1),
-                          lambda ctx, ckpts, rates: kronfluence(ctx, ckpts), {"M": 1}))
-    dattri = _runner("influence", "dattri_ifcg_scores") if _installed("dattri") else None
-    if dattri is not None and not quick:
+                          lambda ctx, ckpts, rates: kronfluence_scores(ctx, ckpts), {"M": 1}))
+    if _installed("dattri") and not quick:
+        from .influence import dattri_ifcg_scores
+
         out.append(Config("dattri (peer)", "dattri IF-CG M=1", ("models", 1),
-                          lambda ctx, ckpts, rates: dattri(ctx, ckpts), {"M": 1}))
+                          lambda ctx, ckpts, rates: dattri_ifcg_scores(ctx, ckpts), {"M": 1}))
     return out
 
 

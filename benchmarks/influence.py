@@ -43,7 +43,6 @@ Writes benchmarks/results/influence_cpu.csv and .md.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 import warnings
@@ -61,7 +60,7 @@ from attrkernels.methods.influence import Curvature
 from attrkernels.tasks import Classification, margin
 from attrkernels.tasks.training import Recipe, train_classifier
 
-from .common import RESULTS, markdown_table, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss
+from .common import RESULTS, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss, write_results
 from .setup_task import checkpoints, ground_truth, lds_of, loaders
 
 DEVICE = torch.device("cpu")
@@ -101,7 +100,7 @@ def median_cpu(fn, reps: int = 3) -> float:
 
 
 def dattri_parts(model, batch, damping):
-    """dattri's flat-parameter loss and its hvp / CG closures at the model's weights."""
+    """dattri's hvp and CG closures (flat parameters) at the model's weights."""
     from dattri.func.hessian import hvp_at_x, ihvp_at_x_cg
     from dattri.func.utils import flatten_func, flatten_params
 
@@ -114,8 +113,8 @@ def dattri_parts(model, batch, damping):
     loss = flatten_func(model)(mean_loss)
     at_x = lambda theta: loss(theta, batch)  # noqa: E731
     hvp = hvp_at_x(at_x, (flat,), mode="rev-rev", regularization=damping)
-    return flat, hvp, lambda iters: ihvp_at_x_cg(at_x, flat, max_iter=iters, mode="rev-rev",
-                                                 regularization=damping)
+    return hvp, lambda iters: ihvp_at_x_cg(at_x, flat, max_iter=iters, mode="rev-rev",
+                                           regularization=damping)
 
 
 def autograd_double_backward(model, batch, V, damping):
@@ -147,7 +146,7 @@ def part_kernels(args, peak, rows):
                            curvature="hessian") for name, data in loaders_.items()}
     work = lambda steps, columns: (6 * steps + 12 * columns) * N * p / (peak * 1e9)  # noqa: E731
     print(f"part 1: MLP with {p} parameters, Hessian over {N} examples, {V} right-hand sides", file=sys.stderr)
-    _, dattri_hvp, dattri_cg = dattri_parts(model, batch, KERNEL_DAMPING)
+    dattri_hvp, dattri_cg = dattri_parts(model, batch, KERNEL_DAMPING)
     ops["one batch"].matvec(G)  # warm up torch.func and the allocator at full size
 
     # --- HVP throughput: 300 products, on the streamed loader and on all N examples at once
@@ -291,7 +290,7 @@ def part_digits(args, rows):
                 cpu_s=t, wall_s=w, x_dattri=t_dattri / t)
     if args.quick:
         return
-    method, scores, t, w, rss = ours_method(
+    method, scores, t, w, _ = ours_method(
         lambda: ak.InfluenceLiSSA(task.make_model(0), task.task, damping=DIGITS_DAMPING, depth=50, verbose=False),
         train, test, [state])
     lds_row(scores, impl="ours IF-LiSSA", setting=f"depth 50, batch 250, scale {method.info[0].scale:.2f}",
@@ -332,23 +331,16 @@ def main(argv=None):
             if isinstance(r.get(key), float):
                 r[key] = f"{r[key]:.1f}"
     info = provenance(DEVICE)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "influence_cpu.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + list(info))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **info})
-    head = (f"Influence functions on {info['device']} ({info['torch_threads']} torch threads), {info['date']}, "
-            f"commit {info['commit']}; fp32 matmul peak {peak:.0f} GFLOP/s on those threads. `cpu_s`: CPU "
-            "seconds of the process (ratios use them: robust to the other jobs on this shared machine), "
-            "`wall_s`: wall seconds.\n"
-            "Part 1: MLP 64-384-256-10 (126,090 parameters), Hessian of the mean loss over "
-            f"{args.examples} digits examples (streamed in batches of {args.batch}, or in one batch), "
-            f"damping {KERNEL_DAMPING}, 300 queries; `x_ours` = its time / ours on the same data (block "
-            "CG, or our HVP pass). Part 2: digits-mlp, damping "
-            f"{DIGITS_DAMPING}, one checkpoint, LDS with 95% CI; `x_dattri` = dattri's time / this row's.\n")
-    (RESULTS / "influence_cpu.md").write_text(head + "\n" + markdown_table(rows, COLUMNS) + "\n")
-    print(head + "\n" + markdown_table(rows, COLUMNS))
+    intro = (f"Influence functions on {info['device']} ({info['torch_threads']} torch threads), {info['date']}, "
+             f"commit {info['commit']}; fp32 matmul peak {peak:.0f} GFLOP/s on those threads. `cpu_s`: CPU "
+             "seconds of the process (ratios use them: robust to the other jobs on this shared machine), "
+             "`wall_s`: wall seconds.\n"
+             "Part 1: MLP 64-384-256-10 (126,090 parameters), Hessian of the mean loss over "
+             f"{args.examples} digits examples (streamed in batches of {args.batch}, or in one batch), "
+             f"damping {KERNEL_DAMPING}, 300 queries; `x_ours` = its time / ours on the same data (block "
+             "CG, or our HVP pass). Part 2: digits-mlp, damping "
+             f"{DIGITS_DAMPING}, one checkpoint, LDS with 95% CI; `x_dattri` = dattri's time / this row's.")
+    write_results(RESULTS / "influence_cpu", rows, COLUMNS, info, intro)
 
 
 if __name__ == "__main__":

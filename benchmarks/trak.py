@@ -75,10 +75,9 @@ def traker(task, ckpts, train, test, k):
 
 
 def row(impl, k, M, scores, seconds, gt, **extra):
-    r = ak.lds(scores, gt.masks, gt.mean_outputs()) if scores is not None else None
-    out = dict(impl=impl, k=k, checkpoints=M, **extra)
-    if r is not None:
-        out.update(lds=f"{r.mean:.3f}", ci=f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", seconds=f"{seconds:.2f}")
+    r = lds_of(scores, gt)
+    out = dict(impl=impl, k=k, checkpoints=M, **extra, lds=f"{r.mean:.3f}", ci=f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+               seconds=f"{seconds:.2f}")
     print(out, flush=True)
     return out
 

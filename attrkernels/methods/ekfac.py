@@ -543,6 +543,7 @@ class EKFAC(AttributionMethod):
                     acc[0] = token_counts(idx, layer.d_in, layer.module.padding_idx, out=acc[0])
                     pad = layer.module.padding_idx
                     acc[2] += int(idx.numel() if pad is None else (idx != pad).sum())
+                    acc[1] = covariance(D, out=acc[1])
                 elif layer.kind == "conv" and conv_preferred(layer.module, handler.records[0].inputs.shape):
                     # stride-1 convolutions: the activation factor without unfolding the input
                     for r in handler.records:
@@ -550,13 +551,12 @@ class EKFAC(AttributionMethod):
                                                  memory_budget=self.memory_budget)
                     D = torch.cat([r.grad_out.flatten(2) for r in handler.records], 2).transpose(1, 2)
                     acc[2] += D.shape[0] * D.shape[1]
+                    acc[1] = covariance(D, out=acc[1])
                 else:
                     for _, A, D in self._kron_chunks(layer, handlers[layer.name]):
                         acc[0] = covariance(A, out=acc[0])
                         acc[1] = covariance(D, out=acc[1])
                         acc[2] += A.shape[0] * A.shape[1]
-                    continue
-                acc[1] = covariance(D, out=acc[1])
             n += size
         factors = {}
         for layer in self.layers:

@@ -134,6 +134,7 @@ class ChunkedArray:
             raise StoreMismatch(f"{self.mask_path} has {self._done.shape[0]} chunks, expected {self.num_chunks}")
         self.commit_seconds = commit_seconds
         self._staged, self._staged_since, self._mm = set(), None, None
+        self._written = int(self._done.sum())  # chunks done or staged
 
     def rows(self, i: int) -> tuple[int, int]:
         return i * self.chunk, min(self.n, (i + 1) * self.chunk)
@@ -156,11 +157,12 @@ class ChunkedArray:
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(self.n, self.k))
         self._mm[r0:r1] = values
+        if not self._done[i] and i not in self._staged:
+            self._written += 1
         self._staged.add(i)
         if self._staged_since is None:
             self._staged_since = time.monotonic()
-        written = self._done.sum() + sum(not self._done[j] for j in self._staged)
-        if written == self.num_chunks or time.monotonic() - self._staged_since >= self.commit_seconds:
+        if self._written == self.num_chunks or time.monotonic() - self._staged_since >= self.commit_seconds:
             self.commit()
 
     def commit(self) -> None:
