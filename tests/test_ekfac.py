@@ -444,6 +444,24 @@ def test_unsupported_layers_are_skipped_by_default_and_refused_when_named():
     assert only.fit([(x, y)]).score([(x, y)], train=[(x, y)]).shape == (8, 8)
 
 
+def test_module_called_without_the_batch_dimension_is_refused():
+    class PositionTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos, self.fc = nn.Embedding(20, 8), nn.Embedding(5, 8), nn.Linear(8, 3)
+
+        def forward(self, idx):
+            return self.fc(torch.tanh(self.emb(idx) + self.pos(torch.arange(idx.shape[1]))).mean(1))
+
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match=r"\['pos'\] are called without the batch dimension"):
+        ak.EKFAC(PositionTable(), ak.tasks.Classification(), fisher="empirical", verbose=False).fit([batch])
+    only = ak.EKFAC(PositionTable(), ak.tasks.Classification(), params=["emb.weight", "fc.weight", "fc.bias"],
+                    fisher="empirical", verbose=False)
+    assert only.fit([batch]).score([batch], train=[batch]).shape == (4, 4)
+
+
 def test_in_place_activation_after_a_layer_gives_the_same_scores():
     # an in-place ReLU overwrites the first Linear's output: the backward pass then asks for the
     # parameters' gradients instead of the outputs' (the capture sees the right gradient either way)

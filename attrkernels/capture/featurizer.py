@@ -37,7 +37,7 @@ from ..kernels.philox import derive_seed, split_seed
 from ..kernels.projection import check_k, check_kind
 from ..kernels.sketch import sketch
 from .fallback import fallback_gradients, one_example
-from .hooks import Capture, make_plan
+from .hooks import Capture, make_plan, unbatched_modules
 from .layers import Block, ConvHandler, LinearHandler
 
 MODES = ("dense", "factored")
@@ -209,8 +209,7 @@ class Featurizer:
         embedding looked up with arange(T) and broadcast over the batch) receives output-gradients
         already summed over examples, so hooks cannot give its per-example gradients: move its
         parameters to the torch.func fallback (once, with a warning) and ask for a retry."""
-        unbatched = [mname for mname, h in handlers.items()
-                     if any(r.inputs.ndim == 0 or r.inputs.shape[0] != B for r in h.records)]
+        unbatched = unbatched_modules(handlers, B)
         if not unbatched:
             return
         names = [n for n, p in zip(self.plan.names, self.plan.params)

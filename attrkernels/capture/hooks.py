@@ -99,6 +99,14 @@ def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
     return Plan(chosen, [by_name[n] for n in chosen], offsets, total, hooked, fb)
 
 
+def unbatched_modules(handlers: dict, batch_size: int) -> list:
+    """Names of hooked modules called on inputs without the batch dimension (leading size other
+    than ``batch_size``, e.g. a position embedding looked up with arange(T) and broadcast over the
+    batch): their output-gradients arrive summed over the examples, so hooks cannot separate them."""
+    return [name for name, h in handlers.items()
+            if any(r.inputs.ndim == 0 or r.inputs.shape[0] != batch_size for r in h.records)]
+
+
 @dataclass
 class Capture:
     """Context that records inputs and output-gradients of the plan's hooked modules."""

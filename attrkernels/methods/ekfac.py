@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import Capture, make_plan
-from ..capture.hooks import resolve_params
+from ..capture.hooks import resolve_params, unbatched_modules
 from ..kernels.conv_covariance import conv_covariance
 from ..kernels.conv_covariance import preferred as conv_preferred
 from ..kernels.conv_grad import conv_rotated_gradients
@@ -440,6 +440,11 @@ class EKFAC(AttributionMethod):
         finally:
             for h in hooks:
                 h.remove()
+        unbatched = unbatched_modules(cap.handlers, size)
+        if unbatched:
+            raise ValueError(f"modules {unbatched} are called without the batch dimension, so their "
+                             "per-example statistics cannot be captured; leave their parameters out "
+                             "with params=")
         bad = ~torch.isfinite(out.detach())
         if bad.any():
             raise ValueError(f"the {what} loss or measurement is NaN or Inf for examples "
