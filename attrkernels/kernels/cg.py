@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_positive_int
+
 RESTART_TOL = 0.2
 
 
@@ -140,8 +142,7 @@ def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
         raise ValueError("B contains NaN or Inf")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    check_positive_int("max_iter", max_iter)
     if not 0 < restart_tol:
         raise ValueError(f"restart_tol must be > 0, got {restart_tol}")
     p, V = B.shape

@@ -41,6 +41,8 @@ from collections.abc import Mapping
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from .checks import check_positive_int
+
 CPU_CHUNK = 32
 
 
@@ -157,8 +159,7 @@ def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, c
         raise ValueError("vectors must hold at least one vector (V >= 1)")
     if chunk is None:
         chunk = CPU_CHUNK if _device(vectors).type == "cpu" else V
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    check_positive_int("chunk", chunk)
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")
     if outputs is not None and not callable(outputs):

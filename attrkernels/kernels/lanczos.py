@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_positive_int
+
 
 def lanczos_extremes(matvec, p: int, *, steps: int = 30, seed: int = 0,
                      dtype: torch.dtype = torch.float32, device="cpu") -> tuple[float, float]:
     """(theta_min, theta_max): extreme Ritz values of the p x p operator ``matvec([p, 1]) -> [p, 1]``."""
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"p must be a positive int, got {p!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_positive_int("p", p)
+    check_positive_int("steps", steps)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(p, dtype=torch.float64, generator=generator)
     basis = [q / q.norm()]

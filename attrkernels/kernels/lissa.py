@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_positive_int
 from .hvp import check_damping
 
 
@@ -62,9 +63,8 @@ def lissa(operator, B: torch.Tensor, *, scale: float, depth: int, damping: float
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if scale <= damping:
         raise ValueError(f"scale must exceed damping (scale={scale}, damping={damping})")
-    for name, value in (("depth", depth), ("repeat", repeat)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int("depth", depth)
+    check_positive_int("repeat", repeat)
     b_norm = B.to(torch.float64).norm(dim=0)
     total = torch.zeros_like(B)
     change = torch.zeros(B.shape[1], dtype=torch.float64, device=B.device)

@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 
 from ..capture import Capture, make_plan
 from ..capture.hooks import resolve_params, unbatched_modules
+from ..kernels.checks import check_positive_int
 from ..kernels.conv_covariance import conv_covariance
 from ..kernels.conv_covariance import preferred as conv_preferred
 from ..kernels.conv_grad import conv_rotated_gradients
@@ -292,9 +293,7 @@ class EKFAC(AttributionMethod):
         if fisher == "true" and not (isinstance(task, Classification) or callable(getattr(task, "sampled_loss", None))):
             raise TypeError("fisher='true' samples labels from the model: the task must be a Classification or "
                             "define sampled_loss(model, batch, generator) -> [B]; or pass fisher='empirical'")
-        if block_width is not None and (isinstance(block_width, bool) or not isinstance(block_width, int)
-                                        or block_width < 1):
-            raise ValueError(f"block_width must be None or a positive int, got {block_width!r}")
+        check_positive_int("block_width", block_width, optional=True)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 4096:

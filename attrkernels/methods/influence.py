@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import Featurizer, make_plan
+from ..kernels.checks import check_positive_int
 from ..kernels.cg import NotPositiveDefiniteError, block_cg
 from ..kernels.hvp import check_damping, hvp
 from ..kernels.lanczos import lanczos_extremes
@@ -169,9 +170,7 @@ class _Influence(AttributionMethod):
         self.damping = check_damping(damping)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if hvp_chunk is not None and (isinstance(hvp_chunk, bool) or not isinstance(hvp_chunk, int)
-                                      or hvp_chunk < 1):
-            raise ValueError(f"hvp_chunk must be a positive int or None, got {hvp_chunk!r}")
+        check_positive_int("hvp_chunk", hvp_chunk, optional=True)
         self.curvature, self.hvp_chunk = curvature, hvp_chunk
         self.plan = make_plan(model, params)
         self.checkpoints = None
@@ -259,11 +258,8 @@ class InfluenceCG(_Influence):
                          hvp_chunk=hvp_chunk, verbose=verbose)
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-        if query_batch is not None and (isinstance(query_batch, bool) or not isinstance(query_batch, int)
-                                        or query_batch < 1):
-            raise ValueError(f"query_batch must be a positive int or None, got {query_batch!r}")
+        check_positive_int("max_iter", max_iter)
+        check_positive_int("query_batch", query_batch, optional=True)
         self.tol, self.max_iter, self.query_batch = tol, max_iter, query_batch
 
     def _solve(self, index, G):
@@ -350,9 +346,8 @@ class InfluenceLiSSA(_Influence):
                  repeat: int = 1, scale=None, params=None, hvp_chunk=None, verbose: bool = True):
         super().__init__(model, task, damping=damping, curvature=curvature, params=params,
                          hvp_chunk=hvp_chunk, verbose=verbose)
-        for name, value in (("depth", depth), ("repeat", repeat)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("depth", depth)
+        check_positive_int("repeat", repeat)
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
         self.depth, self.repeat, self.scale = depth, repeat, scale
