@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_positive_int
+from ..utils.checks import check_positive_int
 
 RESTART_TOL = 0.2
 

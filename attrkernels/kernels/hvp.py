@@ -35,24 +35,14 @@ form. The result has the form and dtype of ``vectors``.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .checks import check_positive_int
+from ..utils.checks import check_damping, check_positive_int
 
 CPU_CHUNK = 32
-
-
-def check_damping(damping) -> float:
-    """``damping`` as a float, or a ValueError naming it if it is negative or not finite."""
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0 (it is added to the curvature's diagonal), got {damping}")
-    return float(damping)
 
 
 def _block_size(params, vectors) -> int:
@@ -194,4 +184,4 @@ def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, c
     return result
 
 
-__all__ = ["hvp", "check_damping"]
+__all__ = ["hvp"]

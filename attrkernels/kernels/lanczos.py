@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_positive_int
+from ..utils.checks import check_positive_int
 
 
 def lanczos_extremes(matvec, p: int, *, steps: int = 30, seed: int = 0,

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_positive_int
-from .hvp import check_damping
+from ..utils.checks import check_positive_int
+from ..utils.checks import check_damping
 
 
 class LissaDivergenceError(ValueError):

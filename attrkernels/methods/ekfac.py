@@ -28,8 +28,8 @@ sampled from the model's own predictive distribution (one sample per example, se
 the covariance pass: reusing the same draws fits the eigenbasis and the eigenvalues to the same
 noise, which cost 0.06 LDS on the digits MLP): the Fisher of the model, a positive
 semi-definite approximation of the Hessian (the Gauss-Newton matrix for cross-entropy), as in
-Grosse et al. and kronfluence's default. It needs a ``Classification`` task (labels sampled from
-softmax(``task.logits``)) or a task with ``sampled_loss(model, batch, generator) -> [B]``.
+Grosse et al. and kronfluence's default. It needs a task with ``sampled_loss(model, batch, generator) -> [B]``
+(``Classification`` samples labels from softmax of its logits).
 ``fisher="empirical"`` uses the dataset's labels (``task.loss``): deterministic and works for any
 task, but the empirical Fisher weights examples by their own loss and attributes less
 accurately (see ``benchmarks/results/ekfac_cpu.md``).
@@ -66,12 +66,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import Capture, make_plan
 from ..capture.hooks import resolve_params, unbatched_modules
-from ..kernels.checks import check_positive_int
+from ..utils.checks import check_positive_int
 from ..kernels.conv_covariance import conv_covariance
 from ..kernels.conv_covariance import preferred as conv_preferred
 from ..kernels.conv_grad import conv_rotated_gradients
@@ -82,7 +81,7 @@ from ..kernels.kron_score import (gradient_inner, gradient_self_inner, kron_inne
                                   sparse_rows_inner, sparse_rows_self_inner)
 from ..kernels.philox import derive_seed
 from ..store import Store
-from ..tasks.base import Classification
+from ..tasks.base import implements
 from .base import (AttributionMethod, as_checkpoints, call_task, fingerprint, iterate, load_checkpoint,
                    preserved_weights)
 
@@ -290,9 +289,10 @@ class EKFAC(AttributionMethod):
             damping = float(damping)
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if fisher == "true" and not (isinstance(task, Classification) or callable(getattr(task, "sampled_loss", None))):
-            raise TypeError("fisher='true' samples labels from the model: the task must be a Classification or "
-                            "define sampled_loss(model, batch, generator) -> [B]; or pass fisher='empirical'")
+        if fisher == "true" and not implements(task, "sampled_loss"):
+            raise TypeError("fisher='true' samples labels from the model: the task must define "
+                            "sampled_loss(model, batch, generator) -> [B] (ak.tasks.Classification does); "
+                            "or pass fisher='empirical'")
         check_positive_int("block_width", block_width, optional=True)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
@@ -469,13 +469,7 @@ class EKFAC(AttributionMethod):
 
         def sampled_loss(model, batch):
             device = next(model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(seed)
-            if callable(getattr(task, "sampled_loss", None)):
-                return task.sampled_loss(model, batch, generator)
-            logits = task.logits(model, batch)
-            probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            return F.cross_entropy(logits, labels, reduction="none")
+            return task.sampled_loss(model, batch, torch.Generator(device=device).manual_seed(seed))
 
         sampled_loss.__name__ = "sampled_loss"
         return sampled_loss

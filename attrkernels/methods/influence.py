@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import Featurizer, make_plan
-from ..kernels.checks import check_positive_int
+from ..utils.checks import check_positive_int
 from ..kernels.cg import NotPositiveDefiniteError, block_cg
-from ..kernels.hvp import check_damping, hvp
+from ..kernels.hvp import hvp
+from ..utils.checks import check_damping
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
 from ..kernels.packed import NotPositiveDefiniteMatrix, PackedSPD

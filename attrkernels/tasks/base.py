@@ -2,8 +2,20 @@
 
 A task turns a model and a batch into one number per example. Methods differentiate these:
 TRAK, TracIn and influence functions use ``loss`` for training examples and ``measure`` for
-targets; LDS ground truth records ``measure`` of retrained models. Subclass ``Task`` (or
-``Classification``) for your own batch format, as with kronfluence's Task.
+targets; LDS ground truth records ``measure`` of retrained models. The task alone knows the
+batch format: methods never index a batch themselves. Subclass ``Task`` (or ``Classification``)
+for your own batch format, as with kronfluence's Task.
+
+What each method needs:
+
+=================  =========================================================================
+``loss``           every method (per-example training loss, [B])
+``measure``        every method (what attribution predicts, [B])
+``out_to_loss``    TRAK (its per-example weight 1 - p)
+``sampled_loss``   EK-FAC / K-FAC with ``fisher="true"`` (loss at targets drawn from the model)
+``logits`` and     influence with ``curvature="gauss-newton"``: loss(model, batch) must equal
+``logit_loss``     logit_loss(logits(model, batch), batch), convex in the logits
+=================  =========================================================================
 """
 from __future__ import annotations
 
@@ -28,10 +40,42 @@ class Task:
             f"{type(self).__name__} does not define out_to_loss, which TRAK needs"
         )
 
+    def sampled_loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+        """Per-example loss at targets sampled from the model's own predictive distribution
+        (one draw per example from ``generator``), shape [B]: its gradients' covariance is the
+        true Fisher, which EK-FAC / K-FAC use by default."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define sampled_loss(model, batch, generator), which the "
+            "true Fisher needs; define it or pass fisher='empirical'"
+        )
+
+    def logits(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        """The model output the loss is a function of (``logit_loss``), e.g. [B, classes]."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define logits(model, batch), which the Gauss-Newton "
+            "curvature needs; define logits and logit_loss or use curvature='hessian'"
+        )
+
+    def logit_loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        """Per-example loss as a function of ``logits(model, batch)``, shape [B]."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define logit_loss(logits, batch), which the Gauss-Newton "
+            "curvature needs; define logits and logit_loss or use curvature='hessian'"
+        )
+
     def batch_size(self, batch) -> int:
         """Number of examples in a batch."""
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         return int(first.shape[0])
+
+
+def implements(task, name: str) -> bool:
+    """Whether ``task`` provides method ``name`` (its class overrides the ``Task`` default, or it
+    is not a ``Task`` subclass and has a callable of that name)."""
+    fn = getattr(type(task), name, None)
+    if fn is None:
+        return callable(getattr(task, name, None))
+    return fn is not getattr(Task, name, None)
 
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -68,9 +112,20 @@ class Classification(Task):
         inputs, _ = self._split(batch)
         return model(inputs)
 
+    def logit_loss(self, logits, batch):
+        _, labels = self._split(batch)
+        return F.cross_entropy(logits, labels, reduction="none")
+
     def loss(self, model, batch):
         inputs, labels = self._split(batch)
         return F.cross_entropy(model(inputs), labels, reduction="none")
+
+    def sampled_loss(self, model, batch, generator):
+        # Labels drawn from softmax(logits) in float64 (one per example), then the cross-entropy.
+        logits = self.logits(model, batch)
+        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return F.cross_entropy(logits, labels, reduction="none")
 
     def measure(self, model, batch):
         inputs, labels = self._split(batch)
