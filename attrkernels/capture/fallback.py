@@ -42,23 +42,23 @@ def _in_dims(batch):
     return None
 
 
-class _Call(nn.Module):
-    """Wraps ``output_fn(model, batch)`` so torch.func.functional_call can swap parameters."""
+class ModelCall(nn.Module):
+    """``forward(batch) = fn(model, batch)`` as a module, so torch.func.functional_call can swap
+    the model's parameters (named ``model.<name>``) in any task function."""
 
-    def __init__(self, model, output_fn):
+    def __init__(self, model: nn.Module, fn):
         super().__init__()
-        self.model = model
-        self.output_fn = output_fn
+        self.model, self.fn = model, fn
 
     def forward(self, batch):
-        return self.output_fn(self.model, batch)
+        return self.fn(self.model, batch)
 
 
 def fallback_gradients(model, output_fn, batch, named_params, batch_size):
     """{name: [B, numel]} per-example gradients of ``named_params`` (float32)."""
     if not named_params:
         return {}
-    wrapper = _Call(model, output_fn)
+    wrapper = ModelCall(model, output_fn)
     values = {n: p.detach() for n, p in named_params}
 
     def f(vals, example):
