@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-python3}
 . "$VENV/bin/activate"
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
-pip install -q -e ".[test,triton]"
+pip install -q -e ".[test,triton,hf]"
 # The [bench] extra of pyproject.toml without kronfluence's torchvision: keep the two lists in step.
 pip install -q traker dattri matplotlib accelerate einops einconv opt-einsum
 pip install -q --no-deps kronfluence
