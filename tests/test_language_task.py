@@ -87,7 +87,8 @@ def test_bad_batches_and_outputs_name_the_fix():
     with pytest.raises(TypeError, match="input_ids"):
         task.loss(model, {"tokens": ids})
     with pytest.raises(TypeError, match="dict batches"):
-        task.loss(model, (ids, ids))
+        task.loss(model, ids)
+    torch.testing.assert_close(task.loss(model, (ids,)), task.loss(model, {"input_ids": ids}))
     labels = ids.clone()
     labels[1, 1:] = IGNORE
     with pytest.raises(ValueError, match=r"sequences \[1\] .*no target token"):

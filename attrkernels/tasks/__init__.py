@@ -7,7 +7,8 @@ user's own task follows.
 from .base import Classification, Task, margin
 from .builtin import BuiltinTask, InMemoryTask, available, config_hash, get, register
 from .training import Checkpoint, Recipe
-from . import cifar, digits, mnist1d_cnn  # noqa: F401  (register the built-in tasks)
+from . import cifar, digits, mnist1d_cnn, text_lm  # noqa: F401  (register the built-in tasks)
+from .language import LanguageModeling
 
-__all__ = ["Task", "Classification", "margin", "BuiltinTask", "InMemoryTask", "Recipe", "Checkpoint",
+__all__ = ["Task", "Classification", "LanguageModeling", "margin", "BuiltinTask", "InMemoryTask", "Recipe", "Checkpoint",
            "get", "available", "register", "config_hash"]

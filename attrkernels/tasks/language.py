@@ -6,6 +6,9 @@ Batches are dicts (as Hugging Face collators make them)::
      "attention_mask": [B, T] (optional; 0 marks padding),
      "labels": LongTensor [B, T] (optional; default input_ids with padding set to -100)}
 
+or tuples ``(input_ids, [attention_mask, [labels]])`` in that order (what a ``TensorDataset``
+of token ids yields).
+
 The model is called as ``model(input_ids=..., attention_mask=...)`` (or ``model(input_ids)`` when
 it takes no mask) and returns logits [B, T, V], either as a tensor or as an object with
 ``.logits``. Position t predicts token t + 1: with z = logits[:, :-1] and targets y = labels[:, 1:],
@@ -52,10 +55,13 @@ class LanguageModeling(Task):
     # -- batches -------------------------------------------------------------------------------
     def _parts(self, batch):
         """(input_ids [B, T], attention_mask [B, T] or None, labels [B, T]) checked."""
+        if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
+            batch = dict(zip(("input_ids", "attention_mask", "labels"), batch))
         if not isinstance(batch, dict) or "input_ids" not in batch:
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise TypeError(f"LanguageModeling expects dict batches with 'input_ids' (and optionally "
-                            f"'attention_mask', 'labels'); got {keys}. Subclass Task for another format.")
+                            f"'attention_mask', 'labels') or tuples (input_ids, [attention_mask, [labels]]); "
+                            f"got {keys}. Subclass Task for another format.")
         ids = batch["input_ids"]
         if not torch.is_tensor(ids) or ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an integer tensor [batch, sequence], got "
