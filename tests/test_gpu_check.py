@@ -5,6 +5,7 @@ import json
 import sys
 import tarfile
 import textwrap
+import zipfile
 
 import pytest
 
@@ -17,6 +18,7 @@ STAND_INS = {
     "fail_step": "import sys; print('partial'); sys.stderr.write('Traceback: boom\\n'); sys.exit(3)",
     "hang_step": "import time; time.sleep(60)",
     "table_step": "import sys; open(sys.argv[-1] + '/table.md', 'w').write('| a |\\n|---|\\n| 1 |')",
+    "peer_step": "import gpucheck_peer; print('note: peer', gpucheck_peer.VALUE)",
 }
 
 
@@ -89,3 +91,27 @@ def test_gpu_steps_fit_the_budget():
         if s.argv and s.argv[0].startswith("benchmarks.gpu."):
             __import__(s.argv[0])  # every step module imports (its code runs in the dry run)
     assert sys.modules["benchmarks.gpu.reference"].SHAPES
+
+
+def make_wheel(folder, name, version, module_text):
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}.py", module_text)
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", f"{name}.py,,\n{dist}/METADATA,,\n{dist}/WHEEL,,\n{dist}/RECORD,,\n")
+
+
+def test_carried_wheels_reach_the_later_steps(stand_ins, tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "gpucheck_peer", "1.0", "VALUE = 42\n")
+    make_wheel(wheels, "pytest", "0.0.1", "raise ImportError('must not shadow the installed pytest')\n")
+    monkeypatch.setattr(gpu_check, "WHEELS", wheels)
+    steps = [Step("wheels", 60, "carried wheels"), Step("peer", 30, "imports the peer", argv=["peer_step"])]
+    monkeypatch.setattr(gpu_check, "steps", lambda out_: steps)
+    assert gpu_check.main(["--out", str(stand_ins)]) == 0
+    status = {r["step"]: r for r in json.loads((stand_ins / "summary.json").read_text())["steps"]}
+    assert "installed gpucheck_peer 1.0" in status["wheels"]["note"]
+    assert "pytest" in status["wheels"]["note"] and "already there" in status["wheels"]["note"]
+    assert status["peer"]["status"] == "ok" and status["peer"]["note"] == "peer 42"
