@@ -183,7 +183,8 @@ class Checker:
 
     def auto(self):
         def fn():
-            name, _ = backends.resolve("sketch", "auto", torch.device(self.device))
+            name, _ = backends.resolve("sketch", "auto", torch.device(self.device),
+                                       variant=(torch.float32, "rademacher"))
             want = "cuda" if self.device == "cuda" else "cpu"
             return (0 if name == want else 1), f"auto picked {name}"
         self.record("auto", "auto", "", "", 0, 0, 0, 0, fn, 0)

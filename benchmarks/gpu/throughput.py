@@ -80,19 +80,22 @@ def main() -> int:
                 stopped = stopped or f"stopped early: {time_left():.0f} s left of the step's time"
                 break
             gen = torch.Generator(device=dev).manual_seed(B + p + k)
-            x = torch.randn(B, p, device=dev, generator=gen).to(dtype)
+            x = torch.randn(B, p, device=dev, generator=gen, dtype=dtype)
             flops = 2 * B * p * k
             floor = max(flops / (rates[dname] * 1e12), x.numel() * x.element_size() / (bw * 1e9))
             matmul_ms = ""
             if p * k * x.element_size() <= P_BUDGET:
                 try:
-                    P = torch.randn(p, k, device=dev, generator=gen).to(dtype)
+                    P = torch.randn(p, k, device=dev, generator=gen, dtype=dtype)
                     matmul_ms = round(1e3 * median_time(lambda: x @ P, dev, reps=5, budget_s=2), 3)
                     del P
                 except torch.OutOfMemoryError:
                     matmul_ms = "out of memory"
             for kind in ("rademacher", "gaussian"):
                 for backend in backends:
+                    if time_left() < 5:
+                        stopped = stopped or f"stopped early: {time_left():.0f} s left of the step's time"
+                        break
                     row = dict(B=B, p=p, k=k, dtype=dname, kind=kind, backend=backend,
                                floor_ms=round(floor * 1e3, 3), matmul_ms=matmul_ms)
                     out = torch.empty(B, k, device=dev)
