@@ -14,8 +14,8 @@ copied to DIR after every step too, so a run cut short still returns what it mea
 Steps (limit in seconds; their sum stays under the 480-second budget, and each limit is cut to
 what is left of the budget):
 
-  env         40   machine and versions (env.json)                                 both modes
-  wheels      30   pip install --no-index --no-deps the carried wheels              both modes
+  env         25   machine and versions (env.json)                                 both modes
+  wheels      20   pip install --no-index --no-deps the carried wheels              both modes
                    (benchmarks/gpu/wheels/*.whl, made by scripts/gpu_wheels.sh) into a
                    folder on PYTHONPATH, skipping any the interpreter already has
   install     75   pip install --no-deps --no-build-isolation --no-index -e .      dry run: pip --dry-run
@@ -24,7 +24,7 @@ what is left of the budget):
   reference   60   cuda / triton backends against the reference (benchmarks.gpu.reference)
   throughput  50   sketch time as a share of the bf16 / fp32 torch.mm rates
   featurize   50   ResNet-9 and GPT-2-small dense features vs torch.func + materialised P
-  ekfac       40   EK-FAC fit + score, ours vs kronfluence (if installed)
+  ekfac       60   EK-FAC fit + score, ours vs kronfluence (if installed)
   frontier    45   the digits frontier with the methods on the GPU
 
 In the dry run (``--dry-run``; no GPU needed) the GPU steps run their code on tiny CPU inputs
@@ -70,8 +70,8 @@ class Step:
 def steps(out: Path) -> list[Step]:
     o = ["--out", str(out)]
     return [
-        Step("env", 40, "machine and versions", argv=["benchmarks.gpu.env", *o]),
-        Step("wheels", 30, "install the carried peer wheels"),
+        Step("env", 25, "machine and versions", argv=["benchmarks.gpu.env", *o]),
+        Step("wheels", 20, "install the carried peer wheels"),
         Step("install", 75, "pip install --no-deps --no-build-isolation --no-index -e ."),
         Step("info", 20, "attrkernels info", argv=["attrkernels", "info"]),
         # the suite's tests that use the GPU (the rest run in CI); a timeout keeps the log
@@ -82,7 +82,7 @@ def steps(out: Path) -> list[Step]:
         Step("reference", 60, "cuda / triton vs reference", gpu=True, argv=["benchmarks.gpu.reference", *o]),
         Step("throughput", 50, "sketch vs torch.mm rates", gpu=True, argv=["benchmarks.gpu.throughput", *o]),
         Step("featurize", 50, "dense featurisation vs torch.func", gpu=True, argv=["benchmarks.gpu.featurize", *o]),
-        Step("ekfac", 40, "EK-FAC vs kronfluence", gpu=True, argv=["benchmarks.gpu.ekfac", *o]),
+        Step("ekfac", 60, "EK-FAC vs kronfluence", gpu=True, argv=["benchmarks.gpu.ekfac", *o]),
         Step("frontier", 45, "digits frontier, methods on GPU", gpu=True, argv=["benchmarks.gpu.frontier", *o]),
     ]
 

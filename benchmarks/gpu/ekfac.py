@@ -1,10 +1,11 @@
 """Step ``ekfac`` of the GPU check: EK-FAC fit + score, ours against kronfluence, on the GPU.
 
-ResNet-9 of width 32 (1.65 M parameters, the model of ``benchmarks.ekfac``'s CPU table) on random
-CIFAR-shaped data (2,000 training and 100 test examples, batch 128), untrained, BatchNorm in eval
-mode. Both libraries: EK-FAC with the true Fisher, damping 0.1 x the mean corrected eigenvalue
+ResNet-9 of width 32 (1.65 M parameters) on random CIFAR-shaped data (1,000 training and 100 test
+examples, batch 128), untrained, BatchNorm in eval mode: the problem of ``benchmarks.ekfac``'s
+CPU table (there with batch 64), so the two tables compare. Both libraries: EK-FAC with the true Fisher, damping 0.1 x the mean corrected eigenvalue
 (kronfluence: ``damping_factor=None``), the same datasets, Linear and Conv2d layers tracked.
-Reports each library's fit and score seconds (wall, the GPU synchronised), the speedup
+Order: ours, kronfluence, ours again if time allows (the first call of each pays one-time costs;
+the note says which call a row is). Reports fit and score seconds (wall, GPU synchronised), the speedup
 (kronfluence's fit + score over ours) and the Pearson correlation of the two score matrices.
 kronfluence is a peer: without it (carry its wheel, ``scripts/gpu_wheels.sh``) only ours is timed
 and the comparison is recorded as skipped.
@@ -86,7 +87,7 @@ def corr(a, b) -> float:
 def main() -> int:
     args = parse(__doc__)
     dev = args.device
-    n_train, n_test, batch, width, hw = (32, 4, 16, 4, 8) if args.smoke else (2000, 100, 128, 32, 32)
+    n_train, n_test, batch, width, hw = (32, 4, 16, 4, 8) if args.smoke else (1000, 100, 128, 32, 32)
     torch.manual_seed(0)
     model = resnet9(10, width=width).to(dev).eval()
     gen = torch.Generator().manual_seed(0)
@@ -107,25 +108,40 @@ def main() -> int:
         write_table(args.out, "ekfac", rows, ["impl", "fit_s", "score_s", "total_s", "speedup", "corr", "note"],
                     intro, {"device": dev, "kronfluence": peer, "smoke": args.smoke})
 
-    results = {}
-    for _ in range(1 if args.smoke else 2):  # the first run pays compilation and warm-up
-        results["ours"] = ours(model, train_set, test_set, batch, dev)
-    if peer and time_left() > 60 or peer and args.smoke:
+    results, first = {}, None
+
+    def tabulate():
+        rows.clear()
+        peer_total = sum(results["kronfluence"][1:]) if "kronfluence" in results else None
+        for name, (scores, fit, score) in results.items():
+            row = dict(impl=name if name == "ours" else f"kronfluence {peer}", fit_s=round(fit, 3),
+                       score_s=round(score, 3), total_s=round(fit + score, 3), note="first call")
+            if name == "ours" and first is not None:
+                row["note"] = f"second call; the first took {sum(first[1:]):.2f} s"
+            if peer_total is not None:
+                row.update(speedup=round(peer_total / (fit + score), 2),
+                           corr=round(corr(scores, results["kronfluence"][0]), 4))
+            rows.append(row)
+        flush()
+
+    # ours, kronfluence, then ours again when there is time (the first call of each library pays
+    # its one-time costs: CUDA context, cuSOLVER handles, kernel compilation); the table is
+    # rewritten after each, so a timeout keeps what ran
+    results["ours"] = ours(model, train_set, test_set, batch, dev)
+    tabulate()
+    if peer and (time_left() > 10 or args.smoke):
         results["kronfluence"] = kronfluence(model, train_set, test_set, batch, dev)
     elif peer:
         note = f"kronfluence {peer} installed but skipped: {time_left():.0f} s left"
     else:
         note = "kronfluence: skipped (not installed; carry its wheel, see scripts/gpu_wheels.sh)"
-    peer_total = sum(results["kronfluence"][1:]) if "kronfluence" in results else None
-    for name, (scores, fit, score) in results.items():
-        row = dict(impl=name if name == "ours" else f"kronfluence {peer}", fit_s=round(fit, 3),
-                   score_s=round(score, 3), total_s=round(fit + score, 3))
-        if peer_total is not None:
-            row.update(speedup=round(peer_total / (fit + score), 2),
-                       corr=round(corr(scores, results["kronfluence"][0]), 4))
-        rows.append(row)
+    tabulate()
+    if not args.smoke and time_left() > 1.5 * sum(results["ours"][1:]) + 5:
+        first = results["ours"]
+        results["ours"] = ours(model, train_set, test_set, batch, dev)
+        tabulate()
+    for row in rows:
         print(row, flush=True)
-    flush()
     if note:
         print(f"note: {note}")
     return 0
