@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine: build, check every GPU kernel against the reference,
-# time it against the peers, and leave the results in $OUT (or benchmarks/results/gpu/).
+# The GPU check in one call, offline (see benchmarks/gpu_check.py for the steps):
 #
-#   bash benchmarks/gpu_check.sh            # about 5 minutes on an H100/H200
+#   bash benchmarks/gpu_check.sh              # on a GPU machine: at most 8 minutes
+#   bash benchmarks/gpu_check.sh --dry-run    # anywhere (CI): the GPU steps on tiny CPU inputs
 #
-# Steps: install (CUDA torch from the machine, CuPy, Triton), `attrkernels info`, the GPU tests
-# (tests/test_sketch.py runs the cuda and triton backends against the torch reference on the
-# GPU, with the self-check on first use), then benchmarks.sketch --device cuda.
-set -euo pipefail
+# Nothing is downloaded. The interpreter is $PYTHON if set; else, for the GPU run, the first of
+# python3, python, .venv/bin/python whose torch sees a CUDA GPU (a lent machine's python3 has
+# torch, Triton, CuPy and pybind11); for the dry run, .venv/bin/python if present, else python3.
+# Results go to benchmarks/results/gpu/ (or --out DIR); when $OUT is set (the device tool's
+# return folder), summary.md, summary.json and gpu_results.tar.gz are also copied there after
+# every step. Carried peer wheels in benchmarks/gpu/wheels/ (scripts/gpu_wheels.sh) are installed
+# with pip --no-index --no-deps.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 
-log "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo 'no nvidia-smi')"
-python3 -m venv .venv-gpu
-. .venv-gpu/bin/activate
-pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || pip install -q torch
-pip install -q -e ".[test,triton,cuda]" 2>&1 | tail -3
-pip install -q traker dattri 2>&1 | tail -1 || true
-python -m attrkernels info | tee "$OUT/info.txt"
+dry=0
+for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done
 
-log "GPU tests"
-python -m pytest -q tests/test_sketch.py tests/test_philox.py -k "gpu or triton or cuda or known" 2>&1 | tee "$OUT/tests.txt" | tail -5
+sees_gpu() { "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; }
 
-log "sketch benchmark"
-python -m benchmarks.sketch --device cuda --reps 5 2>&1 | tail -40 | tee "$OUT/sketch_cuda.txt"
-cp benchmarks/results/sketch_cuda.* "$OUT/" 2>/dev/null || true
-log "done"
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+  if [ "$dry" = 1 ]; then
+    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+  else
+    for cand in python3 python .venv/bin/python; do
+      if command -v "$cand" >/dev/null 2>&1 && sees_gpu "$cand"; then py=$cand; break; fi
+    done
+    if [ -z "$py" ]; then
+      echo "no interpreter here has a torch that sees a CUDA GPU (tried python3, python, .venv/bin/python)." >&2
+      echo "On a machine without a GPU: bash benchmarks/gpu_check.sh --dry-run" >&2
+      exit 2
+    fi
+  fi
+fi
+
+pack=()
+if [ -n "${OUT:-}" ]; then pack=(--pack "$OUT"); fi
+export PYTHONUNBUFFERED=1
+exec "$py" -m benchmarks.gpu_check ${pack[@]+"${pack[@]}"} "$@"
