@@ -2,6 +2,10 @@
 
     gt = build_ground_truth(get("digits-mlp"), "runs/gt/digits", "default")
     print(lds(scores, gt.masks, gt.mean_outputs()), split_half(gt.outputs))
+
+The LDS-vs-cost frontier runner is in submodules imported on demand: ``frontier`` (configurations
+run against one ground truth, with a result cache), ``checkpoints`` (the checkpoint cache),
+``pareto`` (the Pareto front) and ``report`` (CSV and plot writers).
 """
 from .harness import build_ground_truth, check_benchmark, measure_dataset
 from .lds import LDSResult, bootstrap_ci, lds, spearman_columns
