@@ -1,4 +1,9 @@
-"""Command line: ``attrkernels <command>`` (also ``python -m attrkernels``)."""
+"""Command line: ``attrkernels <command>`` (also ``python -m attrkernels``).
+
+``info``: versions, usable backends, GPU and CPU features. The LDS-vs-cost frontier (the main
+job) runs from the source tree with ``python -m benchmarks.frontier``: its configurations and
+peers live in ``benchmarks/``; the runner is ``attrkernels.eval.frontier.run_frontier``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -46,26 +51,10 @@ def info(_args=None) -> int:
     return 0
 
 
-def frontier(args) -> int:
-    """LDS-vs-cost frontier of our methods on a built-in task (peers: python -m benchmarks.frontier)."""
-    from .frontier import run_frontier
-
-    run_frontier(args.task, quick=args.quick, out=args.out, runs=args.runs,
-                 only=args.only.split(",") if args.only else None)
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attrkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, usable backends, GPU, CPU features").set_defaults(func=info)
-    fr = sub.add_parser("frontier", help="LDS vs cost of every method on a built-in task")
-    fr.add_argument("--task", default="digits-mlp")
-    fr.add_argument("--quick", action="store_true", help="quick protocol and cheap configurations")
-    fr.add_argument("--out", default=None, help="output folder (default benchmarks/results/<task>[-quick])")
-    fr.add_argument("--runs", default="runs", help="cache folder (ground truth, checkpoints, results)")
-    fr.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
-    fr.set_defaults(func=frontier)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -169,7 +169,7 @@ def kronfluence_scores(ctx, ckpts) -> torch.Tensor:
     for state in ckpts:
         model = ctx.model()
         model.load_state_dict(state)
-        total = total + kronfluence(model.eval(), ctx.task.train_data(), ctx.task.test_data(),
+        total = total + kronfluence(model.eval(), ctx.benchmark.train_data(), ctx.benchmark.test_data(),
                                     ctx.train.batch_size)[0]
     return total / len(ckpts)
 

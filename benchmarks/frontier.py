@@ -1,66 +1,61 @@
-"""The main job: the LDS-vs-cost frontier of every method, ours and the peers', on one task.
+"""The main job: the LDS-vs-cost frontier of every method, ours and the peers', on one benchmark.
 
     python -m benchmarks.frontier --quick     # digits, quick protocol: under 10 minutes on 2 cores
     python -m benchmarks.frontier             # digits, default protocol, every configuration
 
-Our configurations are those of ``attrkernels.frontier``; this adds the peers that are installed
-(same checkpoints, same ground truth, cost measured the same way): traker's TRAK, kronfluence's
-EK-FAC and dattri's IF-CG. Writes benchmarks/results/<task>/frontier.csv and frontier.png
-(<task>-quick/ with --quick).
+The configurations are those of ``benchmarks.frontier_configs``: ours and the installed peers
+(traker's TRAK, kronfluence's EK-FAC, dattri's IF-CG) on the same checkpoints and ground truth,
+cost measured the same way; the runner is ``attrkernels.eval.frontier``. Writes
+frontier.csv and frontier.png to --out (default benchmarks/results/<task>/, or <task>-quick/
+with --quick), only when at least one configuration finished. Caches (ground truth, checkpoints,
+finished configurations) live under --runs.
+
+Arguments are checked before any work: an unknown --task, an --only that matches no label or an
+--out / --runs that cannot be written stop with a message (exit status 2). Exit status 1 when a
+configuration failed (the others are still written) or none finished.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 
-from attrkernels.frontier import Config, run_frontier
+from attrkernels.eval.frontier import FrontierArgumentError, resolve_benchmark, run_frontier
 
 from .common import RESULTS
-
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-def peer_configs(quick: bool) -> list:
-    out = []
-    if _installed("trak"):
-        from .trak import traker
-
-        def run_traker(k):
-            return lambda ctx, ckpts, rates: traker(ctx.task, ckpts, ctx.train, ctx.test, k)[0]
-
-        for M in ((1, 5) if quick else (1, 5, 10)):
-            out.append(Config("traker (peer)", f"traker TRAK k=512 M={M}", ("models", M),
-                              run_traker(512), {"k": 512, "M": M}))
-    if _installed("kronfluence"):
-        from .ekfac import kronfluence_scores
-
-        out.append(Config("kronfluence (peer)", "kronfluence EK-FAC M=1", ("models", 1),
-                          lambda ctx, ckpts, rates: kronfluence_scores(ctx, ckpts), {"M": 1}))
-    if _installed("dattri") and not quick:
-        from .influence import dattri_ifcg_scores
-
-        out.append(Config("dattri (peer)", "dattri IF-CG M=1", ("models", 1),
-                          lambda ctx, ckpts, rates: dattri_ifcg_scores(ctx, ckpts), {"M": 1}))
-    return out
+from .frontier_configs import ours, peers
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="digits-mlp")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-peers", action="store_true")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="digits-mlp", help="a registered benchmark (attrkernels.tasks.available())")
+    parser.add_argument("--quick", action="store_true", help="quick protocol and the cheap configurations")
+    parser.add_argument("--no-peers", action="store_true", help="our methods only")
     parser.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
-    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default benchmarks/results/<task>, or <task>-quick with --quick)")
+    parser.add_argument("--runs", default="runs", help="cache folder (ground truth, checkpoints, results)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes training the ground truth (default: one per core)")
     args = parser.parse_args(argv)
-    peers = [] if args.no_peers else peer_configs(args.quick)
-    out = RESULTS / (args.task + ("-quick" if args.quick else ""))
-    rows = run_frontier(args.task, quick=args.quick, out=out, runs=args.runs,
-                        extra_configs=peers, only=args.only.split(",") if args.only else None)
-    print(f"{len(rows)} configurations -> {out}/frontier.csv, frontier.png")
-    return 0
+    try:
+        benchmark = resolve_benchmark(args.task)
+    except FrontierArgumentError as err:
+        parser.error(f"--task: {err}")
+    configs = ours(args.quick) + ([] if args.no_peers else peers(args.quick))
+    out = args.out if args.out is not None else RESULTS / (args.task + ("-quick" if args.quick else ""))
+    try:
+        rows, failed = run_frontier(benchmark, configs, out=out, runs=args.runs,
+                                    protocol="quick" if args.quick else "default",
+                                    only=args.only.split(",") if args.only is not None else None,
+                                    workers=args.workers)
+    except FrontierArgumentError as err:
+        parser.error(str(err))
+    if rows:
+        print(f"{len(rows)} configurations -> {out}/frontier.csv, frontier.png")
+    if failed:
+        print(f"{len(failed)} configuration(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 0 if rows and not failed else 1
 
 
 if __name__ == "__main__":

@@ -61,11 +61,11 @@ from attrkernels.tasks import Classification, margin
 from attrkernels.tasks.training import Recipe, train_classifier
 
 from .common import RESULTS, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss, write_results
+from .frontier_configs import DIGITS_DAMPING
 from .setup_task import checkpoints, ground_truth, lds_of, loaders
 
 DEVICE = torch.device("cpu")
 KERNEL_DAMPING = 0.05
-DIGITS_DAMPING = 1e-2
 COLUMNS = ["part", "impl", "setting", "cpu_s", "wall_s", "x_ours", "x_dattri", "floor_s", "steps", "hvp_columns",
            "residual", "lds", "ci", "memory", "note"]
 
@@ -235,7 +235,7 @@ def dattri_if_cg(task, state):
 
 def dattri_ifcg_scores(ctx, ckpts) -> torch.Tensor:
     """The frontier's dattri row: its IF-CG (defaults, damping 1e-2) per checkpoint, scores averaged."""
-    return sum(dattri_if_cg(ctx.task, state)[0] for state in ckpts) / len(ckpts)
+    return sum(dattri_if_cg(ctx.benchmark, state)[0] for state in ckpts) / len(ckpts)
 
 
 def ours_method(make, train, test, ckpts, fit_kwargs=None):

@@ -4,7 +4,7 @@ checkpoints (cached, with their training cost) and loaders in the original order
 Caches live under ``runs/`` (not versioned): ``runs/gt/<task>-<protocol>`` is the LDS ground
 truth (resumable, see attrkernels.eval), ``runs/ckpt/<task>/model-seed<s>.pt`` a model trained on
 the whole training set with seed s, with the seconds it took in ``model-seed<s>.json`` (the
-frontier's ``CheckpointCache``).
+``attrkernels.eval.checkpoints.CheckpointCache``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import attrkernels as ak
 from attrkernels.eval import build_ground_truth
-from attrkernels.frontier import CheckpointCache
+from attrkernels.eval.checkpoints import CheckpointCache
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
 

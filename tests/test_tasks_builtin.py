@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from attrkernels.tasks import BuiltinTask, Classification, Recipe, available, get, register
+from attrkernels.tasks import Benchmark, Classification, Recipe, available, get, register
 from attrkernels.tasks.training import checkpoint_epochs, split_seed
 
 
@@ -20,14 +20,14 @@ def test_registry():
 
 def test_user_task_plugs_in():
     @register
-    class Mine(BuiltinTask):
+    class Mine(Benchmark):
         name = "test-mine"
 
         def __init__(self, k=1):
             self.k = k
 
     assert "test-mine" in available() and get("test-mine", k=3).k == 3
-    with pytest.raises(TypeError, match="BuiltinTask subclass"):
+    with pytest.raises(TypeError, match="Benchmark subclass"):
         register(int)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from attrkernels.tasks import BuiltinTask, Classification, Recipe
+from attrkernels.tasks import Benchmark, Classification, Recipe
 
 
 def blobs(n: int, seed: int):
@@ -21,7 +21,7 @@ def blobs(n: int, seed: int):
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
 
 
-class TinyLogReg(BuiltinTask):
+class TinyLogReg(Benchmark):
     """Logistic regression (Linear(2, 2)) on 60 training and 20 test points.
 
     ``log``: a file that gets one line per trained model (seed); ``sleep``: seconds added to each

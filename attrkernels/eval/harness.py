@@ -1,15 +1,15 @@
 """The retraining harness: train r models on each of m subsets and record their measurements.
 
-``build_ground_truth(task, directory, protocol)`` trains, for every subset j and run k of the
-protocol that has no stored output yet, ``task.train(indices_j, model_seed(seed, j, k))`` and
-stores ``task.task.measure`` of the trained model on every test example (float64 [n_test]) in
+``build_ground_truth(benchmark, directory, protocol)`` trains, for every subset j and run k of
+the protocol that has no stored output yet, ``benchmark.train(indices_j, model_seed(seed, j, k))``
+and stores ``benchmark.task.measure`` of the trained model on every test example (float64 [n_test]) in
 ``directory`` (see ``store``). Models train in ``workers`` processes (default: one per
 available core), each limited to one torch thread, so the result does not depend on the number
 of workers. Each worker writes its model's output atomically as soon as the model is trained:
 after ``kill -9`` a rerun trains only the models whose output is missing.
 
-With the ``spawn`` start method (the default: safe with threads and CUDA) the task is pickled
-to the workers and a task class defined in a script must be importable, i.e. the script's work
+With the ``spawn`` start method (the default: safe with threads and CUDA) the benchmark is
+pickled to the workers and a benchmark class defined in a script must be importable, i.e. the script's work
 must sit under ``if __name__ == "__main__":``. ``workers=1`` trains in the calling process.
 """
 from __future__ import annotations
@@ -66,17 +66,18 @@ def measure_dataset(task, model: torch.nn.Module, dataset, batch_size: int = 102
     return result
 
 
-def check_task(task, batch_size: int = 8) -> tuple[int, int]:
-    """(n_train, n_test) of a BuiltinTask after checking its data and measurement on an untrained model."""
+def check_benchmark(benchmark, batch_size: int = 8) -> tuple[int, int]:
+    """(n_train, n_test) of a Benchmark after checking its data and measurement on an untrained model."""
     for attr in ("train", "train_data", "test_data", "make_model", "config", "task"):
-        if not hasattr(task, attr):
-            raise TypeError(f"task must follow the BuiltinTask protocol; {type(task).__name__} has no {attr!r}")
-    n_train, n_test = len(task.train_data()), len(task.test_data())
+        if not hasattr(benchmark, attr):
+            raise TypeError(f"benchmark must follow the Benchmark protocol (attrkernels.tasks.Benchmark); "
+                            f"{type(benchmark).__name__} has no {attr!r}")
+    n_train, n_test = len(benchmark.train_data()), len(benchmark.test_data())
     if n_train < 2 or n_test < 1:
-        raise ValueError(f"task {task.name!r} needs >= 2 training and >= 1 test examples, "
+        raise ValueError(f"benchmark {benchmark.name!r} needs >= 2 training and >= 1 test examples, "
                          f"got {n_train} and {n_test}")
-    sample = torch.utils.data.Subset(task.test_data(), range(min(batch_size, n_test)))
-    measure_dataset(task.task, task.make_model(0), sample, batch_size)
+    sample = torch.utils.data.Subset(benchmark.test_data(), range(min(batch_size, n_test)))
+    measure_dataset(benchmark.task, benchmark.make_model(0), sample, batch_size)
     return n_train, n_test
 
 
@@ -93,17 +94,17 @@ def _torch_threads(n: int):
 class _Trainer:
     """Trains one (subset, run) model and stores its test measurements."""
 
-    def __init__(self, task, directory: str, batch_size: int):
-        self.task, self.directory, self.batch_size = task, Path(directory), batch_size
-        self.test = task.test_data()
+    def __init__(self, benchmark, directory: str, batch_size: int):
+        self.benchmark, self.directory, self.batch_size = benchmark, Path(directory), batch_size
+        self.test = benchmark.test_data()
 
     def __call__(self, job) -> tuple[int, int]:
         subset, run, seed, indices = job
         start = time.perf_counter()
-        model, _ = self.task.train(indices, seed)
+        model, _ = self.benchmark.train(indices, seed)
         seconds = time.perf_counter() - start
         try:
-            values = measure_dataset(self.task.task, model, self.test, self.batch_size)
+            values = measure_dataset(self.benchmark.task, model, self.test, self.batch_size)
         except ValueError as e:
             raise ValueError(f"subset {subset}, run {run} (seed {seed}): {e}") from None
         save_output(self.directory, subset, run, values, seconds)
@@ -113,10 +114,10 @@ class _Trainer:
 _WORKER: Optional[_Trainer] = None
 
 
-def _init_worker(task, directory: str, batch_size: int) -> None:
+def _init_worker(benchmark, directory: str, batch_size: int) -> None:
     global _WORKER
     torch.set_num_threads(1)
-    _WORKER = _Trainer(task, directory, batch_size)
+    _WORKER = _Trainer(benchmark, directory, batch_size)
 
 
 def _run_job(job) -> tuple[int, int]:
@@ -128,21 +129,21 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def build_ground_truth(task, directory, protocol="default", *, workers: Optional[int] = None,
+def build_ground_truth(benchmark, directory, protocol="default", *, workers: Optional[int] = None,
                        start_method: str = "spawn", batch_size: int = 1024,
                        verbose: bool = True) -> GroundTruth:
-    """Train the missing models of ``protocol`` for ``task`` and return the stored ``GroundTruth``.
+    """Train the missing models of ``protocol`` for ``benchmark`` and return the stored ``GroundTruth``.
 
-    ``task``: a BuiltinTask; ``directory``: the ground-truth directory (created, or resumed if
-    it holds a ground truth of the same task config and protocol; ``GroundTruthMismatch``
-    otherwise); ``protocol``: a name in ``task.lds_protocols`` ("default", "quick"), a dict or a
+    ``benchmark``: a ``tasks.Benchmark``; ``directory``: the ground-truth directory (created, or
+    resumed if it holds a ground truth of the same benchmark config and protocol;
+    ``GroundTruthMismatch`` otherwise); ``protocol``: a name in ``benchmark.lds_protocols`` ("default", "quick"), a dict or a
     ``Protocol``; ``workers``: processes (default: all available cores; 1 = in this process);
     ``start_method``: multiprocessing start method; ``batch_size``: test batch size when measuring.
     """
-    protocol = resolve_protocol(task, protocol)
-    n_train, n_test = check_task(task)
+    protocol = resolve_protocol(benchmark, protocol)
+    n_train, n_test = check_benchmark(benchmark)
     masks = sample_masks(n_train, protocol.m, protocol.alpha, protocol.seed)
-    directory = open_store(directory, make_meta(task, protocol, n_train, n_test), masks)
+    directory = open_store(directory, make_meta(benchmark, protocol, n_train, n_test), masks)
     jobs = [(j, k, model_seed(protocol.seed, j, k), np.flatnonzero(masks[j]))
             for j in range(protocol.m) for k in range(protocol.r)
             if not output_path(directory, j, k).exists()]
@@ -151,25 +152,25 @@ def build_ground_truth(task, directory, protocol="default", *, workers: Optional
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     bar = tqdm(total=total, initial=total - len(jobs), unit="model", disable=not verbose,
-               desc=f"ground truth {getattr(task, 'name', '')}".rstrip())
+               desc=f"ground truth {getattr(benchmark, 'name', '')}".rstrip())
     try:
         if jobs and workers == 1:
             with _torch_threads(1):
-                trainer = _Trainer(task, str(directory), batch_size)
+                trainer = _Trainer(benchmark, str(directory), batch_size)
                 for job in jobs:
                     trainer(job)
                     bar.update()
         elif jobs:
-            _run_pool(task, directory, jobs, workers, start_method, batch_size, bar)
+            _run_pool(benchmark, directory, jobs, workers, start_method, batch_size, bar)
     finally:
         bar.close()
     return GroundTruth.load(directory)
 
 
-def _run_pool(task, directory, jobs, workers, start_method, batch_size, bar) -> None:
+def _run_pool(benchmark, directory, jobs, workers, start_method, batch_size, bar) -> None:
     context = multiprocessing.get_context(start_method)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(task, str(directory), batch_size)) as pool:
+                             initargs=(benchmark, str(directory), batch_size)) as pool:
         pending = {pool.submit(_run_job, job) for job in jobs}
         try:
             while pending:
@@ -180,8 +181,8 @@ def _run_pool(task, directory, jobs, workers, start_method, batch_size, bar) -> 
         except BrokenProcessPool as e:
             raise RuntimeError(
                 f"a ground-truth worker process died (out of memory, killed, or unable to load the "
-                f"task). With start_method={start_method!r} the task is pickled to fresh processes: "
-                f"its class must be importable from a module (not defined in a notebook or an "
+                f"benchmark). With start_method={start_method!r} the benchmark is pickled to fresh "
+                f"processes: its class must be importable from a module (not defined in a notebook or an "
                 f"unguarded __main__ script). Finished models are saved; rerun to resume, or use "
                 f"workers=1 to train in this process."
             ) from e

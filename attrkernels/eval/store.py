@@ -49,15 +49,16 @@ def save_output(directory: Path, subset: int, run: int, measure: np.ndarray, sec
                                     seconds=np.float64(seconds)))
 
 
-def make_meta(task, protocol, n_train: int, n_test: int) -> dict:
-    """The meta.json content of a ground truth for ``task`` (a BuiltinTask) under ``protocol``."""
+def make_meta(benchmark, protocol, n_train: int, n_test: int) -> dict:
+    """The meta.json content of a ground truth for ``benchmark`` (a ``tasks.Benchmark``) under
+    ``protocol`` (its keys keep the name ``task_*`` that existing stores carry)."""
     return {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
-        "task_name": getattr(task, "name", type(task).__name__),
-        "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
-        "task_config": task.config(),
-        "task_config_hash": task.config_hash(),
+        "task_name": getattr(benchmark, "name", type(benchmark).__name__),
+        "task_class": f"{type(benchmark).__module__}.{type(benchmark).__qualname__}",
+        "task_config": benchmark.config(),
+        "task_config_hash": benchmark.config_hash(),
         "protocol": protocol.to_dict(),
         "n_train": int(n_train),
         "n_test": int(n_test),

@@ -47,16 +47,16 @@ class Protocol:
         return {k: (float(v) if k == "alpha" else int(v)) for k, v in asdict(self).items()}
 
 
-def resolve_protocol(task, protocol="default", **overrides) -> Protocol:
-    """A ``Protocol`` from a name in ``task.lds_protocols``, a dict, or a Protocol.
+def resolve_protocol(benchmark, protocol="default", **overrides) -> Protocol:
+    """A ``Protocol`` from a name in ``benchmark.lds_protocols``, a dict, or a Protocol.
 
     ``overrides`` (e.g. ``seed=1``) replace fields of the named or given protocol.
     """
     if isinstance(protocol, str):
-        presets = getattr(task, "lds_protocols", {})
+        presets = getattr(benchmark, "lds_protocols", {})
         if protocol not in presets:
             raise KeyError(f"protocol {protocol!r} is not defined for task "
-                           f"{getattr(task, 'name', task)!r}; known: {sorted(presets)}")
+                           f"{getattr(benchmark, 'name', benchmark)!r}; known: {sorted(presets)}")
         fields = dict(presets[protocol])
     elif isinstance(protocol, Protocol):
         fields = asdict(protocol)

@@ -47,8 +47,8 @@ class Datamodels:
     Datamodels(task=None, directory=None, *, m=1000, r=1, alpha=0.5, seed=1, estimator="ridge",
                l2=None, l1=None, workers=None, verbose=True)
 
-    task, directory: a BuiltinTask and the ground-truth directory for its training models (both
-        needed only when ``fit()`` trains them); m, r, alpha, seed: that ground truth's protocol
+    task, directory: a Benchmark (``ak.tasks.get(name)``) and the ground-truth directory for its
+        training models (both needed only when ``fit()`` trains them); m, r, alpha, seed: that ground truth's protocol
         (m subsets of alpha * n_train examples, r seeds each, seeded by ``seed``);
     estimator, l2, l1: the regression (module docstring); workers, verbose: for the harness.
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .builtin import BuiltinTask, register
+from .benchmark import Benchmark, register
 from .resnet9 import resnet9
 from .training import Recipe
 
@@ -101,7 +101,7 @@ def crop_flip(inputs: torch.Tensor, generator: torch.Generator, pad: int = 4) ->
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-class Cifar10ResNet9(BuiltinTask):
+class Cifar10ResNet9(Benchmark):
     """CIFAR-10 (50,000 train / 10,000 test) from a local copy, ResNet-9, margin measurement."""
 
     name = "cifar10-resnet9"

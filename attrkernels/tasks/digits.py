@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .builtin import InMemoryTask, register
+from .benchmark import InMemoryBenchmark, register
 from .training import SMALL_TASK_RECIPE, Recipe
 
 
@@ -48,7 +48,7 @@ def load_digits_split(n_train: int = 1000, n_test: int = 300, split_seed: int = 
 
 
 @register
-class DigitsMLP(InMemoryTask):
+class DigitsMLP(InMemoryBenchmark):
     """scikit-learn digits (1,000 train / 300 test), MLP 64-128-128-10, margin measurement."""
 
     name = "digits-mlp"

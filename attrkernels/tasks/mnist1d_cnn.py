@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .builtin import InMemoryTask, register
+from .benchmark import InMemoryBenchmark, register
 from .training import SMALL_TASK_RECIPE, Recipe
 
 
@@ -68,7 +68,7 @@ class ConvNet1d(nn.Module):
 
 
 @register
-class Mnist1dCNN(InMemoryTask):
+class Mnist1dCNN(InMemoryBenchmark):
     """MNIST-1D (package defaults: 4,000 train / 1,000 test), a 3-layer 1-D CNN, margin measurement."""
 
     name = "mnist1d-cnn"

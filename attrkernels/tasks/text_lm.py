@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..store.atomic import atomic_write
-from .builtin import BuiltinTask, register
+from .benchmark import Benchmark, register
 from .language import LanguageModeling
 from .training import Recipe, seeded_module, train_classifier
 
@@ -64,7 +64,7 @@ def cache_dir() -> Path:
 
 
 @register
-class TextLM(BuiltinTask):
+class TextLM(Benchmark):
     """Byte-level GPT-2 (from a config) fine-tuned on Python's help texts; log-likelihood measure."""
 
     name = "text-lm"

@@ -1,6 +1,6 @@
 """Step ``frontier`` of the GPU check: the digits LDS-vs-cost frontier with the methods on the GPU.
 
-``attrkernels.frontier``'s quick configurations on ``digits-mlp`` (quick protocol: 100 subsets x
+``benchmarks.frontier_configs``' quick configurations (ours) on ``digits-mlp`` (quick protocol: 100 subsets x
 4 seeds of ground truth, trained on the CPU cores), with the model and the data loaders on the
 GPU: each method's fit + score (``method_s``) runs there; ``train_s`` is still the checkpoints'
 training on the CPU, as in the CPU frontier, so the two frontiers differ only in method time.
@@ -26,8 +26,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import attrkernels as ak
-from attrkernels import frontier as fr
 from attrkernels import tasks
+from attrkernels.eval import frontier as fr
+from attrkernels.eval.report import plot, write_csv
+
+from ..frontier_configs import ours
 
 from .common import parse, time_left, write_table
 
@@ -58,7 +61,7 @@ def scores_on_cpu(run):
 
 
 def gpu_configs(smoke: bool) -> list:
-    chosen = [c for c in fr.configs(quick=True) if c.family != "Datamodels"]
+    chosen = [c for c in ours(quick=True) if c.family != "Datamodels"]
     if smoke:
         chosen = [c for c in chosen if c.label in ("TRAK k=128 M=1", "EK-FAC M=1")]
     return [fr.Config(c.family, c.label, c.needs, scores_on_cpu(c.run), dict(c.settings, device="gpu"))
@@ -113,11 +116,11 @@ def main() -> int:
             rows.append(row)
             print(f"{row['label']:<24} LDS {row['lds']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]  "
                   f"method {row['method_s']:.2f} s on {dev}, train {row['train_s']:.1f} s (CPU)", flush=True)
-            fr.write_csv(rows, args.out / "frontier.csv",
+            write_csv(rows, args.out / "frontier.csv",
                          {"task": task.name, "protocol": protocol, "machine": card,
                           "note": "method_s on the GPU, train_s on the CPU"})
         if rows and time_left() > 5:
-            fr.plot(rows, args.out / "frontier.png",
+            plot(rows, args.out / "frontier.png",
                     f"{task.name} ({protocol} protocol): LDS vs cost, methods on {card}")
         table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
         table += [{"label": f, "family": "FAILED"} for f in failed]

@@ -1,10 +1,10 @@
-"""The built-in task protocol (data + model + training recipe + measurement) and its registry.
+"""The benchmark protocol (data + model + training recipe + measurement) and its registry.
 
-A ``BuiltinTask`` is everything the LDS evaluator and the methods need to retrain a model from
-scratch on any subset of its training set:
+A ``Benchmark`` is everything the LDS evaluator and the frontier need to retrain a model from
+scratch on any subset of its training set. It *holds* a ``Task`` (``tasks.base``: how a model's
+per-example loss and measurement are computed on a batch) and adds the rest:
 
-- ``task``: the ``Task`` (per-example loss and measurement; ``Classification()`` = cross-entropy
-  and correct-class margin);
+- ``task``: the ``Task`` (``Classification()`` = cross-entropy and correct-class margin);
 - ``train_data()`` / ``test_data()``: deterministic ``TensorDataset``s (inputs, labels);
 - ``make_model(seed)``: a freshly initialised ``nn.Module``;
 - ``train(indices, seed, checkpoints=k)``: the training recipe on the subset ``indices``;
@@ -12,11 +12,12 @@ scratch on any subset of its training set:
   measurements (data, split, model, recipe, measurement). Ground-truth caches are keyed on its
   hash, so anything that changes the ground truth must appear here and nothing else should.
 
-A user's own task plugs in by subclassing ``BuiltinTask`` (and, to make it reachable by name,
-decorating the class with ``@register``). Subclasses with a ``recipe`` attribute get ``train``
-for free; override ``train`` for anything else. ``lds_protocols`` maps protocol names to the
-number of subsets ``m``, seeds per subset ``r`` and subset fraction ``alpha`` that the LDS
-evaluator uses by default for this task.
+The built-in benchmarks (``digits-mlp``, ``mnist1d-cnn``, ``cifar10-resnet9``, ...) are reached
+by name with ``get(name)``. A user's own benchmark plugs in by subclassing ``Benchmark`` (and, to
+make it reachable by name, decorating the class with ``@register``). Subclasses with a
+``recipe`` attribute get ``train`` for free; override ``train`` for anything else.
+``lds_protocols`` maps protocol names to the number of subsets ``m``, seeds per subset ``r`` and
+subset fraction ``alpha`` that the LDS evaluator uses by default for this benchmark.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from .training import Checkpoint, Recipe, seeded_module, split_seed, train_class
 _REGISTRY: dict[str, type] = {}
 
 
-class BuiltinTask:
-    """Protocol of a task the evaluator can retrain; subclass it for your own."""
+class Benchmark:
+    """A task the evaluator can retrain (data, model, recipe, measurement); subclass it for your own."""
 
     name: str = ""
     task: Task = Classification()
@@ -108,8 +109,8 @@ class BuiltinTask:
         return config_hash(self.config())
 
 
-class InMemoryTask(BuiltinTask):
-    """A built-in task whose data is four tensors generated or loaded at once: subclasses define
+class InMemoryBenchmark(Benchmark):
+    """A benchmark whose data is four tensors generated or loaded at once: subclasses define
     ``arrays() -> (x_train, y_train, x_test, y_test)``, computed once per instance."""
 
     def arrays(self) -> tuple:
@@ -134,22 +135,22 @@ def config_hash(config: dict) -> str:
 
 
 def register(cls: type) -> type:
-    """Class decorator: make the BuiltinTask subclass ``cls`` reachable as ``get(cls.name)``."""
-    if not (isinstance(cls, type) and issubclass(cls, BuiltinTask)):
-        raise TypeError(f"register expects a BuiltinTask subclass, got {cls!r}")
+    """Class decorator: make the Benchmark subclass ``cls`` reachable as ``get(cls.name)``."""
+    if not (isinstance(cls, type) and issubclass(cls, Benchmark)):
+        raise TypeError(f"register expects a Benchmark subclass, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__name__}.name must be a non-empty string to register it")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def get(name: str, **kwargs) -> BuiltinTask:
-    """An instance of the registered task ``name``; ``kwargs`` go to its constructor."""
+def get(name: str, **kwargs) -> Benchmark:
+    """An instance of the registered benchmark ``name``; ``kwargs`` go to its constructor."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown task {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name](**kwargs)
 
 
 def available() -> list[str]:
-    """Names of the registered tasks, sorted."""
+    """Names of the registered benchmarks, sorted."""
     return sorted(_REGISTRY)
