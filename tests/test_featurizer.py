@@ -221,9 +221,11 @@ def test_features_do_not_depend_on_batch_composition():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_triton_backend_on_a_tiny_model():
+    # Triton serves CUDA tensors, and CPU tensors only under its interpreter (set without a GPU).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    x, y = torch.randn(4, 6, device=device), torch.randint(0, 3, (4,), device=device)
     fz = ak.Featurizer(model, task.measure, 40, seed=3, kind="gaussian", backend="triton")
     want = ak.sketch(reference_gradients(model, task.measure, (x, y)), 40, seed=3, kind="gaussian")
     assert rel(fz((x, y)), want) < 1e-5

@@ -165,7 +165,14 @@ def run_in_p_slices(x, out, k, accumulate, launch, align=64):
 
 
 def self_check(fn, device, variant):
-    """Compare a GPU kernel with the reference on a small problem; raise on disagreement."""
+    """Compare a GPU kernel with the reference on a small problem; raise on disagreement.
+
+    ``variant``: (input dtype, kind); empty (a caller of ``backends.resolve`` that named none)
+    checks float32 inputs with both kinds."""
+    if not variant:
+        for kind in ("rademacher", "gaussian"):
+            self_check(fn, device, (torch.float32, kind))
+        return
     dtype, kind = variant
     gen = torch.Generator(device="cpu").manual_seed(1234)
     x = torch.randn(5, 777, generator=gen).to(device=device, dtype=dtype)
