@@ -27,7 +27,8 @@ score[batch] = -G_batch^T X, with the per-example training gradients from the sa
   curvatures, cycling through the train loader.
 
 A damped curvature that is not positive definite (e.g. the Hessian of a non-convex model with
-``damping=0``) raises a ValueError with a damping estimated by Lanczos (``kernels.lanczos``).
+``damping=0``) raises ``attrkernels.utils.errors.NotPositiveDefiniteError`` (a ValueError) with a
+damping estimated by Lanczos (``kernels.lanczos``).
 """
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ from tqdm.auto import tqdm
 
 from ..capture import Featurizer, make_plan
 from ..utils.checks import check_positive_int
-from ..kernels.cg import NotPositiveDefiniteError, block_cg
+from ..kernels.cg import block_cg
 from ..kernels.hvp import hvp
 from ..utils.checks import check_damping
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
-from ..kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
+from ..kernels.packed import PackedSPD
 from ..tasks.base import Classification
+from ..utils.errors import NotPositiveDefiniteError
 from .base import AttributionMethod, as_checkpoints, call_task, iterate, load_checkpoint, preserved_weights
 
 CURVATURES = ("hessian", "gauss-newton")
@@ -128,8 +130,8 @@ class Curvature:
     def matvec(self, P: torch.Tensor) -> torch.Tensor:
         return self.apply(P, self.train, self.damping)
 
-    def not_positive_definite(self, found: float | None = None) -> ValueError:
-        """A ValueError suggesting a damping, from Lanczos estimates of the undamped spectrum."""
+    def not_positive_definite(self, found: float | None = None) -> NotPositiveDefiniteError:
+        """The error to raise, suggesting a damping from Lanczos estimates of the undamped spectrum."""
         device = self.plan.params[0].device
         low, high = lanczos_extremes(lambda v: self.apply(v, self.train, 0.0), self.p, steps=30,
                                      dtype=self.plan.params[0].dtype, device=device)
@@ -137,10 +139,10 @@ class Curvature:
         suggestion = nice_ceiling(max(2 * need, 1e-3 * abs(high), 1e-8))
         seen = f" (a direction of curvature {found:.3g} was found)" if found is not None else ""
         alternative = " or curvature='gauss-newton' (positive semi-definite)" if self.curvature == "hessian" else ""
-        return ValueError(
+        return NotPositiveDefiniteError(
             f"the damped {self.curvature} H + damping I with damping={self.damping:g} is not positive "
             f"definite{seen}; Lanczos estimates the {self.curvature}'s eigenvalues in "
-            f"[{low:.3g}, {high:.3g}]. Pass damping >= {suggestion:g}{alternative}.")
+            f"[{low:.3g}, {high:.3g}]. Pass damping >= {suggestion:g}{alternative}.", found=found)
 
 
 def _cross_entropy_on_logits(z, batch):
@@ -271,7 +273,7 @@ class InfluenceCG(_Influence):
             try:
                 result = block_cg(op.matvec, G[:, start:start + step], tol=self.tol, max_iter=self.max_iter)
             except NotPositiveDefiniteError as err:
-                raise op.not_positive_definite(err.curvature) from err
+                raise op.not_positive_definite(err.found) from err
             parts.append(result.x)
             result.x = None
             self.info.append(result)
@@ -322,7 +324,7 @@ class InfluenceExplicit(_Influence):
         packed.shift(self.damping)
         try:
             packed.factor()
-        except NotPositiveDefiniteMatrix as err:
+        except NotPositiveDefiniteError as err:
             raise op.not_positive_definite() from err
         self.factors.append(packed)
 

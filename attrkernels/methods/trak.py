@@ -44,14 +44,11 @@ from ..capture import Featurizer
 from ..capture.featurizer import DEFAULT_MEMORY_BUDGET
 from ..kernels.philox import derive_seed
 from ..store import Store
+from ..utils.errors import NotPositiveDefiniteError
 from .base import (AttributionMethod, as_checkpoints, call_task, fingerprint, iterate,
                    load_checkpoint, preserved_weights)
 
 DEFAULT_DAMPING_RATIO = 2.0
-
-
-class KernelNotPositiveDefinite(ValueError):
-    """Phi^T Phi + lambda I could not be factored."""
 
 
 def _loader_size(loader, task):
@@ -256,7 +253,7 @@ def _cholesky(K, lam, k, n_train):
     except np.linalg.LinAlgError:
         mean_eig = np.trace(K) / min(k, n_train)
         hint = f"; k = {k} exceeds n_train = {n_train}, so Phi^T Phi has rank < k" if k > n_train else ""
-        raise KernelNotPositiveDefinite(
+        raise NotPositiveDefiniteError(
             f"the TRAK kernel Phi^T Phi + {lam:g} I ({k} x {k}) is not positive definite{hint}. "
             f"Pass damping > 0, e.g. damping={DEFAULT_DAMPING_RATIO * mean_eig:.3g} "
             f"({DEFAULT_DAMPING_RATIO:g} x its mean nonzero eigenvalue, the default of damping=None)."
