@@ -1,5 +1,5 @@
-"""What the methods share: the checkpoint loop, batches on the model's device, the one
-not-positive-definite error, the task's logit-space loss for Gauss-Newton, argument checks
+"""What the methods share: the checkpoint loop, batches on the model's device, score(out=), the
+one not-positive-definite error, the task's logit-space loss for Gauss-Newton, argument checks
 without building a Featurizer."""
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import attrkernels as ak
 from attrkernels.methods.base import iterate
 from attrkernels.methods.checkpoints import Checkpoint, checked_checkpoints, checkpoint_loop
+from attrkernels.methods.scores import ScoreOutput
 from attrkernels.utils.errors import NotPositiveDefiniteError
 
 
@@ -71,6 +72,59 @@ def test_batches_reach_the_requested_device():
     seen = [(start, batch, size) for start, batch, size in iterate(batches(x, y, 8), task, "train", device="meta")]
     assert [(s, n) for s, _, n in seen] == [(0, 8), (8, 8), (16, 4)]
     assert all(t.device.type == "meta" for _, batch, _ in seen for t in batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# score(out=)
+
+
+def test_score_output_contract(tmp_path):
+    tiles = [torch.arange(12.0).reshape(3, 4), torch.ones(2, 4)]
+    want = 2 * torch.cat(tiles)
+
+    def fill(out, n_train):
+        with ScoreOutput(out, 4, n_train=n_train) as dest:
+            for k in range(2):  # two checkpoints: = then +=
+                start = 0
+                for t in tiles:
+                    dest.write(start, t, first=k == 0)
+                    start += len(t)
+            return dest.finish(rows=5)
+
+    assert torch.equal(fill(None, 5), want)
+    assert torch.equal(fill(None, None), want)
+    array = np.full((5, 4), np.nan, np.float32)
+    assert fill(array, 5) is array and np.array_equal(array, want.numpy())
+    tensor = torch.full((5, 4), float("nan"))
+    assert fill(tensor, None) is tensor and torch.equal(tensor, want)
+    mapped = fill(tmp_path / "s.npy", 5)
+    assert torch.is_tensor(mapped) and torch.equal(mapped, want)
+    assert np.array_equal(np.load(tmp_path / "s.npy"), want.numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+
+    with pytest.raises(ValueError, match=r"out has shape \(4, 4\); the scores are \[5, 4\]"):
+        ScoreOutput(np.zeros((4, 4), np.float32), 4, n_train=5)
+    with pytest.raises(ValueError, match="out has shape .* too small"):  # n_train unknown: seen as rows arrive
+        fill(np.zeros((4, 4), np.float32), None)
+    with pytest.raises(ValueError, match="out has 6 rows but the train loader yielded 5"):
+        fill(np.zeros((6, 4), np.float32), None)
+    with pytest.raises(ValueError, match="needs the number of training examples"):
+        ScoreOutput(tmp_path / "x.npy", 4)
+    with pytest.raises(TypeError, match="out must be None, a path or"):
+        ScoreOutput([[0.0]], 4, n_train=1)
+    with pytest.raises(RuntimeError, match="killed"):  # a failure leaves neither the file nor its temporary
+        with ScoreOutput(tmp_path / "failed.npy", 4, n_train=5):
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+
+
+def test_trak_fills_an_array_in_place():
+    x, y = data()
+    xt, yt = data(6, 1)
+    trak = ak.TRAK(mlp(), ak.tasks.Classification(), k=16, verbose=False).fit(batches(x, y))
+    want = trak.score([(xt, yt)])
+    out = torch.full((40, 6), float("nan"))
+    assert trak.score([(xt, yt)], out=out) is out and torch.equal(out, want)
 
 
 # ---------------------------------------------------------------------------------------------

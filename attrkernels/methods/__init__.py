@@ -14,7 +14,8 @@ Gradient-based, built from ``(model, task)`` with ``fit(train, checkpoints)`` an
 ``Datamodels`` (``methods.datamodels``) instead regresses the outputs of retrained models on their
 training subsets: ``Datamodels(task, directory, ...)``, ``fit(ground_truth)``, ``score(test_indices)``.
 
-Shared pieces: ``methods.checkpoints`` (``Checkpoint``, the per-checkpoint loop).
+Shared pieces: ``methods.checkpoints`` (``Checkpoint``, the per-checkpoint loop),
+``methods.scores`` (what ``score(..., out=)`` accepts).
 """
 from .checkpoints import Checkpoint
 from .datamodels import Datamodels

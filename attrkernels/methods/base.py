@@ -19,7 +19,9 @@ loader at one or more checkpoints:
   Every call restores the model's own weights and train/eval mode; the model runs in eval mode
   inside, and batches are moved to the model's device.
 - ``score`` variants: TRAK ``score(test, *, out=None, tile=4096)``, EK-FAC / K-FAC
-  ``score(test, *, train=None, out=None)`` (and ``self_influence``).
+  ``score(test, *, train=None, out=None)`` (and ``self_influence``); ``out`` means the same
+  everywhere (``methods.scores.ScoreOutput``): a path written as a float32 .npy memory map, or
+  an existing [n_train, n_test] tensor or array filled in place.
 - ``store=`` (TRAK, EK-FAC / K-FAC): a resumable on-disk store of features or factors.
 
 ``Datamodels`` is the exception: it needs no gradients and no model at score time. It is built

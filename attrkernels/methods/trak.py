@@ -28,11 +28,10 @@ Store layout (``store=`` directory; a temporary one when None):
     train_<m>.f32 (+ .done)  [n_train, k + 1]: Phi_m | Q_m, one chunk per train batch, resumable
     kernel_<m>.npz           K_m, lambda_m, Cholesky factor of K_m + lambda_m I
 Scoring streams tiles of training rows, so memory is bounded for any n_train x n_test, and can
-write the scores into a memory map (``out=path``).
+write the scores into a memory map (``out=path``) or an array (``methods.scores.ScoreOutput``).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from ..store import Store
 from ..utils.checks import check_damping, check_memory_budget, check_number, check_positive_int, check_seed
 from ..utils.errors import NotPositiveDefiniteError
 from .base import AttributionMethod, call_task, checked_checkpoints, checkpoint_loop, fingerprint, iterate
+from .scores import ScoreOutput
 
 DEFAULT_DAMPING_RATIO = 2.0
 
@@ -187,8 +187,11 @@ class TRAK(AttributionMethod):
         return torch.cat(feats).double().numpy()
 
     def score(self, test, *, out=None, tile=4096) -> torch.Tensor:
-        """Scores [n_train, n_test] (float32); ``out`` = a path to write them into as a .npy
-        memory map instead of holding them in memory. Streams ``tile`` training rows at a time.
+        """Scores [n_train, n_test] (float32), streaming ``tile`` training rows at a time.
+
+        ``out``: None (a new tensor), a path (written as a float32 .npy memory map and returned as
+        a tensor over it) or an [n_train, n_test] tensor or array filled in place and returned
+        (``methods.scores.ScoreOutput``).
         """
         if getattr(self, "_checkpoints", None) is None:
             raise RuntimeError("call fit(train, checkpoints) before score()")
@@ -206,30 +209,15 @@ class TRAK(AttributionMethod):
         n_test = solves[0].shape[1]
         arrays = [self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"]).read()
                   for m in range(M)]
-        result, tmp = _output(out, n, n_test)
-        for r0 in tqdm(range(0, n, tile), desc="TRAK score", disable=not self.verbose):
-            r1 = min(n, r0 + tile)
-            acc = torch.zeros(r1 - r0, n_test)
-            for m in range(M):
-                acc += torch.from_numpy(np.array(arrays[m][r0:r1, :k], dtype=np.float32)) @ solves[m]
-            acc *= torch.from_numpy((qbar[r0:r1] / M).astype(np.float32)).reshape(-1, 1)
-            result[r0:r1] = acc.numpy() if isinstance(result, np.ndarray) else acc
-        if tmp is None:
-            return result
-        result.flush()
-        del result
-        os.replace(tmp, out)
-        return torch.from_numpy(np.load(out, mmap_mode="r+"))
-
-
-def _output(out, n, n_test):
-    """(array to fill, temporary path or None): memory, or a .npy memory map renamed when full."""
-    if out is None:
-        return torch.zeros(n, n_test), None
-    if isinstance(out, (str, Path)):
-        tmp = f"{out}.tmp.{os.getpid()}"
-        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, n_test)), tmp
-    raise TypeError(f"out must be None or a path, got {type(out).__name__}")
+        with ScoreOutput(out, n_test, n_train=n) as result:
+            for r0 in tqdm(range(0, n, tile), desc="TRAK score", disable=not self.verbose):
+                r1 = min(n, r0 + tile)
+                acc = torch.zeros(r1 - r0, n_test)
+                for m in range(M):
+                    acc += torch.from_numpy(np.array(arrays[m][r0:r1, :k], dtype=np.float32)) @ solves[m]
+                acc *= torch.from_numpy((qbar[r0:r1] / M).astype(np.float32)).reshape(-1, 1)
+                result.write(r0, acc)
+            return result.finish(rows=n)
 
 
 def _cholesky(K, lam, k, n_train):
