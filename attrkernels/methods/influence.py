@@ -130,7 +130,8 @@ class Curvature:
         need = max(-low, 0.0)
         suggestion = nice_ceiling(max(2 * need, 1e-3 * abs(high), 1e-8))
         seen = f" (a direction of curvature {found:.3g} was found)" if found is not None else ""
-        alternative = " or curvature='gauss-newton' (positive semi-definite)" if self.curvature == "hessian" else ""
+        gauss_newton = self.curvature == "hessian" and all(implements(self.task, n) for n in ("logits", "logit_loss"))
+        alternative = " or curvature='gauss-newton' (positive semi-definite)" if gauss_newton else ""
         return NotPositiveDefiniteError(
             f"the damped {self.curvature} H + damping I with damping={self.damping:g} is not positive "
             f"definite{seen}; Lanczos estimates the {self.curvature}'s eigenvalues in "
