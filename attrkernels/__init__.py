@@ -6,8 +6,7 @@ from .capture import Featurizer
 from .eval import lds
 from .integrations.trak import SketchProjector
 from .kernels import derive_seed, sketch, sketch_matrix
-from .methods import EKFAC, KFAC, Datamodels, InfluenceCG, InfluenceExplicit, InfluenceLiSSA, TracIn
-from .methods.trak import TRAK
+from .methods import EKFAC, KFAC, TRAK, Datamodels, InfluenceCG, InfluenceExplicit, InfluenceLiSSA, TracIn
 
 __all__ = ["sketch", "sketch_matrix", "derive_seed", "SketchProjector", "Featurizer", "backends", "tasks",
            "lds", "TRAK", "TracIn", "InfluenceExplicit", "InfluenceCG", "InfluenceLiSSA", "EKFAC", "KFAC",

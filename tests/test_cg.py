@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from attrkernels.kernels.cg import CGConvergenceWarning, NotPositiveDefiniteError, block_cg, orthonormalize
+from attrkernels.kernels.cg import CGConvergenceWarning, block_cg, orthonormalize
+from attrkernels.utils.errors import NotPositiveDefiniteError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,7 +6,8 @@ from scipy.linalg import lapack
 
 from attrkernels.kernels.lanczos import lanczos_extremes
 from attrkernels.kernels.lissa import LissaDivergenceError, lissa
-from attrkernels.kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
+from attrkernels.kernels.packed import PackedSPD
+from attrkernels.utils.errors import NotPositiveDefiniteError as NotPositiveDefiniteMatrix  # the one such error
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import attrkernels as ak
-from attrkernels.methods.trak import KernelNotPositiveDefinite
+from attrkernels.utils.errors import NotPositiveDefiniteError as KernelNotPositiveDefinite  # the one such error
 from attrkernels.store import StoreMismatch
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -29,8 +29,9 @@ residuals (P = orth(R)), as Powell's restart test does for nonlinear CG. The tes
 one seeded random combination of the normalised residual columns (a matrix-vector product).
 
 If some G_k has an eigenvalue <= 10 eps ||G_k|| (eps of B's dtype), A is not positive definite
-on that direction (or too ill-conditioned for the dtype): ``NotPositiveDefiniteError`` carries
-the smallest Rayleigh quotient found. Columns not converged within ``max_iter`` steps raise a
+on that direction (or too ill-conditioned for the dtype): ``utils.errors.NotPositiveDefiniteError``
+carries the smallest Rayleigh quotient found (``curvature``, also ``found``) and the largest
+(``largest``). Columns not converged within ``max_iter`` steps raise a
 ``CGConvergenceWarning`` listing their residuals.
 
 Memory: X, R [p, V], their active columns and four blocks of at most [p, V] (P, Q, the
@@ -47,17 +48,9 @@ from dataclasses import dataclass
 import torch
 
 from ..utils.checks import check_positive_int
+from ..utils.errors import NotPositiveDefiniteError
 
 RESTART_TOL = 0.2
-
-
-class NotPositiveDefiniteError(ValueError):
-    """The operator has a direction of non-positive (or numerically zero) curvature."""
-
-    def __init__(self, message: str, curvature: float, largest: float):
-        super().__init__(message)
-        self.curvature = curvature  # smallest Rayleigh quotient v^T A v / v^T v found
-        self.largest = largest  # largest Rayleigh quotient seen in the same block
 
 
 class CGConvergenceWarning(RuntimeWarning):
@@ -107,7 +100,7 @@ def _pd_inverse(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotPositiveDefiniteError(
             f"the operator is not positive definite: a direction has curvature "
             f"v^T A v / v^T v = {smallest:.3e} while the largest seen is {largest:.3e}",
-            smallest, largest)
+            found=smallest, curvature=smallest, largest=largest)
     return (U / s) @ U.T
 
 
@@ -203,4 +196,4 @@ def block_cg(matvec, B: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 100,
     return CGResult(X, residual, converged, iterations, steps, columns, restarts)
 
 
-__all__ = ["block_cg", "orthonormalize", "CGResult", "NotPositiveDefiniteError", "CGConvergenceWarning"]
+__all__ = ["block_cg", "orthonormalize", "CGResult", "CGConvergenceWarning"]

@@ -23,13 +23,7 @@ import numpy as np
 import torch
 from scipy.linalg import lapack
 
-
-class NotPositiveDefiniteMatrix(ValueError):
-    """The Cholesky factorisation met a non-positive pivot."""
-
-    def __init__(self, message: str, pivot: int):
-        super().__init__(message)
-        self.pivot = pivot  # 0-based index of the leading minor that is not positive definite
+from ..utils.errors import NotPositiveDefiniteError
 
 
 class PackedSPD:
@@ -85,12 +79,13 @@ class PackedSPD:
         self.data[np.arange(k), np.arange(k)] += value
 
     def factor(self) -> None:
-        """In-place Cholesky A = L L^T; NotPositiveDefiniteMatrix if a leading minor is not PD."""
+        """In-place Cholesky A = L L^T; ``NotPositiveDefiniteError`` (its
+        ``pivot``: the 0-based order of the first leading minor that fails) if A is not PD."""
         flat = self.data.reshape(-1)
         out, info = lapack.dpftrf(self.m, flat, transr="N", uplo="L", overwrite_a=1)
         if info > 0:
-            raise NotPositiveDefiniteMatrix(
-                f"the matrix is not positive definite (leading minor of order {info} fails)", info - 1)
+            raise NotPositiveDefiniteError(
+                f"the matrix is not positive definite (leading minor of order {info} fails)", pivot=info - 1)
         if info < 0:
             raise RuntimeError(f"dpftrf: illegal argument {-info}")
         if out.ctypes.data != flat.ctypes.data:  # the wrapper copied: keep its result
@@ -112,4 +107,4 @@ class PackedSPD:
         return torch.from_numpy(np.ascontiguousarray(x[: self.n]))
 
 
-__all__ = ["PackedSPD", "NotPositiveDefiniteMatrix"]
+__all__ = ["PackedSPD"]

@@ -1,8 +1,28 @@
-"""Attribution methods: each a small class over kernels + capture + store."""
-from .datamodels import Datamodels
-from .trak import TRAK
+"""Attribution methods: each a small class over kernels + capture + store.
 
-__all__ = ["Datamodels", "TRAK"]
+Gradient-based, built from ``(model, task)`` with ``fit(train, checkpoints)`` and
+``score(test) -> [n_train, n_test]`` (``methods.base`` describes the interface):
+
+- ``TRAK``: sketched gradients and a per-checkpoint kernel, resumable store (``methods.trak``);
+- ``TracIn``: learning-rate-weighted gradient dot products over checkpoints (``methods.tracin``);
+- ``InfluenceExplicit``, ``InfluenceCG``, ``InfluenceLiSSA``: influence functions with the exact,
+  conjugate-gradient or LiSSA inverse of the damped Hessian / Gauss-Newton matrix
+  (``methods.influence``);
+- ``EKFAC``, ``KFAC``: influence functions with a Kronecker-factored (eigenvalue-corrected)
+  curvature, resumable store (``methods.ekfac``).
+
+``Datamodels`` (``methods.datamodels``) instead regresses the outputs of retrained models on their
+training subsets: ``Datamodels(task, directory, ...)``, ``fit(ground_truth)``, ``score(test_indices)``.
+
+Shared pieces: ``methods.checkpoints`` (``Checkpoint``, the per-checkpoint loop),
+``methods.scores`` (what ``score(..., out=)`` accepts).
+"""
+from .checkpoints import Checkpoint
+from .datamodels import Datamodels
 from .ekfac import EKFAC, KFAC
 from .influence import InfluenceCG, InfluenceExplicit, InfluenceLiSSA
 from .tracin import TracIn
+from .trak import TRAK
+
+__all__ = ["TRAK", "TracIn", "InfluenceExplicit", "InfluenceCG", "InfluenceLiSSA", "EKFAC", "KFAC",
+           "Datamodels", "Checkpoint"]

@@ -1,8 +1,35 @@
-"""The interface every attribution method follows, and the helpers they share.
+"""The interface the attribution methods follow, and the helpers they share.
+
+Gradient-based methods (``TRAK``, ``TracIn``, ``InfluenceExplicit``, ``InfluenceCG``,
+``InfluenceLiSSA``, ``EKFAC``, ``KFAC``) are built from a model and a task and fitted on a train
+loader at one or more checkpoints:
 
     m = ak.TRAK(model, task, k=2048, store="runs/trak")     # model: any nn.Module
-    m.fit(train_loader, checkpoints=[sd0, sd1, ...])         # state_dicts or paths
+    m.fit(train_loader, checkpoints=[sd0, sd1, ...])         # state_dicts, paths or Checkpoints
     scores = m.score(test_loader)                            # torch.Tensor [n_train, n_test]
+
+- ``task`` (``ak.tasks.Task``) owns the batch format and every loss: ``loss`` (per-example
+  training loss), ``measure`` (what attribution predicts), and where a method needs them
+  ``out_to_loss`` (TRAK), ``sampled_loss`` (EK-FAC / K-FAC true Fisher), ``logits`` and
+  ``logit_loss`` (influence with the Gauss-Newton curvature). Methods never index a batch.
+- ``checkpoints`` (``methods.checkpoints``): None (the model's current weights), a state dict,
+  a path or a ``Checkpoint``, or a list of them. TRAK, EK-FAC / K-FAC and the influence methods
+  average over checkpoints; TracIn sums learning-rate-weighted terms and takes
+  ``fit(train, checkpoints, learning_rates=None)`` (the rates default to ``Checkpoint.lr``).
+  Every call restores the model's own weights and train/eval mode; the model runs in eval mode
+  inside, and batches are moved to the model's device.
+- ``score`` variants: TRAK ``score(test, *, out=None, tile=4096)``, EK-FAC / K-FAC
+  ``score(test, *, train=None, out=None)`` (and ``self_influence``); ``out`` means the same
+  everywhere (``methods.scores.ScoreOutput``): a path written as a float32 .npy memory map, or
+  an existing [n_train, n_test] tensor or array filled in place.
+- ``store=`` (TRAK, EK-FAC / K-FAC): a resumable on-disk store of features or factors.
+
+``Datamodels`` is the exception: it needs no gradients and no model at score time. It is built
+from a built-in task and a ground-truth directory, ``Datamodels(task=None, directory=None, *,
+m, r, alpha, seed, estimator, ...)``, fits linear models of the outputs of models retrained on
+subsets of the training set, ``fit(ground_truth=None, *, exclude=None)`` (it trains the missing
+models itself, or takes a ``GroundTruth`` or ``(masks, outputs)``), and ``score(test_indices=None)``
+returns the weights for test examples of that ground truth, not for a test loader.
 
 Orientation and sign, everywhere: ``scores[i, j]`` > 0 means that including training example i
 raises the measurement (``task.measure``, e.g. the correct-class margin) of test example j.
@@ -11,20 +38,19 @@ the train loader yields.
 """
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
-from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
 from ..tasks.base import Task
-from ..tasks.training import Checkpoint
+from ..utils.batches import to_device
+from .checkpoints import (  # noqa: F401  (re-exported: methods import the checkpoint helpers from here)
+    Checkpoint, as_checkpoints, checked_checkpoints, checkpoint_loop, fingerprint, load_checkpoint,
+    model_device, preserved_weights, read_checkpoint)
 
 
 class AttributionMethod:
-    """Base of the methods: validates the model and task; subclasses implement fit and score."""
+    """Base of the gradient-based methods: validates the model and task; subclasses implement
+    fit and score."""
 
     def __init__(self, model: nn.Module, task: Task, *, verbose: bool = True):
         if not isinstance(model, nn.Module):
@@ -42,91 +68,21 @@ class AttributionMethod:
     def score(self, test, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
-
-def as_checkpoints(model: nn.Module, checkpoints) -> list:
-    """The checkpoints to use: the model's current weights when None, else a non-empty list of
-    state dicts or paths (``ak.tasks.Checkpoint`` objects unwrapped)."""
-    if checkpoints is None:
-        return [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    if isinstance(checkpoints, (Mapping, str, Path, Checkpoint)):
-        checkpoints = [checkpoints]
-    checkpoints = [c.state_dict if isinstance(c, Checkpoint) else c for c in checkpoints]
-    if not checkpoints:
-        raise ValueError("checkpoints is empty; pass state_dicts or paths, or None for the model's weights")
-    return checkpoints
+    def _iterate(self, loader, what: str):
+        """``iterate`` over a loader with the batches moved to the model's device."""
+        return iterate(loader, self.task, what, device=model_device(self.model))
 
 
-def read_checkpoint(ckpt, index: int = 0) -> Mapping:
-    """A state_dict from a state_dict or a path saved with torch.save."""
-    if isinstance(ckpt, (str, Path)):
-        path = Path(ckpt)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {index}: no file {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, Mapping):
-        raise TypeError(f"checkpoint {index} must be a state_dict or a path, got {type(ckpt).__name__}")
-    return ckpt
-
-
-def load_checkpoint(model: nn.Module, ckpt, index: int = 0) -> None:
-    """Load a checkpoint into ``model`` (in place), with an error naming what does not match."""
-    state = read_checkpoint(ckpt, index)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        if shapes:
-            parts.append("shape mismatches " + "; ".join(shapes[:5]))
-        raise ValueError(f"checkpoint {index} does not match the model: " + ", ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
-@contextmanager
-def preserved_weights(model: nn.Module):
-    """Restore the model's parameters and buffers (and train/eval mode) on exit."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    training = model.training
-    try:
-        yield model
-    finally:
-        model.load_state_dict(saved)
-        model.train(training)
-
-
-def fingerprint(ckpt) -> str:
-    """A short stable id of a checkpoint's contents (keys, shapes, values)."""
-    state = read_checkpoint(ckpt)
-    h = hashlib.sha1()
-    for key in sorted(state):
-        t = state[key]
-        if not torch.is_tensor(t):
-            h.update(f"{key}={t!r}".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        flat = t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
-        if flat.numel() > (16 << 20):  # large tensors: a strided sample of their bytes
-            flat = flat[:: flat.numel() // (4 << 20)]
-        h.update(flat.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def iterate(loader, task: Task, what: str):
-    """Yield (start, batch, size) over a loader; clear errors for empty loaders or bad batches."""
+def iterate(loader, task: Task, what: str, device=None):
+    """Yield (start, batch, size) over a loader, the batch's tensors moved to ``device`` (None:
+    left where they are); clear errors for empty loaders or batches the task cannot read."""
     start = 0
     for batch in loader:
         try:
             size = task.batch_size(batch)
         except Exception as err:  # noqa: BLE001  (the task decides what a batch is)
             raise TypeError(f"the task cannot read batches of the {what} loader: {err}") from err
-        yield start, batch, size
+        yield start, (batch if device is None else to_device(batch, device)), size
         start += size
     if start == 0:
         raise ValueError(f"the {what} loader yielded no examples")

@@ -38,11 +38,17 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..utils.checks import check_number, check_positive_int, check_seed
+
 ESTIMATORS = ("ridge", "lasso")
 
 
 class Datamodels:
     """Direct datamodel estimator from retrained models.
+
+    Not built from a model and loaders like the gradient-based methods (``methods.base``): it
+    fits on the outputs of models retrained on training subsets, and scores the test examples of
+    that ground truth.
 
     Datamodels(task=None, directory=None, *, m=1000, r=1, alpha=0.5, seed=1, estimator="ridge",
                l2=None, l1=None, workers=None, verbose=True)
@@ -62,8 +68,11 @@ class Datamodels:
                  l1: Optional[float] = None, workers: Optional[int] = None, verbose: bool = True):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if l2 is not None and not l2 > 0:
-            raise ValueError(f"l2 must be positive, got {l2}")
+        check_number("l2", l2, positive=True, optional=True)
+        check_positive_int("m", m)
+        check_positive_int("r", r)
+        check_seed(seed)
+        check_positive_int("workers", workers, optional=True)
         if l1 is not None and not 0 < l1 < 1:
             raise ValueError(f"l1 is a fraction of lambda_max and must be in (0, 1), got {l1}")
         self.task, self.directory = task, directory

@@ -8,12 +8,13 @@ orientation and sign of ``methods.base``, is
     score[i, j] = - grad l_i^T (H + damping I)^{-1} grad f_j            (averaged over checkpoints)
 
 with l = ``task.loss``, f = ``task.measure``, H the Hessian (``curvature="hessian"``) or the
-Gauss-Newton matrix (``"gauss-newton"``, positive semi-definite; classification tasks) of the
-mean training loss over the train loader, at each checkpoint. Removing example i changes f_j by
+Gauss-Newton matrix (``"gauss-newton"``, positive semi-definite: J^T (d^2 l / dz^2) J with z =
+``task.logits`` and l = ``task.logit_loss(z)``, convex in z, e.g. cross-entropy) of the mean
+training loss over the train loader, at each checkpoint. Removing example i changes f_j by
 about -score[i, j] / N. Weight decay of the training objective is not part of L: add its
 coefficient to ``damping`` to include it.
 
-How: per checkpoint, the test gradients G [p, n_test] (hooks of ``attrkernels.capture``) are
+How: per checkpoint, the test gradients G [p, n_test] (``capture.Gradients``) are
 solved for all at once, X = (H + damping I)^{-1} G, then the training set is streamed and
 score[batch] = -G_batch^T X, with the per-example training gradients from the same capture
 (never a per-example vmap over the whole model). The three solvers:
@@ -27,7 +28,8 @@ score[batch] = -G_batch^T X, with the per-example training gradients from the sa
   curvatures, cycling through the train loader.
 
 A damped curvature that is not positive definite (e.g. the Hessian of a non-convex model with
-``damping=0``) raises a ValueError with a damping estimated by Lanczos (``kernels.lanczos``).
+``damping=0``) raises ``attrkernels.utils.errors.NotPositiveDefiniteError`` (a ValueError) with a
+damping estimated by Lanczos (``kernels.lanczos``).
 """
 from __future__ import annotations
 
@@ -35,33 +37,22 @@ import math
 import os
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..capture import Featurizer, make_plan
-from ..utils.checks import check_positive_int
-from ..kernels.cg import NotPositiveDefiniteError, block_cg
+from ..capture import Gradients, make_plan
+from ..capture.fallback import ModelCall
+from ..kernels.cg import block_cg
 from ..kernels.hvp import hvp
-from ..utils.checks import check_damping
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
-from ..kernels.packed import NotPositiveDefiniteMatrix, PackedSPD
-from ..tasks.base import Classification
-from .base import AttributionMethod, as_checkpoints, call_task, iterate, load_checkpoint, preserved_weights
+from ..kernels.packed import PackedSPD
+from ..tasks.base import implements
+from ..utils.batches import to_device
+from ..utils.checks import check_damping, check_number, check_positive_int
+from ..utils.errors import NotPositiveDefiniteError
+from .base import AttributionMethod, as_checkpoints, call_task, checkpoint_loop, model_device
 
 CURVATURES = ("hessian", "gauss-newton")
-
-
-class _TaskCall(nn.Module):
-    """``forward(batch) = fn(model, batch)``, so torch.func.functional_call can swap parameters."""
-
-    def __init__(self, model: nn.Module, fn):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, batch):
-        return self.fn(self.model, batch)
 
 
 def nice_ceiling(x: float) -> float:
@@ -77,7 +68,9 @@ class Curvature:
     """The damped curvature of the mean training loss at the model's current weights.
 
     Parameters are the tracked ones of ``plan`` (flattened in its order, as the capture's
-    gradients); ``matvec(P)`` maps a block [p, w] to (H + damping I) P in one pass over ``train``.
+    gradients); ``matvec(P)`` maps a block [p, w] to (H + damping I) P in one pass over ``train``,
+    whose batches are moved to the model's device. The Hessian is that of ``task.loss``; the
+    Gauss-Newton matrix that of ``task.logit_loss`` through ``task.logits``.
     """
 
     def __init__(self, model, task, plan, train, *, damping: float, curvature: str, chunk=None):
@@ -88,10 +81,10 @@ class Curvature:
         if curvature == "hessian":
             self.loss, self.outputs = self._functional(task.loss), None
         else:
-            self.loss, self.outputs = _cross_entropy_on_logits, self._functional(task.logits)
+            self.loss, self.outputs = task.logit_loss, self._functional(task.logits)
 
     def _functional(self, fn):
-        wrapper = _TaskCall(self.model, fn)
+        wrapper = ModelCall(self.model, fn)
 
         def call(params, batch):
             named = {f"model.{n}": v for n, v in params.items()}
@@ -118,9 +111,10 @@ class Curvature:
         dtype = self.plan.params[0].dtype
         was_training = self.model.training
         self.model.eval()
+        device = model_device(self.model)
         try:
-            out = hvp(self.loss, self.params(), self._split(P.to(dtype)), batches, damping=damping,
-                      outputs=self.outputs, chunk=self.chunk)
+            out = hvp(self.loss, self.params(), self._split(P.to(dtype)), (to_device(b, device) for b in batches),
+                      damping=damping, outputs=self.outputs, chunk=self.chunk)
         finally:
             self.model.train(was_training)
         return self._join(out, w).to(P.dtype)
@@ -128,36 +122,40 @@ class Curvature:
     def matvec(self, P: torch.Tensor) -> torch.Tensor:
         return self.apply(P, self.train, self.damping)
 
-    def not_positive_definite(self, found: float | None = None) -> ValueError:
-        """A ValueError suggesting a damping, from Lanczos estimates of the undamped spectrum."""
+    def not_positive_definite(self, found: float | None = None) -> NotPositiveDefiniteError:
+        """The error to raise, suggesting a damping from Lanczos estimates of the undamped spectrum."""
         device = self.plan.params[0].device
         low, high = lanczos_extremes(lambda v: self.apply(v, self.train, 0.0), self.p, steps=30,
                                      dtype=self.plan.params[0].dtype, device=device)
         need = max(-low, 0.0)
         suggestion = nice_ceiling(max(2 * need, 1e-3 * abs(high), 1e-8))
         seen = f" (a direction of curvature {found:.3g} was found)" if found is not None else ""
-        alternative = " or curvature='gauss-newton' (positive semi-definite)" if self.curvature == "hessian" else ""
-        return ValueError(
+        gauss_newton = self.curvature == "hessian" and all(implements(self.task, n) for n in ("logits", "logit_loss"))
+        alternative = " or curvature='gauss-newton' (positive semi-definite)" if gauss_newton else ""
+        return NotPositiveDefiniteError(
             f"the damped {self.curvature} H + damping I with damping={self.damping:g} is not positive "
             f"definite{seen}; Lanczos estimates the {self.curvature}'s eigenvalues in "
-            f"[{low:.3g}, {high:.3g}]. Pass damping >= {suggestion:g}{alternative}.")
+            f"[{low:.3g}, {high:.3g}]. Pass damping >= {suggestion:g}{alternative}.", found=found)
 
 
-def _cross_entropy_on_logits(z, batch):
-    return F.cross_entropy(z, batch[1].long(), reduction="none")
+def _check_gauss_newton_task(task) -> None:
+    """Gauss-Newton needs the loss as a function of the model's output: task.logits and task.logit_loss."""
+    missing = [name for name in ("logits", "logit_loss") if not implements(task, name)]
+    if missing:
+        raise ValueError("curvature='gauss-newton' needs task.logits(model, batch) and task.logit_loss(logits, "
+                         "batch), with loss = logit_loss(logits) convex in the logits (e.g. ak.tasks."
+                         f"Classification); {type(task).__name__} does not define {' and '.join(missing)}. "
+                         "Use curvature='hessian'.")
 
 
-def _check_gauss_newton(task, model, train) -> None:
-    """Gauss-Newton needs loss = cross-entropy of task.logits; check it on the first batch."""
-    if not isinstance(task, Classification):
-        raise ValueError("curvature='gauss-newton' needs a Classification task (cross-entropy loss on "
-                         f"task.logits); got {type(task).__name__}. Use curvature='hessian'.")
-    for _, batch, size in iterate(train, task, "train"):
+def _check_gauss_newton(task, model, batches) -> None:
+    """Gauss-Newton needs task.loss = task.logit_loss of task.logits; check it on the first batch."""
+    for _, batch, size in batches:
         with torch.no_grad():
             want = call_task(task.loss, model, batch, size, "train")
-            got = _cross_entropy_on_logits(task.logits(model, batch), batch)
+            got = task.logit_loss(task.logits(model, batch), batch)
         if not torch.allclose(want, got, rtol=1e-4, atol=1e-6):
-            raise ValueError("curvature='gauss-newton': task.loss is not the cross-entropy of task.logits "
+            raise ValueError("curvature='gauss-newton': task.loss is not task.logit_loss of task.logits "
                              "on the first training batch; use curvature='hessian'.")
         return
 
@@ -171,6 +169,8 @@ class _Influence(AttributionMethod):
         self.damping = check_damping(damping)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if curvature == "gauss-newton":
+            _check_gauss_newton_task(task)
         check_positive_int("hvp_chunk", hvp_chunk, optional=True)
         self.curvature, self.hvp_chunk = curvature, hvp_chunk
         self.plan = make_plan(model, params)
@@ -186,11 +186,10 @@ class _Influence(AttributionMethod):
         """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``)."""
         self.checkpoints = as_checkpoints(self.model, checkpoints)
         self.train = train
-        with preserved_weights(self.model):
-            for index, ckpt in enumerate(self.checkpoints):
-                load_checkpoint(self.model, ckpt, index)
+        with checkpoint_loop(self.model, self.checkpoints) as loop:
+            for index, _ in loop:
                 if index == 0 and self.curvature == "gauss-newton":
-                    _check_gauss_newton(self.task, self.model, train)
+                    _check_gauss_newton(self.task, self.model, self._iterate(train, "train"))
                 self._prepare(index)
         return self
 
@@ -201,14 +200,11 @@ class _Influence(AttributionMethod):
         """X = (H + damping I)^{-1} G for G [p, n_test] (model loaded with checkpoint ``index``)."""
         raise NotImplementedError
 
-    def _featurizer(self, fn) -> Featurizer:
-        return Featurizer(self.model, fn, 1, params=self.plan.names)
-
     def _gradients(self, loader, fn, what: str):
         """Yield (start, size, G [B, p]) per-example gradients of ``fn`` over ``loader``."""
-        featurizer = self._featurizer(fn)
-        for start, batch, size in iterate(loader, self.task, what):
-            yield start, size, featurizer.gradients(batch)
+        gradients = Gradients(self.model, fn, params=self.plan.names)
+        for start, batch, size in self._iterate(loader, what):
+            yield start, size, gradients(batch)
 
     def score(self, test) -> torch.Tensor:
         """Scores [n_train, n_test] (float32); positive = including the training example raises f."""
@@ -216,10 +212,8 @@ class _Influence(AttributionMethod):
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
         scores = None
         self.info = []
-        with preserved_weights(self.model):
-            for index, ckpt in enumerate(tqdm(self.checkpoints, desc=type(self).__name__, unit="checkpoint",
-                                              disable=not self.verbose)):
-                load_checkpoint(self.model, ckpt, index)
+        with checkpoint_loop(self.model, self.checkpoints, desc=type(self).__name__, verbose=self.verbose) as loop:
+            for index, _ in loop:
                 G = torch.cat([g for _, _, g in self._gradients(test, self.task.measure, "test")]).T
                 X = self._solve(index, G.contiguous())
                 part = self._stream_train(X)
@@ -257,8 +251,7 @@ class InfluenceCG(_Influence):
                  max_iter: int = 100, params=None, hvp_chunk=None, query_batch=None, verbose: bool = True):
         super().__init__(model, task, damping=damping, curvature=curvature, params=params,
                          hvp_chunk=hvp_chunk, verbose=verbose)
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}")
+        check_number("tol", tol, positive=True)
         check_positive_int("max_iter", max_iter)
         check_positive_int("query_batch", query_batch, optional=True)
         self.tol, self.max_iter, self.query_batch = tol, max_iter, query_batch
@@ -271,7 +264,7 @@ class InfluenceCG(_Influence):
             try:
                 result = block_cg(op.matvec, G[:, start:start + step], tol=self.tol, max_iter=self.max_iter)
             except NotPositiveDefiniteError as err:
-                raise op.not_positive_definite(err.curvature) from err
+                raise op.not_positive_definite(err.found) from err
             parts.append(result.x)
             result.x = None
             self.info.append(result)
@@ -322,7 +315,7 @@ class InfluenceExplicit(_Influence):
         packed.shift(self.damping)
         try:
             packed.factor()
-        except NotPositiveDefiniteMatrix as err:
+        except NotPositiveDefiniteError as err:
             raise op.not_positive_definite() from err
         self.factors.append(packed)
 
@@ -349,8 +342,7 @@ class InfluenceLiSSA(_Influence):
                          hvp_chunk=hvp_chunk, verbose=verbose)
         check_positive_int("depth", depth)
         check_positive_int("repeat", repeat)
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
+        check_number("scale", scale, positive=True, optional=True)
         self.depth, self.repeat, self.scale = depth, repeat, scale
 
     def _minibatches(self):

@@ -7,23 +7,22 @@ saved checkpoints (TracIn-CP), with the orientation and sign of ``methods.base``
     score[i, j] = - sum_c eta_c  grad l_i(theta_c)^T grad f_j(theta_c)             [n_train, n_test]
 
 l = ``task.loss``, f = ``task.measure``, eta_c the learning rate in effect at checkpoint c
-(``ak.tasks.Checkpoint.lr``, or ``learning_rates=``; required). Gradients come from the hooks of
+(``Checkpoint.lr``, or ``learning_rates=``; required). Gradients come from the hooks of
 ``attrkernels.capture``: exact dot products of the materialised per-example gradients
-(``k=None``), or of their sketches phi = P^T g (``k`` columns, ``Featurizer`` with ``mode``
+(``k=None``, ``capture.Gradients``), or of their sketches phi = P^T g (``k`` columns, ``Featurizer`` with ``mode``
 "dense" or "factored"), with E[phi_i^T phi_j] = g_i^T g_j. Each checkpoint c uses the projection
 seed ``derive_seed(seed, c)``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-from tqdm.auto import tqdm
 
-from ..capture import Featurizer, make_plan
+from ..capture import Featurizer, Gradients, make_plan
+from ..capture.featurizer import MODES
 from ..kernels.philox import derive_seed
-from ..tasks.training import Checkpoint
-from .base import AttributionMethod, as_checkpoints, iterate, load_checkpoint, preserved_weights
+from ..kernels.projection import check_k, check_kind
+from ..utils.checks import check_number, check_seed
+from .base import AttributionMethod, Checkpoint, checked_checkpoints, checkpoint_loop
 
 
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
@@ -42,10 +41,7 @@ def learning_rates_of(checkpoints, learning_rates) -> list[float]:
         count = 1 if checkpoints is None else len(items)
         if len(rates) != count:
             raise ValueError(f"learning_rates must hold one rate per checkpoint: got {len(rates)} for {count}")
-    for i, lr in enumerate(rates):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"learning rate of checkpoint {i} must be a finite number > 0, got {lr!r}")
-    return [float(lr) for lr in rates]
+    return [check_number(f"learning rate of checkpoint {i}", lr, positive=True) for i, lr in enumerate(rates)]
 
 
 class TracIn(AttributionMethod):
@@ -62,31 +58,28 @@ class TracIn(AttributionMethod):
                  params=None, verbose: bool = True):
         super().__init__(model, task, verbose=verbose)
         self.plan = make_plan(model, params)
-        if k is not None:
-            Featurizer(model, task.loss, k, seed=seed, kind=kind, mode=mode, params=self.plan.names)
+        if k is not None:  # the sketch's arguments, checked now rather than in score
+            check_k(k), check_kind(kind), check_seed(seed)
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.k, self.seed, self.kind, self.mode = k, seed, kind, mode
         self.checkpoints = self.learning_rates = self.train = None
 
     def fit(self, train, checkpoints=None, learning_rates=None):
         """Record the train loader, the checkpoints and their learning rates (required)."""
         rates = learning_rates_of(checkpoints, learning_rates)
-        self.checkpoints = as_checkpoints(self.model, checkpoints)
+        self.checkpoints = checked_checkpoints(self.model, checkpoints)
         self.learning_rates, self.train = rates, train
-        with preserved_weights(self.model):
-            for index, ckpt in enumerate(self.checkpoints):
-                load_checkpoint(self.model, ckpt, index)
         return self
 
     def _features(self, loader, fn, what: str, index: int):
         """Yield per-example gradients [B, p] (k=None) or sketches [B, k] of ``fn``, batch by batch."""
         if self.k is None:
-            featurizer = Featurizer(self.model, fn, 1, params=self.plan.names)
-            compute = featurizer.gradients
+            compute = Gradients(self.model, fn, params=self.plan.names)
         else:
-            featurizer = Featurizer(self.model, fn, self.k, seed=derive_seed(self.seed, index),
-                                    kind=self.kind, mode=self.mode, params=self.plan.names)
-            compute = featurizer
-        for _, batch, _ in iterate(loader, self.task, what):
+            compute = Featurizer(self.model, fn, self.k, seed=derive_seed(self.seed, index),
+                                 kind=self.kind, mode=self.mode, params=self.plan.names)
+        for _, batch, _ in self._iterate(loader, what):
             yield compute(batch)
 
     def score(self, test) -> torch.Tensor:
@@ -94,10 +87,8 @@ class TracIn(AttributionMethod):
         if self.checkpoints is None:
             raise RuntimeError("call TracIn.fit(train, checkpoints, learning_rates) before score()")
         scores = None
-        with preserved_weights(self.model):
-            for index, ckpt in enumerate(tqdm(self.checkpoints, desc="TracIn", unit="checkpoint",
-                                              disable=not self.verbose)):
-                load_checkpoint(self.model, ckpt, index)
+        with checkpoint_loop(self.model, self.checkpoints, desc="TracIn", verbose=self.verbose) as loop:
+            for index, _ in loop:
                 test_side = torch.cat(list(self._features(test, self.task.measure, "test", index)))
                 test_side = test_side.T.contiguous() * -self.learning_rates[index]
                 rows = [(f @ test_side).to(torch.float64).cpu()

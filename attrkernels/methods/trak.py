@@ -28,11 +28,10 @@ Store layout (``store=`` directory; a temporary one when None):
     train_<m>.f32 (+ .done)  [n_train, k + 1]: Phi_m | Q_m, one chunk per train batch, resumable
     kernel_<m>.npz           K_m, lambda_m, Cholesky factor of K_m + lambda_m I
 Scoring streams tiles of training rows, so memory is bounded for any n_train x n_test, and can
-write the scores into a memory map (``out=path``).
+write the scores into a memory map (``out=path``) or an array (``methods.scores.ScoreOutput``).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -40,18 +39,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import Featurizer
-from ..capture.featurizer import DEFAULT_MEMORY_BUDGET
+from ..capture import Featurizer, make_plan
+from ..capture.featurizer import DEFAULT_MEMORY_BUDGET, MODES
 from ..kernels.philox import derive_seed
+from ..kernels.projection import check_k, check_kind
 from ..store import Store
-from .base import (AttributionMethod, as_checkpoints, call_task, fingerprint, iterate,
-                   load_checkpoint, preserved_weights)
+from ..utils.checks import check_damping, check_memory_budget, check_number, check_positive_int, check_seed
+from ..utils.errors import NotPositiveDefiniteError
+from .base import AttributionMethod, call_task, checked_checkpoints, checkpoint_loop, fingerprint, iterate
+from .scores import ScoreOutput
 
 DEFAULT_DAMPING_RATIO = 2.0
-
-
-class KernelNotPositiveDefinite(ValueError):
-    """Phi^T Phi + lambda I could not be factored."""
 
 
 def _loader_size(loader, task):
@@ -88,24 +86,27 @@ class TRAK(AttributionMethod):
         params: names of the parameters to differentiate (default: all trainable).
         backend, memory_budget: passed to the Featurizer.
         verbose: progress bars.
+
+    ``fit(train, checkpoints=None)``; ``score(test, *, out=None, tile=4096)`` -> [n_train, n_test].
+    A kernel K_m + lambda_m I that is not positive definite raises
+    ``attrkernels.utils.errors.NotPositiveDefiniteError`` with the damping that would fix it.
     """
 
     def __init__(self, model, task, *, k=2048, seed=0, kind="rademacher", mode="dense",
                  damping=None, damping_ratio=DEFAULT_DAMPING_RATIO, store=None, params=None,
                  backend="auto", memory_budget=DEFAULT_MEMORY_BUDGET, verbose=True):
         super().__init__(model, task, verbose=verbose)
-        if damping is not None and not damping >= 0:
-            raise ValueError(f"damping must be >= 0 or None, got {damping!r}")
-        if not damping_ratio >= 0:
-            raise ValueError(f"damping_ratio must be >= 0, got {damping_ratio!r}")
+        check_damping(damping, optional=True)
+        check_number("damping_ratio", damping_ratio)
         if not callable(getattr(task, "out_to_loss", None)):
             raise TypeError("TRAK needs task.out_to_loss(model, batch) (1 - p_correct)")
-        self.k, self.seed, self.kind, self.mode = k, seed, kind, mode
+        # k, kind, mode, seed, params and memory_budget are checked now rather than in the middle of fit.
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.k, self.seed, self.kind, self.mode = check_k(k), check_seed(seed), check_kind(kind), mode
         self.damping, self.damping_ratio = damping, damping_ratio
-        self.params, self.backend, self.memory_budget = params, backend, memory_budget
-        # Validates k, kind, mode and params now rather than in the middle of fit.
-        Featurizer(model, task.measure, k, seed=seed, kind=kind, mode=mode, params=params,
-                   backend=backend, memory_budget=memory_budget)
+        self.params, self.backend, self.memory_budget = params, backend, check_memory_budget(memory_budget)
+        make_plan(model, params)
         self._tmp = None if store is not None else tempfile.TemporaryDirectory(prefix="attrkernels-trak-")
         self.store_path = Path(store if store is not None else self._tmp.name)
         self.store = None
@@ -121,15 +122,7 @@ class TRAK(AttributionMethod):
 
         The model's own weights are restored afterwards.
         """
-        checkpoints = as_checkpoints(self.model, checkpoints)
-        with preserved_weights(self.model):
-            self._fit(train, checkpoints)
-        self._checkpoints = checkpoints
-        return self
-
-    def _fit(self, train, checkpoints):
-        for i, ckpt in enumerate(checkpoints):  # refuse mismatching checkpoints before any work
-            load_checkpoint(self.model, ckpt, i)
+        checkpoints = checked_checkpoints(self.model, checkpoints)  # mismatches refused before any work
         n_train = _loader_size(train, self.task)
         if n_train < 1:
             raise ValueError("the train loader yielded no examples")
@@ -140,12 +133,14 @@ class TRAK(AttributionMethod):
             "n_train": n_train, "chunk": chunk, "checkpoints": [fingerprint(c) for c in checkpoints],
         })
         self.num_checkpoints, self.n_train = len(checkpoints), n_train
-        for m, ckpt in enumerate(checkpoints):
-            if self.store.exists(f"kernel_{m}.npz"):
-                continue  # this checkpoint is finished
-            load_checkpoint(self.model, ckpt, m)
-            self._featurize_train(m, train, n_train, chunk)
-            self._factor_kernel(m, n_train, chunk)
+        with checkpoint_loop(self.model, checkpoints) as loop:
+            for m, _ in loop:
+                if self.store.exists(f"kernel_{m}.npz"):
+                    continue  # this checkpoint is finished
+                self._featurize_train(m, train, n_train, chunk)
+                self._factor_kernel(m, n_train, chunk)
+        self._checkpoints = checkpoints
+        return self
 
     def _featurize_train(self, m, train, n_train, chunk):
         arr = self.store.chunked(f"train_{m}.f32", n_train, self.k + 1, chunk)
@@ -155,7 +150,7 @@ class TRAK(AttributionMethod):
         missing = set(arr.missing())
         bar = tqdm(total=n_train, desc=f"TRAK featurize checkpoint {m}", disable=not self.verbose,
                    unit="ex")
-        for start, batch, size in iterate(train, self.task, "train"):
+        for start, batch, size in self._iterate(train, "train"):
             i = start // chunk
             if start % chunk or (size != chunk and start + size != n_train) or start + size > n_train:
                 raise ValueError(f"train batches must all have {chunk} examples except the last "
@@ -165,7 +160,6 @@ class TRAK(AttributionMethod):
                 continue
             phi = featurizer(batch)
             with torch.no_grad():
-                self.model.eval()
                 q = call_task(self.task.out_to_loss, self.model, batch, size, "train")
             arr.write(i, torch.cat([phi.cpu(), q.detach().cpu().reshape(-1, 1).float()], 1).numpy())
             bar.update(size)
@@ -185,62 +179,45 @@ class TRAK(AttributionMethod):
         self.store.save_arrays(f"kernel_{m}.npz", K=K, damping=np.float64(lam), L=L)
 
     # -----------------------------------------------------------------------------------------
-    def _test_features(self, m, test, checkpoint):
-        load_checkpoint(self.model, checkpoint, m)
+    def _test_features(self, m, test):
         featurizer = self._featurizer(m)
         feats = [featurizer(batch).cpu() for _, batch, _ in
-                 tqdm(iterate(test, self.task, "test"), desc=f"TRAK test features {m}",
+                 tqdm(self._iterate(test, "test"), desc=f"TRAK test features {m}",
                       disable=not self.verbose)]
         return torch.cat(feats).double().numpy()
 
     def score(self, test, *, out=None, tile=4096) -> torch.Tensor:
-        """Scores [n_train, n_test] (float32); ``out`` = a path to write them into as a .npy
-        memory map instead of holding them in memory. Streams ``tile`` training rows at a time.
+        """Scores [n_train, n_test] (float32), streaming ``tile`` training rows at a time.
+
+        ``out``: None (a new tensor), a path (written as a float32 .npy memory map and returned as
+        a tensor over it) or an [n_train, n_test] tensor or array filled in place and returned
+        (``methods.scores.ScoreOutput``).
         """
         if getattr(self, "_checkpoints", None) is None:
             raise RuntimeError("call fit(train, checkpoints) before score()")
-        if not isinstance(tile, int) or tile < 1:
-            raise ValueError(f"tile must be a positive int, got {tile!r}")
-        with preserved_weights(self.model):
-            return self._score(test, self._checkpoints, out, tile)
-
-    def _score(self, test, checkpoints, out, tile):
+        check_positive_int("tile", tile)
         M, n, k = self.num_checkpoints, self.n_train, self.k
         solves, qbar = [], np.zeros(n)
-        for m, ckpt in enumerate(checkpoints):
-            phi_test = self._test_features(m, test, ckpt)
-            L = self.store.load_arrays(f"kernel_{m}.npz")["L"]
-            X = _cho_solve(L, phi_test.T)  # [k, n_test] = (K + lambda I)^{-1} phi^T
-            solves.append(torch.from_numpy(X.astype(np.float32)))
-            data = self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"]).read()
-            qbar += np.asarray(data[:, k], dtype=np.float64) / M
+        with checkpoint_loop(self.model, self._checkpoints) as loop:
+            for m, _ in loop:
+                phi_test = self._test_features(m, test)
+                L = self.store.load_arrays(f"kernel_{m}.npz")["L"]
+                X = _cho_solve(L, phi_test.T)  # [k, n_test] = (K + lambda I)^{-1} phi^T
+                solves.append(torch.from_numpy(X.astype(np.float32)))
+                data = self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"]).read()
+                qbar += np.asarray(data[:, k], dtype=np.float64) / M
         n_test = solves[0].shape[1]
-        result, tmp = _output(out, n, n_test)
         arrays = [self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"]).read()
                   for m in range(M)]
-        for r0 in tqdm(range(0, n, tile), desc="TRAK score", disable=not self.verbose):
-            r1 = min(n, r0 + tile)
-            acc = torch.zeros(r1 - r0, n_test)
-            for m in range(M):
-                acc += torch.from_numpy(np.array(arrays[m][r0:r1, :k], dtype=np.float32)) @ solves[m]
-            acc *= torch.from_numpy((qbar[r0:r1] / M).astype(np.float32)).reshape(-1, 1)
-            result[r0:r1] = acc.numpy() if isinstance(result, np.ndarray) else acc
-        if tmp is None:
-            return result
-        result.flush()
-        del result
-        os.replace(tmp, out)
-        return torch.from_numpy(np.load(out, mmap_mode="r+"))
-
-
-def _output(out, n, n_test):
-    """(array to fill, temporary path or None): memory, or a .npy memory map renamed when full."""
-    if out is None:
-        return torch.zeros(n, n_test), None
-    if isinstance(out, (str, Path)):
-        tmp = f"{out}.tmp.{os.getpid()}"
-        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, n_test)), tmp
-    raise TypeError(f"out must be None or a path, got {type(out).__name__}")
+        with ScoreOutput(out, n_test, n_train=n) as result:
+            for r0 in tqdm(range(0, n, tile), desc="TRAK score", disable=not self.verbose):
+                r1 = min(n, r0 + tile)
+                acc = torch.zeros(r1 - r0, n_test)
+                for m in range(M):
+                    acc += torch.from_numpy(np.array(arrays[m][r0:r1, :k], dtype=np.float32)) @ solves[m]
+                acc *= torch.from_numpy((qbar[r0:r1] / M).astype(np.float32)).reshape(-1, 1)
+                result.write(r0, acc)
+            return result.finish(rows=n)
 
 
 def _cholesky(K, lam, k, n_train):
@@ -256,7 +233,7 @@ def _cholesky(K, lam, k, n_train):
     except np.linalg.LinAlgError:
         mean_eig = np.trace(K) / min(k, n_train)
         hint = f"; k = {k} exceeds n_train = {n_train}, so Phi^T Phi has rank < k" if k > n_train else ""
-        raise KernelNotPositiveDefinite(
+        raise NotPositiveDefiniteError(
             f"the TRAK kernel Phi^T Phi + {lam:g} I ({k} x {k}) is not positive definite{hint}. "
             f"Pass damping > 0, e.g. damping={DEFAULT_DAMPING_RATIO * mean_eig:.3g} "
             f"({DEFAULT_DAMPING_RATIO:g} x its mean nonzero eigenvalue, the default of damping=None)."

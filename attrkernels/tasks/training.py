@@ -2,7 +2,8 @@
 
 A ``Recipe`` fixes everything about optimisation (optimiser, learning-rate schedule, epochs,
 batch size, weight decay); ``train_classifier`` runs it on a subset of a training set and
-returns intermediate checkpoints with the learning rate in effect at each, as TracIn needs.
+returns intermediate checkpoints (``methods.checkpoints.Checkpoint``) with the learning rate in
+effect at each, as TracIn needs.
 
 Randomness. A training run is a pure function of its integer ``seed``: ``split_seed(seed)``
 derives two independent 63-bit seeds (NumPy ``SeedSequence(seed)``), one for the weight
@@ -18,6 +19,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from ..methods.checkpoints import Checkpoint  # what train_classifier returns; lives beside the methods
 
 SCHEDULES = ("constant", "linear", "triangle")
 OPTIMIZERS = ("sgd", "adam")
@@ -82,15 +85,6 @@ class Recipe:
 # momentum, learning rate decayed linearly to zero, weight decay for a well-conditioned Hessian.
 SMALL_TASK_RECIPE = Recipe(epochs=40, batch_size=128, lr=0.1, optimizer="sgd", momentum=0.9,
                            weight_decay=5e-3, schedule="linear")
-
-
-@dataclass
-class Checkpoint:
-    """Model state after ``epoch`` epochs; ``lr`` is the learning rate of the last step taken."""
-
-    state_dict: dict
-    epoch: int
-    lr: float
 
 
 def split_seed(seed: int) -> tuple[int, int]:

@@ -36,3 +36,15 @@ def check_memory_budget(memory_budget, *, name: str = "memory_budget") -> int:
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 4096:
         raise ValueError(f"{name} must be an int of at least 4096 bytes, got {memory_budget!r}")
     return memory_budget
+
+
+def check_number(name: str, value, *, positive: bool = False, optional: bool = False) -> float | None:
+    """``value`` as a float if it is a finite number >= 0 (> 0 when ``positive``; not a bool), or
+    None when ``optional``; else ValueError."""
+    if optional and value is None:
+        return None
+    bound = "> 0" if positive else ">= 0"
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < 0 or (positive and value == 0)):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a finite number {bound}, got {value!r}")
+    return float(value)
