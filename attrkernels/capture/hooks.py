@@ -2,9 +2,9 @@
 
 The per-example gradient g_b of the tracked parameters is their gradients concatenated in
 ``model.named_parameters()`` order, each flattened row-major. Parameters owned by a module a
-handler captures (``handlers``: the type -> handler table) come from forward hooks (inputs) and tensor hooks on the module outputs
-(d sum_b f_b / d output); every other tracked parameter comes from torch.func per-example
-gradients of that parameter alone (fallback.py).
+handler captures (``handlers``: the type -> handler table) come from forward hooks (inputs) and
+tensor hooks on the module outputs (d sum_b f_b / d output); every other tracked parameter comes
+from torch.func per-example gradients of that parameter alone (fallback.py).
 
 Examples must not interact in the forward pass (eval-mode BatchNorm, no batch statistics), so
 d f_b / d output_b is the gradient of sum_b f_b.
