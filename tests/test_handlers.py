@@ -196,3 +196,47 @@ def test_toy_layer_in_ekfac_equals_the_explicit_reference(toy_registered, cls, s
         si_ref = si_ref + (r_train.square() / (values + lam)).sum((1, 2))
     assert got.shape == (24, 5) and rel(got, ref) < 1e-4
     assert rel(m.self_influence(train), si_ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: the capture core without a sketch
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d_bn", "cnn1d", "embedding", "transformer_sdpa"])
+def test_gradients_equal_reference_without_a_featurizer(name):
+    from test_featurizer import MODELS, batch_for, reference_gradients
+
+    torch.manual_seed(1)
+    model = MODELS[name]()
+    batch = batch_for(model)
+    grads = Gradients(model, ak.tasks.Classification().measure, memory_budget=4096)
+    assert not isinstance(grads, ak.Featurizer)
+    g = grads(batch)
+    assert g.shape == (batch[0].shape[0], grads.num_params) and grads.num_params == grads.plan.total
+    assert rel(g, reference_gradients(model, ak.tasks.Classification().measure, batch)) < 1e-5
+    assert grads.peak_bytes <= 4096 or name == "transformer_sdpa"  # torch.func parameters come whole
+
+
+def test_gradients_checks_its_arguments_and_tied_weights():
+    with pytest.raises(TypeError, match="output_fn must be callable"):
+        Gradients(nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="memory_budget"):
+        Gradients(nn.Linear(2, 2), ak.tasks.Classification().loss, memory_budget=10)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+
+        def forward(self, idx):
+            return torch.tanh(self.emb(idx)).mean(1) @ self.emb.weight.T  # functional use of the weight
+
+    torch.manual_seed(0)
+    model, task = Tied(), ak.tasks.Classification()
+    batch = (torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3,)))
+    with pytest.raises(RuntimeError, match="do not add up"):
+        Gradients(model, task.loss)(batch)
+    g = Gradients(model, task.loss, fallback=["emb.weight"])(batch)
+    ref = torch.stack([torch.autograd.grad(task.loss(model, (batch[0][b:b + 1], batch[1][b:b + 1])).sum(),
+                                           model.emb.weight)[0].reshape(-1) for b in range(3)])
+    assert rel(g, ref) < 1e-5
