@@ -182,7 +182,7 @@ def algorithm_flops(model, train, n_train, n_test, query_modes):
     """(fp32 FLOPs, fp64 FLOPs) of our EK-FAC fit + score, counted per tracked layer."""
     m = ak.EKFAC(model, ak.tasks.Classification(), verbose=False)
     batch = next(iter(train))
-    handlers = m._record(batch, int(batch[1].shape[0]), m.task.loss, "train")
+    handlers = m.passes.record(batch, int(batch[1].shape[0]), m.task.loss, "train")
     f32 = f64 = 0.0
     for layer in m.layers:
         h = handlers[layer.name]
@@ -192,7 +192,7 @@ def algorithm_flops(model, train, n_train, n_test, query_modes):
         rotation = rotation_cost(T, dense_a, dense_s)
         product = T * d_in * d_out
         passes = 2 * product * (3 * n_train + n_test)  # forward + input gradient, 3 train passes, 1 test
-        if layer.kind == "conv" and conv_preferred(layer.module, h.records[0].inputs.shape):
+        if conv_preferred(layer.module, h.records[0].inputs.shape):  # False for every non-conv layer
             ks = layer.module.kernel_size
             kh, kw = (1, *ks) if len(ks) == 1 else ks
             shifts = ((2 * kh - 1) * (2 * kw - 1) + 1) // 2

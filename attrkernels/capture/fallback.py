@@ -10,36 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-
-def one_example(batch, b):
-    """Example b of a batch (tuple/list/dict of tensors, leading dim B) keeping a batch dim of 1."""
-    if torch.is_tensor(batch):
-        return batch[b:b + 1]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(one_example(v, b) for v in batch)
-    if isinstance(batch, dict):
-        return {k: one_example(v, b) for k, v in batch.items()}
-    return batch
-
-
-def _unsqueeze(batch):
-    if torch.is_tensor(batch):
-        return batch.unsqueeze(0)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_unsqueeze(v) for v in batch)
-    if isinstance(batch, dict):
-        return {k: _unsqueeze(v) for k, v in batch.items()}
-    return batch
-
-
-def _in_dims(batch):
-    if torch.is_tensor(batch):
-        return 0
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_in_dims(v) for v in batch)
-    if isinstance(batch, dict):
-        return {k: _in_dims(v) for k, v in batch.items()}
-    return None
+from ..utils.batches import in_dims, one_example, unsqueeze
 
 
 class ModelCall(nn.Module):
@@ -63,11 +34,11 @@ def fallback_gradients(model, output_fn, batch, named_params, batch_size):
 
     def f(vals, example):
         out = torch.func.functional_call(wrapper, {f"model.{n}": v for n, v in vals.items()},
-                                         (_unsqueeze(example),), strict=False)
+                                         (unsqueeze(example),), strict=False)
         return out.sum()
 
     try:
-        grads = torch.func.vmap(torch.func.grad(f), in_dims=(None, _in_dims(batch)))(values, batch)
+        grads = torch.func.vmap(torch.func.grad(f), in_dims=(None, in_dims(batch)))(values, batch)
     except Exception:  # noqa: BLE001  (anything vmap cannot trace: use one backward per example)
         grads = {n: [] for n in values}
         params = [p for _, p in named_params]

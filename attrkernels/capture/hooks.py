@@ -1,10 +1,10 @@
 """Which parameters are tracked, where they sit in the flattened gradient, and how each is captured.
 
 The per-example gradient g_b of the tracked parameters is their gradients concatenated in
-``model.named_parameters()`` order, each flattened row-major. Parameters owned by a module we
-capture (layers.py) come from forward hooks (inputs) and tensor hooks on the module outputs
-(d sum_b f_b / d output); every other tracked parameter comes from torch.func per-example
-gradients of that parameter alone (fallback.py).
+``model.named_parameters()`` order, each flattened row-major. Parameters owned by a module a
+handler captures (``handlers``: the type -> handler table) come from forward hooks (inputs) and
+tensor hooks on the module outputs (d sum_b f_b / d output); every other tracked parameter comes
+from torch.func per-example gradients of that parameter alone (fallback.py).
 
 Examples must not interact in the forward pass (eval-mode BatchNorm, no batch statistics), so
 d f_b / d output_b is the gradient of sum_b f_b.
@@ -17,7 +17,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .layers import Handler, Record, check_capturable, handler_for
+from .handlers import Handler, Record, functional_owner, functional_owners, handler_for
 
 
 @dataclass
@@ -33,10 +33,6 @@ class Plan:
 
     def name_of(self, param) -> str:
         return self.names[[id(p) for p in self.params].index(id(param))]
-
-
-def _under_functional_owner(name: str, owners: set) -> bool:
-    return any(name == o or name.startswith(o + ".") for o in owners)
 
 
 def resolve_params(model: nn.Module, params=None) -> list:
@@ -82,17 +78,17 @@ def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
     forced_ids = {id(by_name[n]) for n in forced}
 
     # Modules that use their children's parameters functionally are not hooked below them.
-    functional = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    functional = functional_owners(model)
     hooked, owned = {}, set()
     for mname, module in model.named_modules():
         cls = handler_for(module)
-        if cls is None or _under_functional_owner(mname, functional):
+        if cls is None or functional_owner(mname, functional) is not None:
             continue
         direct = [p for p in module.parameters(recurse=False)
                   if id(p) in tracked_ids and id(p) not in forced_ids]
         if not direct:
             continue
-        check_capturable(mname, module)
+        cls.check(mname, module)
         hooked[mname] = (module, cls)
         owned.update(id(p) for p in direct)
     fb = [(n, by_name[n]) for n in chosen if id(by_name[n]) not in owned]

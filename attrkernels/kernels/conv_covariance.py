@@ -49,8 +49,9 @@ def supported(module: nn.Module) -> bool:
 
 def preferred(module: nn.Module, shape) -> bool:
     """Whether ``conv_covariance`` is the faster way for an input of ``shape`` [B, C, (H,) W]:
-    ``supported`` and at least 64 positions (at 4x4 the border corrections cover half the image
-    and the unfolded GEMM measured faster; from 8x8 on the shifts measured 1.6-3.4x faster)."""
+    ``supported`` and at least 64 positions: on smaller images the border corrections cover a
+    large part of the image (half of it at 4x4) and cost more than the FLOPs the shifts save
+    (``benchmarks/ekfac.py`` times both ways per size)."""
     return supported(module) and math.prod(shape[2:]) >= 64
 
 

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 # Bytes of per-example tensors (unfolded inputs, gradients) held at once. Kept under glibc's
-# 32 MiB mmap threshold: larger temporaries are unmapped when freed and page-faulted on every
-# reuse, which measured 10x slower to write here than reused heap memory.
+# 32 MiB mmap threshold: larger temporaries are unmapped when freed and page-faulted again on
+# every reuse, while smaller ones reuse heap memory that is already mapped.
 DEFAULT_MEMORY = 24 << 20
 
 
@@ -54,10 +54,11 @@ def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 
     With X = x as [n, d] rows (n = prod(leading dims)), out += X^T X. Up to d = 2 GRAM_BLOCK one
     GEMM (2 n d^2 FLOPs); wider, only the block upper triangle is multiplied, a GEMM per block
-    row [GRAM_BLOCK, n] x [n, d - i] (a symmetric rank-n update, about half the FLOPs; measured
-    1.4-1.7x faster than the full GEMM at d = 576-2304) and mirrored. For the activation factor
-    pass A with a column of ones appended (``homogeneous``) when the layer has a bias. A
-    positions-major x is multiplied as [d, n] columns (one copy with contiguous runs).
+    row [GRAM_BLOCK, n] x [n, d - i] (a symmetric rank-n update: about half the FLOPs, in GEMMs
+    still wide enough to run near the matmul peak; ``benchmarks/ekfac.py`` times both) and
+    mirrored. For the activation factor pass A with a column of ones appended (``homogeneous``)
+    when the layer has a bias. A positions-major x is multiplied as [d, n] columns (one copy
+    with contiguous runs).
     """
     x = x.to(torch.float32)
     d = x.shape[-1]
@@ -88,7 +89,7 @@ def homogeneous(a: torch.Tensor) -> torch.Tensor:
 def _matmul_last(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """x @ q over the last dimension. A positions-major x [B, T, d] with many positions keeps its
     layout (B GEMMs of q^T with [d, T]); with few (4 T < d) those GEMMs are too thin to reuse q
-    from cache, and gathering x into rows for one GEMM measured up to 1.8x faster."""
+    from cache, so x is gathered into rows for one GEMM (the copy costs less than the reloads of q)."""
     if position_major(x) and 4 * x.shape[1] >= x.shape[2]:
         return (q.T @ x.transpose(1, 2)).transpose(1, 2)
     return x.contiguous() @ q
@@ -166,10 +167,10 @@ def block_sizes(dim: int, block_width: int | None) -> list[int]:
 def _eigh(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched symmetric eigendecomposition [k, w, w] -> ([k, w], [k, w, w]), float64.
 
-    On the CPU, LAPACK's dsyevd through SciPy (OpenBLAS) with as many BLAS threads as torch
-    uses: 1.3-1.7x faster than torch.linalg.eigh (MKL) here at w = 576-2304, one thread. That
-    needs threadpoolctl (a dependency of scikit-learn) to hold SciPy's BLAS to torch's thread
-    count; without it, and on GPUs, torch.linalg.eigh.
+    On the CPU, LAPACK's dsyevd (divide and conquer) through SciPy with as many BLAS threads as
+    torch uses, because torch.linalg.eigh's CPU path was the slower of the two at the factor
+    widths of the benchmarked models. That needs threadpoolctl (a dependency of scikit-learn) to
+    hold SciPy's BLAS to torch's thread count; without it, and on GPUs, torch.linalg.eigh.
     """
     if stack.device.type == "cpu":
         try:

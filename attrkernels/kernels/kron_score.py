@@ -11,8 +11,8 @@ W_j [d_out, d_in] (in the same basis). These kernels compute, for a batch of exa
 (without bases, R_b = G_b) in chunks of examples bounded in memory, never forming the
 full-model per-example gradient. kron_inner forms R for blocks of rows and multiplies
 [B, rows d_in] by [rows d_in, n]: 2 B n d_out d_in FLOPs in GEMMs that read W once. (For T = 1 the
-alternative d_b^T (W_j a_b), which never forms R_b, measured 1.3-2x slower here: its [B, n, d_out]
-intermediate is larger and its contraction is not a GEMM.)
+alternative d_b^T (W_j a_b), which never forms R_b, is slower: its [B, n, d_out] intermediate is
+larger and its contraction is not a GEMM.)
 kron_self_inner never forms R_b for T = 1: R_b^2 = (d_b^2)(a_b^2)^T, so the sum is (d^2)^T M (a^2).
 """
 from __future__ import annotations

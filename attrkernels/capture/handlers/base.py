@@ -1,0 +1,155 @@
+"""What every layer handler shares: records, gradient blocks, the handler base and the type table.
+
+For a module called on input a with output y and d f_b / d y = delta (f_b one scalar per
+example b, examples independent), the per-example gradient of its parameters is a contraction
+of a and delta. A handler turns the records of one module (one record per call; calls add up)
+into ``blocks``: the per-example gradient of each parameter in memory-bounded pieces
+(param, start, block[B, n]) = entries [start, start + n) of the row-major flattened gradient,
+for all B examples. Handlers whose weight gradient is a sum of outer products also give its
+Kronecker factors and everything EK-FAC / K-FAC need (``kron.KroneckerHandler``).
+
+Which handler captures a module is looked up in ``HANDLERS`` (module type -> handler class)
+along the module type's MRO, so subclasses of a registered type are captured too;
+``register_handler`` adds a type. Nothing outside the handlers branches on the layer type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Record:
+    """One call of a tracked module: its input (detached) and the gradient of sum_b f_b w.r.t. its output."""
+
+    inputs: torch.Tensor
+    grad_out: torch.Tensor | None = None
+
+
+@dataclass
+class Block:
+    """Entries [start, start + values.shape[1]) of ``param``'s flattened per-example gradient."""
+
+    param: nn.Parameter
+    start: int
+    values: torch.Tensor  # [B, n]
+
+
+class Handler:
+    """Base of the handlers: one instance per (module, capture) holds that module's records.
+
+    A subclass implements ``blocks`` and may override ``check`` (settings it cannot capture).
+    ``kronecker`` says whether EK-FAC / K-FAC can factor the module's weight (see
+    ``kron.KroneckerHandler`` for what such a handler provides).
+    """
+
+    kronecker: ClassVar[bool] = False
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.records: list[Record] = []
+
+    @classmethod
+    def check(cls, name: str, module: nn.Module) -> None:
+        """Raise ValueError (naming the module) for settings whose per-example gradients would mix examples."""
+
+    @classmethod
+    def why_not_kronecker(cls, module: nn.Module) -> str | None:
+        """Why EK-FAC / K-FAC cannot factor this module's weight, or None when they can."""
+        return type(module).__name__
+
+    @classmethod
+    def projectable(cls, module: nn.Module) -> bool:
+        """Whether ``kron`` gives the weight gradient as dense factors (A, D), which the
+        featurizer's factored mode projects separately."""
+        return False
+
+    def blocks(self, tracked: set, budget: int):
+        """Yield the ``Block`` s of the tracked parameters of the module, at most ``budget`` bytes each."""
+        raise NotImplementedError
+
+    def kron(self, examples: slice = slice(None)):
+        """(A [B, T, d_in], D [B, T, d_out]) such that grad W_b = sum_t D_bt A_bt^T, or None.
+
+        ``examples`` selects a range of the batch (unfolding only those examples)."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The type -> handler table
+
+HANDLERS: dict[type, type] = {}
+
+
+def register_handler(module_type: type, handler_cls: type) -> None:
+    """Capture modules of ``module_type`` (and its subclasses without their own entry) with
+    ``handler_cls``, a ``Handler`` subclass; replaces an earlier entry for that type."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not (isinstance(handler_cls, type) and issubclass(handler_cls, Handler)):
+        raise TypeError(f"handler_cls must be a Handler subclass, got {handler_cls!r}")
+    HANDLERS[module_type] = handler_cls
+
+
+def handler_for(module: nn.Module) -> type | None:
+    """The handler class of a module: the entry of the nearest type in its MRO, or None."""
+    for t in type(module).__mro__:
+        cls = HANDLERS.get(t)
+        if cls is not None:
+            return cls
+    return None
+
+
+# Modules that use their children's parameters functionally (not by calling the children), so
+# hooks on those children see nothing: MultiheadAttention calls F.multi_head_attention_forward
+# with out_proj.weight.
+FUNCTIONAL_OWNERS = (nn.MultiheadAttention,)
+
+
+def functional_owners(model: nn.Module) -> set:
+    """Names of the modules of ``model`` that use their parameters and children's functionally."""
+    return {n for n, m in model.named_modules() if isinstance(m, FUNCTIONAL_OWNERS)}
+
+
+def functional_owner(name: str, owners: set) -> str | None:
+    """The owner (from ``functional_owners``) that module ``name`` is or lies under, or None."""
+    for o in owners:
+        if name == o or name.startswith(o + "."):
+            return o
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the handlers
+
+
+def cat(parts: list, dim: int) -> torch.Tensor:
+    """torch.cat, except that a single part (one call: the common case) is returned as is, so a
+    transposed view (the unfolded conv input) is not gathered into a contiguous copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def positions(x: torch.Tensor) -> int:
+    """Positions per example of a [B, *, d] tensor (1 for [B, d])."""
+    return x[0].numel() // x.shape[-1] if x.shape[0] else 1
+
+
+def rows_per_block(B: int, row_len: int, budget: int) -> int:
+    """Rows of a [rows, row_len] weight whose gradients for B examples fit in ``budget`` bytes."""
+    return max(1, budget // max(1, 4 * B * row_len))
+
+
+def outer_blocks(param, A, D, budget):
+    """Blocks of grad W_b = D_b^T A_b ([B, d_out, d_in]) over ranges of output rows, all examples."""
+    B, _, d_in = A.shape
+    d_out = D.shape[2]
+    step = rows_per_block(B, d_in, budget)
+    At = A.to(torch.float32)
+    for o0 in range(0, d_out, step):
+        o1 = min(d_out, o0 + step)
+        G = torch.bmm(D[:, :, o0:o1].to(torch.float32).transpose(1, 2), At)  # [B, o1-o0, d_in]
+        yield Block(param, o0 * d_in, G.reshape(B, -1))
+        del G  # one block alive at a time: freed before the next is formed

@@ -1,0 +1,115 @@
+"""nn.Embedding: idx [B, *], delta [B, *, d]; row v of W_b = sum_{t: idx_bt = v} delta_bt.
+
+Per-example gradients live on the rows of the looked-up indices (``sparse_rows``); the padding
+row receives none. For EK-FAC / K-FAC the input is the one-hot vector of the index, so the
+activation factor is diagonal (the token counts) with the identity basis: only the d side is
+rotated, and every operation works on the looked-up rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels.kfac import covariance, token_counts
+from ...kernels.kron_score import sparse_rows_inner, sparse_rows_self_inner
+from .base import Block, rows_per_block
+from .kron import KroneckerHandler, Query
+
+
+class EmbeddingHandler(KroneckerHandler):
+    @classmethod
+    def check(cls, name, module):
+        if module.scale_grad_by_freq:
+            raise ValueError(f"{name}: Embedding(scale_grad_by_freq=True) mixes examples in its gradient")
+
+    @classmethod
+    def projectable(cls, module):
+        return False  # the input factor is one-hot (V wide): sketched with the other parameters
+
+    @classmethod
+    def dims(cls, module, bias):
+        return module.num_embeddings, module.embedding_dim
+
+    def kron(self, examples: slice = slice(None)):
+        return None
+
+    def tokens(self):
+        """(indices [B, T], D [B, T, d] float32, zero at padding positions)."""
+        m = self.module
+        B = self.records[0].inputs.shape[0]
+        idx = torch.cat([r.inputs.reshape(B, -1) for r in self.records], 1)
+        D = torch.cat([r.grad_out.reshape(B, -1, r.grad_out.shape[-1]) for r in self.records], 1).to(torch.float32)
+        if m.padding_idx is not None:
+            D = D * (idx != m.padding_idx).unsqueeze(-1)
+        return idx, D
+
+    def sparse_rows(self):
+        """(rows [U] sorted unique indices, R [B, U, d]): row rows[u] of W_b is R[b, u]."""
+        idx, D = self.tokens()
+        rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        B, T, d = D.shape
+        R = torch.zeros(B, rows.numel(), d, dtype=D.dtype, device=D.device)
+        R.scatter_add_(1, inverse.reshape(B, T, 1).expand(B, T, d), D)
+        return rows, R
+
+    def blocks(self, tracked, budget):
+        m = self.module
+        if m.weight not in tracked:
+            return
+        rows, R = self.sparse_rows()
+        d = R.shape[2]
+        step = rows_per_block(R.shape[0], d, budget)
+        for start_u, v0, n in _runs(rows.tolist()):
+            for j in range(0, n, step):
+                m_ = min(step, n - j)
+                yield Block(m.weight, (v0 + j) * d, R[:, start_u + j:start_u + j + m_].reshape(R.shape[0], -1))
+
+    # ----------------------------------------------------------------------------- EK-FAC
+    def covariances(self, sums, bias, budget):
+        idx, D = self.tokens()
+        pad = self.module.padding_idx
+        sums.A = token_counts(idx, self.module.num_embeddings, pad, out=sums.A)
+        sums.positions += int(idx.numel() if pad is None else (idx != pad).sum())
+        sums.S = covariance(D, out=sums.S)
+        return sums
+
+    def correction(self, out, bases, bias, budget):
+        rows, R = self.sparse_rows()
+        out[:, rows] += bases[1].rotate(R).square().sum(0).T
+        return out
+
+    def precondition_back(self, bases, bias, n_queries, n_train):
+        return False
+
+    def preconditioned(self, bases, inverse, back, bias, budget):
+        rows, R = self.sparse_rows()
+        yield rows, bases[1].rotate(R) * inverse[:, rows].T
+
+    @classmethod
+    def query(cls, parts, n, back):
+        """Dense [n, U, d] preconditioned rows over the union U of the query batches' rows."""
+        rows = torch.unique(torch.cat([r for r, _ in parts]))
+        W = torch.zeros(n, rows.numel(), parts[0][1].shape[2], dtype=torch.float32, device=rows.device)
+        start = 0
+        for r, w in parts:
+            W[start:start + w.shape[0], torch.searchsorted(rows, r)] = w
+            start += w.shape[0]
+        return Query(True, W, rows)
+
+    def inner(self, query, bases, bias, budget):
+        rows, R = self.sparse_rows()
+        return sparse_rows_inner(rows, R, query.rows, query.W, bases[1])
+
+    def self_inner(self, inverse, bases, bias, budget):
+        rows, R = self.sparse_rows()
+        return sparse_rows_self_inner(rows, R, inverse, bases[1])
+
+
+def _runs(sorted_rows):
+    """Maximal runs of consecutive integers: (position in the list, first value, length)."""
+    runs = []
+    for pos, v in enumerate(sorted_rows):
+        if runs and runs[-1][1] + runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((pos, v, 1))
+    return runs

@@ -1,0 +1,187 @@
+"""Handlers of layers whose per-example weight gradient is a sum of outer products.
+
+Such a layer (weight W [d_out, d_in] after flattening, an optional bias folded in as the
+homogeneous last input column) gives, per example b, inputs A_b [T, d_in] and output-gradients
+D_b [T, d_out] with G_b = D_b^T A_b (``kron``). From those this class provides everything
+EK-FAC / K-FAC (``attrkernels.methods.ekfac``) need of a layer, calling the kernels of
+``kernels.kfac`` and ``kernels.kron_score`` (notation there):
+
+* ``covariances``: the sums of a a^T over positions and of delta delta^T (the factors A and S);
+* ``correction``: sum_b (Q_S^T G_b Q_A)^2, EK-FAC's eigenvalue correction;
+* ``preconditioned`` / ``query``: preconditioned query gradients, either in the eigenbasis or
+  rotated back to parameter space (``precondition_back`` decides which is cheaper);
+* ``inner`` / ``self_inner``: inner products of the batch's gradients with the queries, and
+  their weighted squared norms.
+
+Per-example tensors exist only in chunks of examples under ``budget`` bytes. A subclass
+implements ``kron`` (and ``dims`` when its weight is not [d_out, d_in, ...]); it may override
+``formed_chunks`` to form the (rotated) per-example gradients itself when that is cheaper than
+the product of the factors (the convolution does), and any operation with a faster path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ...kernels.kfac import (add_squares, covariance, ekfac_correction, example_chunk, homogeneous,
+                             rotated_gradients, rotation_cost)
+from ...kernels.kron_score import gradient_inner, gradient_self_inner, kron_inner, kron_self_inner
+from .base import Block, Handler, outer_blocks
+
+
+@dataclass
+class CovarianceSums:
+    """Running sums of one layer's factors: A (sum of a a^T, or token counts), S (sum of
+    delta delta^T), and the number of positions A summed over."""
+
+    A: torch.Tensor | None = None
+    S: torch.Tensor | None = None
+    positions: int = 0
+
+
+@dataclass
+class Query:
+    """Preconditioned query gradients of one layer: W [n, d_out, d_in] in the eigenbasis
+    (``rotated``) or in parameter space; for sparse rows (Embedding) W [n, U, d] on ``rows``."""
+
+    rotated: bool
+    W: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
+class KroneckerHandler(Handler):
+    """Base of the handlers whose weight EK-FAC / K-FAC factor; see the module docstring."""
+
+    kronecker = True
+
+    @classmethod
+    def why_not_kronecker(cls, module: nn.Module) -> str | None:
+        return None
+
+    @classmethod
+    def projectable(cls, module: nn.Module) -> bool:
+        return cls.why_not_kronecker(module) is None
+
+    @classmethod
+    def dims(cls, module: nn.Module, bias: bool) -> tuple[int, int]:
+        """(d_in, d_out) of the factored weight, d_in including the bias column when ``bias``."""
+        return module.weight[0].numel() + bias, module.weight.shape[0]
+
+    def kron(self, examples: slice = slice(None)):
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- featurizer
+    def blocks(self, tracked, budget):
+        A, D = self.kron()
+        m = self.module
+        if m.weight in tracked:
+            yield from outer_blocks(m.weight, A, D, budget)
+        bias = getattr(m, "bias", None)
+        if bias is not None and bias in tracked:
+            yield Block(bias, 0, D.to(torch.float32).sum(1))
+
+    # ----------------------------------------------------------------------------- chunks
+    def batch(self) -> int:
+        return self.records[0].grad_out.shape[0]
+
+    def positions(self) -> int:
+        """T: output positions per example, over all calls of the layer."""
+        return sum(r.grad_out[0].numel() for r in self.records) // self.dims(self.module, False)[1]
+
+    def kron_chunks(self, bias: bool, budget: int):
+        """(first example, A, D) for chunks of the batch whose factors fit in ``budget`` bytes
+        (A homogeneous when ``bias``); the kernels bound the per-example gradients they form."""
+        size = self.batch()
+        d_in, d_out = self.dims(self.module, bias)
+        step = example_chunk(size, 4 * self.positions() * (d_in + d_out), budget)
+        for b0 in range(0, size, step):
+            A, D = self.kron(slice(b0, b0 + step))
+            yield b0, (homogeneous(A) if bias else A.to(torch.float32)), D.to(torch.float32)
+
+    def formed_chunks(self, bases, bias: bool, budget: int):
+        """None, or (first example, Q_S^T G_b Q_A [chunk, d_out, d_in]) chunks (G_b without
+        ``bases``) when this handler forms them more cheaply than from ``kron_chunks``."""
+        return None
+
+    def rotated_chunks(self, bases, bias: bool, budget: int):
+        """Formed (rotated) per-example gradients [chunk, d_out, d_in], chunk by chunk."""
+        formed = self.formed_chunks(bases, bias, budget)
+        if formed is not None:
+            for _, R in formed:
+                yield R
+            return
+        d_in, d_out = self.dims(self.module, bias)
+        for _, A, D in self.kron_chunks(bias, budget):
+            step = example_chunk(A.shape[0], 4 * d_in * d_out, budget)
+            for b0 in range(0, A.shape[0], step):
+                yield rotated_gradients(A[b0:b0 + step], D[b0:b0 + step], *bases)
+
+    # ----------------------------------------------------------------------------- factors
+    def covariances(self, sums: CovarianceSums, bias: bool, budget: int) -> CovarianceSums:
+        """Add the batch's sum_{b,t} a a^T to ``sums.A``, its sum of delta delta^T to ``sums.S``
+        (float32 [d, d]) and its number of positions to ``sums.positions``."""
+        for _, A, D in self.kron_chunks(bias, budget):
+            sums.A = covariance(A, out=sums.A)
+            sums.S = covariance(D, out=sums.S)
+            sums.positions += A.shape[0] * A.shape[1]
+        return sums
+
+    def correction(self, out: torch.Tensor, bases, bias: bool, budget: int) -> torch.Tensor:
+        """out += sum_b (Q_S^T G_b Q_A)^2 over the batch ([d_out, d_in] float32)."""
+        formed = self.formed_chunks(bases, bias, budget)
+        if formed is not None:
+            for _, R in formed:
+                add_squares(R, out)
+            return out
+        for _, A, D in self.kron_chunks(bias, budget):
+            ekfac_correction(A, D, *bases, out=out, memory_budget=budget)
+        return out
+
+    # ----------------------------------------------------------------------------- queries
+    def precondition_back(self, bases, bias: bool, n_queries: int, n_train: int | None) -> bool:
+        """Whether scoring is cheaper with the queries rotated back to parameter space (each
+        training gradient then multiplies them unrotated) than in the eigenbasis (each training
+        gradient rotated), for n_queries queries against n_train training examples."""
+        basis_a, basis_s = bases
+        d_in, d_out = self.dims(self.module, bias)
+        cost = d_out * basis_a.cost() + d_in * basis_s.cost()
+        rotation = rotation_cost(self.positions(), basis_a, basis_s)
+        return n_queries * cost <= (n_train or n_queries) * rotation
+
+    def preconditioned(self, bases, inverse: torch.Tensor, back: bool, bias: bool, budget: int):
+        """Chunks of the batch's gradients rotated, multiplied by ``inverse`` [d_out, d_in] and
+        (``back``) rotated back: parts of ``query``."""
+        basis_a, basis_s = bases
+        for R in self.rotated_chunks(bases, bias, budget):
+            W = R.mul_(inverse)
+            if back:
+                W = basis_s.rotate(basis_a.rotate(W, dim=2, transpose=True), dim=1, transpose=True)
+            yield W
+
+    @classmethod
+    def query(cls, parts: list, n: int, back: bool) -> Query:
+        """The ``Query`` of all ``preconditioned`` parts of the query set (n examples)."""
+        return Query(not back, torch.cat(parts))
+
+    def inner(self, query: Query, bases, bias: bool, budget: int) -> torch.Tensor:
+        """[B, n] inner products of the batch's gradients with the query."""
+        bases = bases if query.rotated else None
+        out = torch.zeros(self.batch(), query.W.shape[0], dtype=torch.float32, device=query.W.device)
+        formed = self.formed_chunks(bases, bias, budget)
+        if formed is not None:
+            for b0, R in formed:
+                out[b0:b0 + R.shape[0]] = gradient_inner(R, query.W)
+            return out
+        for b0, A, D in self.kron_chunks(bias, budget):
+            out[b0:b0 + A.shape[0]] = kron_inner(A, D, query.W, *(bases or (None, None)), budget)
+        return out
+
+    def self_inner(self, inverse: torch.Tensor, bases, bias: bool, budget: int) -> torch.Tensor:
+        """[B] sum_{o,i} (Q_S^T G_b Q_A)[o, i]^2 inverse[o, i]."""
+        formed = self.formed_chunks(bases, bias, budget)
+        if formed is not None:
+            return torch.cat([gradient_self_inner(R, inverse) for _, R in formed])
+        return torch.cat([kron_self_inner(A, D, inverse, *bases, budget)
+                          for _, A, D in self.kron_chunks(bias, budget)])

@@ -1,0 +1,71 @@
+"""EK-FAC and K-FAC influence functions (Grosse et al., 2023; George et al., 2018; Martens & Grosse, 2015).
+
+    m = ak.EKFAC(model, task, store="runs/ekfac")     # or ak.KFAC(...)
+    m.fit(train_loader, checkpoints=[sd0, sd1])       # factors per checkpoint, saved in the store
+    scores = m.score(test_loader)                     # [n_train, n_test], streamed over train_loader
+    flagged = m.self_influence()                      # [n_train], large = unusual (e.g. mislabeled)
+
+Scores. With g_i = d loss_i / d theta (``task.loss``), f_j = ``task.measure`` of test example j
+and F the Fisher of the training loss (mean over training examples), the influence-function
+estimate of how much including training example i raises f_j is
+
+    scores[i, j] = -grad f_j^T (F + damping I)^{-1} g_i
+
+(upweighting example i by eps moves theta by -eps (F + damping)^{-1} g_i). F is block-diagonal
+over the tracked layers and each block is Kronecker-factored (``attrkernels.kernels.kfac``):
+K-FAC uses (Q_S (x) Q_A) diag(e_S e_A^T) (Q_S (x) Q_A)^T, EK-FAC replaces the eigenvalues by
+Lambda = E_b[(Q_S^T G_b Q_A)^2]. The inverse is applied in that eigenbasis, per layer:
+
+    scores[i, j] = -sum_layers <Q_S^T G_i Q_A, (Q_S^T G_j Q_A) / (Lambda + damping)>.
+
+``damping=None`` uses 0.1 x the mean eigenvalue of each layer (mean of Lambda for EK-FAC, of
+e_S e_A^T for K-FAC), as kronfluence's heuristic; a float is added to every layer; 0 requires
+full-rank factors and raises naming the layer otherwise. Multiple checkpoints average scores.
+
+Fisher. ``fisher="true"`` (default) computes S and Lambda from gradients of the loss at labels
+sampled from the model's own predictive distribution (one sample per example, seeded by
+``seed``, the checkpoint and the batch position; the Lambda pass draws labels independent of
+the covariance pass: reusing the same draws fits the eigenbasis and the eigenvalues to the same
+noise, which cost 0.06 LDS on the digits MLP): the Fisher of the model, a positive
+semi-definite approximation of the Hessian (the Gauss-Newton matrix for cross-entropy), as in
+Grosse et al. and kronfluence's default. It needs a task with ``sampled_loss(model, batch, generator) -> [B]``
+(``Classification`` samples labels from softmax of its logits).
+``fisher="empirical"`` uses the dataset's labels (``task.loss``): deterministic and works for any
+task, but the empirical Fisher weights examples by their own loss and attributes less
+accurately (see ``benchmarks/results/ekfac_cpu.md``).
+
+Layers. Every module whose handler is Kronecker-factorable (``attrkernels.capture.handlers``:
+Linear with any leading dims, Conv1d / Conv2d with groups = 1 (T = output positions), Embedding
+(activation factor = token counts, diagonal, identity basis), and any type added with
+``register_handler``). A bias is the homogeneous last input column. ``params=None`` tracks every
+trainable weight (and its bias) of those layers and leaves out other parameters (norms, grouped
+convolutions, parameters used functionally), listed in ``skipped``; naming such a parameter in
+``params`` raises. The handlers compute every layer-specific statistic; this package only
+orchestrates.
+
+Cost. ``fit`` makes two passes over the training data per checkpoint for EK-FAC (covariances,
+then Lambda; one for K-FAC) and a batched float64 eigendecomposition. ``score`` makes one pass
+over the test set (preconditioned query gradients held in memory: n_test x tracked parameters
+floats) and one over the training set, streaming [batch, n_test] tiles into ``out``; per layer
+the training gradients are either rotated into the eigenbasis or the queries rotated back,
+whichever costs fewer FLOPs. Per-example gradients exist only per layer, in chunks of at most
+``memory_budget`` bytes. The backward passes ask only for the layers' output gradients (no weight
+gradients). Convolutions avoid unfolding where they can (see ``capture.handlers.conv``).
+
+Modules, by stage (as kronfluence splits factor/ and score/): ``selection`` (which layers),
+``passes`` (passes over data, the Fisher's loss, the covariance and correction passes),
+``factors`` (the factors of a checkpoint, the eigendecomposition), ``storage`` (stage files),
+``precondition`` (inverse eigenvalues, queries, score tiles) and ``method`` (EKFAC, KFAC).
+
+Store. With ``store=path``, each checkpoint's factors are written as safetensors per stage
+(covariance, eigen, lambda; named by the checkpoint's fingerprint) with JSON metadata, and a
+rerun of ``fit`` (or a ``score`` on a model whose weights match a stored checkpoint) loads them
+instead of recomputing: fit once, score many query sets. Damping is applied at score time and
+is not part of the stored factors. A store written for another model, layer selection, Fisher,
+seed, block width or training data raises ``StoreMismatch`` naming the differences.
+"""
+from .factors import LayerFactors
+from .method import EKFAC, KFAC
+from .selection import Layer, select_layers
+
+__all__ = ["EKFAC", "KFAC", "Layer", "LayerFactors", "select_layers"]

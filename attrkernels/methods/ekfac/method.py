@@ -1,0 +1,237 @@
+"""The EKFAC and KFAC classes: arguments, the per-checkpoint loops of fit / score /
+self_influence, and which stage of the factors is computed or loaded (see the package docstring)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ...kernels.kfac import DEFAULT_MEMORY
+from ...tasks.base import implements
+from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
+from ..base import AttributionMethod, as_checkpoints, fingerprint, load_checkpoint, preserved_weights
+from . import precondition
+from .factors import STAGES, LayerFactors, eigen
+from .passes import Passes
+from .selection import select_layers
+from .storage import FactorStore, data_signature, dataset_len, store_meta
+
+FISHERS = ("true", "empirical")
+
+
+@dataclass
+class _Fitted:
+    checkpoint: object  # a state_dict or a path
+    fingerprint: str
+    factors: dict  # layer name -> LayerFactors
+
+
+class EKFAC(AttributionMethod):
+    """EK-FAC influence functions; see the ``attrkernels.methods.ekfac`` docstring.
+
+    EKFAC(model, task, *, damping=None, store=None, fisher="true", params=None, block_width=None,
+          seed=0, memory_budget=24 MiB, verbose=True)
+
+    damping: None (0.1 x mean eigenvalue per layer) or a float >= 0 added to every eigenvalue.
+    store: directory for the factors (None: kept in memory only).
+    fisher: "true" (sampled labels, default) or "empirical" (dataset labels).
+    params: names of the parameters to attribute over (default: all supported, see ``skipped``).
+    block_width: factors wider than this are eigendecomposed as block-diagonal (``kron_eigh``).
+    seed: seeds the sampled labels of the true Fisher.
+    memory_budget: bytes of per-example tensors (unfolded inputs, gradients) held at once; the
+        default 24 MiB stays under glibc's mmap threshold (see ``kernels.kfac.DEFAULT_MEMORY``).
+    """
+
+    strategy = "ekfac"
+    stages = STAGES
+
+    def __init__(self, model: nn.Module, task, *, damping: float | None = None, store=None,
+                 fisher: str = "true", params=None, block_width: int | None = None, seed: int = 0,
+                 memory_budget: int = DEFAULT_MEMORY, verbose: bool = True):
+        super().__init__(model, task, verbose=verbose)
+        damping = check_damping(damping, optional=True)
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if fisher == "true" and not implements(task, "sampled_loss"):
+            raise TypeError("fisher='true' samples labels from the model: the task must define "
+                            "sampled_loss(model, batch, generator) -> [B] (ak.tasks.Classification does); "
+                            "or pass fisher='empirical'")
+        check_positive_int("block_width", block_width, optional=True)
+        self.damping, self.fisher, self.block_width = damping, fisher, block_width
+        self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
+        self.layers, self.skipped = select_layers(model, params)
+        self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
+        self.plan = self.passes.plan
+        self.fitted: list[_Fitted] = []
+        self.train = None  # the loader given to fit
+        self.query_modes: dict = {}  # per layer, where the last score() preconditioned the queries
+
+    @property
+    def factors(self) -> list:
+        """Per fitted checkpoint, {layer name: LayerFactors}."""
+        return [f.factors for f in self.fitted]
+
+    def fit(self, train, checkpoints=None) -> "EKFAC":
+        """Fit (or load from the store) the factors of every checkpoint on the training loader.
+
+        ``checkpoints``: state dicts, paths or ``ak.tasks.Checkpoint`` objects (None: the model's
+        current weights). The loader is kept as the default training set of ``score``.
+        """
+        checkpoints = as_checkpoints(self.model, checkpoints)
+        store = self._open_store(train)
+        fitted = []
+        with self._preserved_model():
+            for k, ckpt in enumerate(checkpoints):
+                load_checkpoint(self.model, ckpt, k)
+                fp = fingerprint(ckpt)
+                fitted.append(_Fitted(ckpt, fp, self._factors_of(train, k, fp, store)))
+        self.fitted, self.train = fitted, train
+        return self
+
+    def score(self, test, *, train=None, out=None) -> torch.Tensor:
+        """scores [n_train, n_test] (float32), averaged over the fitted checkpoints.
+
+        ``train``: the training loader (default: the one given to ``fit``; needed when the
+        factors come from the store without a ``fit``). ``out``: optional [n_train, n_test] tensor
+        or NumPy array (e.g. a memmap) filled tile by tile and returned; otherwise a new tensor.
+        """
+        train = self._train_loader(train)
+        fitted = self._ready(train)
+        n_train_hint = dataset_len(train)
+        result, rows_seen = out, None
+        with self._preserved_model():
+            for k, fit in enumerate(fitted):
+                load_checkpoint(self.model, fit.checkpoint, k)
+                inverse = self._inverses(fit.factors)
+                queries, n_test = precondition.queries(self.passes, test, fit.factors, inverse, n_train_hint)
+                self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
+                tiles, rows = [], 0
+                for start, batch, size in self.passes.batches(train, "train", f"scores (checkpoint {k})"):
+                    handlers = self.passes.record(batch, size, self.task.loss, "train")
+                    tile = precondition.tile(self.passes, handlers, fit.factors, queries, size, n_test)
+                    tile.div_(-len(fitted))
+                    if result is None:
+                        tiles.append(tile)
+                    else:
+                        precondition.accumulate(result, start, tile, first=k == 0)
+                    rows = start + size
+                if result is None:
+                    result = torch.cat(tiles)
+                if rows_seen is not None and rows != rows_seen:
+                    raise ValueError(f"the train loader yielded {rows} examples for checkpoint {k} and "
+                                     f"{rows_seen} before; it must yield the same examples each time")
+                rows_seen = rows
+        if result.shape[0] != rows_seen:
+            raise ValueError(f"out has {result.shape[0]} rows but the train loader yielded {rows_seen} examples")
+        return result
+
+    def self_influence(self, train=None) -> torch.Tensor:
+        """[n_train] g_i^T (F + damping)^{-1} g_i with g_i = grad loss_i, averaged over checkpoints.
+
+        In the sign convention of ``score`` with measurement -loss_i: how much including example i
+        lowers its own loss. Large values flag examples the rest of the data does not explain,
+        e.g. mislabeled ones. ``train`` defaults to the loader given to ``fit``.
+        """
+        train = self._train_loader(train)
+        fitted = self._ready(train)
+        total = None
+        with self._preserved_model():
+            for k, fit in enumerate(fitted):
+                load_checkpoint(self.model, fit.checkpoint, k)
+                inverse = self._inverses(fit.factors)
+                parts = []
+                for _, batch, size in self.passes.batches(train, "train", f"self-influence (checkpoint {k})"):
+                    handlers = self.passes.record(batch, size, self.task.loss, "train")
+                    parts.append(precondition.self_inner(self.passes, handlers, fit.factors, inverse, size))
+                values = torch.cat(parts) / len(fitted)
+                if total is not None and total.shape != values.shape:
+                    raise ValueError("the train loader must yield the same examples for every checkpoint")
+                total = values if total is None else total + values
+        return total
+
+    # -----------------------------------------------------------------------------------------
+
+    def _train_loader(self, train):
+        if train is not None:
+            return train
+        if self.train is None:
+            raise RuntimeError(f"pass train= (the training loader) or call {type(self).__name__}.fit(train) first")
+        return self.train
+
+    @contextmanager
+    def _preserved_model(self):
+        """Evaluation mode inside; the model's weights and mode restored afterwards."""
+        with preserved_weights(self.model):
+            self.model.eval()
+            yield
+
+    def _eigenvalues(self, f: LayerFactors) -> torch.Tensor:
+        return f.lam.to(torch.float64)
+
+    def _inverses(self, factors: dict) -> dict:
+        return precondition.inverses(self.layers, factors, self.damping, self._eigenvalues)
+
+    def _open_store(self, train) -> FactorStore | None:
+        if self.store_path is None:
+            return None
+        data = data_signature(train, self.passes.first_batch(train))
+        return FactorStore(self.store_path, store_meta(self, data))
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _factors_of(self, train, k: int, fp: str, store: FactorStore | None) -> dict:
+        """The factors of checkpoint k (loaded): each stage loaded from the store when there,
+        else computed (and saved)."""
+        if store is not None and store.has(self.stages, fp):
+            return store.load(self.stages, fp, self.layers, self._device())
+        factors = None
+        if store is not None and store.exists("covariance", fp):
+            factors = store.load(("covariance",), fp, self.layers, self._device())
+        if factors is None:
+            factors, n = self.passes.covariances(train, k, self.fisher, self.seed)
+            if store is not None:
+                store.save("covariance", fp, factors, n)
+        if store is not None and store.exists("eigen", fp):
+            store.load(("eigen",), fp, self.layers, self._device(), factors)
+        else:
+            eigen(self.layers, factors, self.block_width)
+            if store is not None:
+                store.save("eigen", fp, factors)
+        if "lambda" in self.stages:
+            self.passes.correction(train, k, factors, self.fisher, self.seed)
+            if store is not None:
+                store.save("lambda", fp, factors)
+        return factors
+
+    def _ready(self, train) -> list:
+        """The fitted checkpoints; loads the store's factors for the model's current weights if needed."""
+        if self.fitted:
+            return self.fitted
+        if self.store_path is None:
+            raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before scoring")
+        store = self._open_store(train)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        fp = fingerprint(state)
+        if not store.has(self.stages, fp):
+            have = store.fingerprints(self.stages[-1])
+            raise ValueError(f"the model's weights (fingerprint {fp}) differ from every checkpoint whose factors "
+                             f"the store {store.path} holds ({have or 'none'}); call fit(train, checkpoints) "
+                             "with the checkpoints to score")
+        self.fitted = [_Fitted(state, fp, store.load(self.stages, fp, self.layers, self._device()))]
+        return self.fitted
+
+
+class KFAC(EKFAC):
+    """K-FAC influence functions: EKFAC without the eigenvalue correction (eigenvalues e_S e_A^T).
+
+    Same arguments and methods as ``EKFAC``; ``fit`` makes one pass over the training data.
+    """
+
+    strategy = "kfac"
+    stages = STAGES[:2]
+
+    def _eigenvalues(self, f: LayerFactors) -> torch.Tensor:
+        return torch.outer(f.eig_s.clamp_min(0), f.eig_a.clamp_min(0))

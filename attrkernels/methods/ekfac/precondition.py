@@ -1,0 +1,90 @@
+"""Preconditioning and scores: (eigenvalues + damping)^{-1} per layer, preconditioned queries,
+train x test tiles and self-influence, each layer's part computed by its handler."""
+from __future__ import annotations
+
+import torch
+
+from .factors import LayerFactors
+from .storage import dataset_len
+
+HEURISTIC_DAMPING = 0.1
+RANK_RTOL = 1e-6  # eigenvalues below this fraction of the largest count as zero (float32 sums)
+
+
+def inverses(layers: list, factors: dict, damping: float | None, eigenvalues) -> dict:
+    """{layer: 1 / (eigenvalues + damping)} as float32 [d_out, d_in]; ``eigenvalues(LayerFactors)``
+    gives a layer's (float64) eigenvalues, ``damping=None`` 0.1 x their mean per layer."""
+    out = {}
+    for layer in layers:
+        f = factors[layer.name]
+        values = eigenvalues(f)
+        d = damping if damping is not None else HEURISTIC_DAMPING * float(values.mean())
+        if d == 0:
+            check_invertible(layer, f, values)
+        out[layer.name] = (1.0 / (values + d)).to(torch.float32)
+    return out
+
+
+def check_invertible(layer, f: LayerFactors, values: torch.Tensor) -> None:
+    hint = ("pass damping=None (0.1 x the mean eigenvalue of each layer) or a positive damping")
+    for label, e in (("activation factor A", f.eig_a), ("gradient factor S", f.eig_s)):
+        top = float(e.max())
+        if top <= 0 or float(e.min()) <= RANK_RTOL * top:
+            raise ValueError(f"layer {layer.name!r}: the {label} is rank-deficient (smallest / largest "
+                             f"eigenvalue {float(e.min()) / top if top > 0 else 0:.1e}), so with damping=0 "
+                             f"the curvature has no inverse; {hint}")
+    if float(values.min()) <= 0:
+        raise ValueError(f"layer {layer.name!r}: some corrected eigenvalues are zero, so with damping=0 "
+                         f"the curvature has no inverse; {hint}")
+
+
+def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None) -> tuple[dict, int]:
+    """Preconditioned test gradients per layer ({layer: handlers' Query}, n_test), in the
+    eigenbasis or rotated back to parameter space, whichever makes scoring cheaper (decided on
+    the first batch from the loaders' sizes when they are known, else as if both had the first
+    batch's size)."""
+    layers, budget = passes.layers, passes.memory_budget
+    parts = {layer.name: [] for layer in layers}
+    back, n_test = {}, 0
+    for _, batch, size in passes.batches(test, "test", "query gradients"):
+        handlers = passes.record(batch, size, passes.task.measure, "test")
+        for layer in layers:
+            handler, bases = handlers[layer.name], factors[layer.name].bases32()
+            if layer.name not in back:
+                back[layer.name] = handler.precondition_back(bases, layer.bias, dataset_len(test) or size,
+                                                             n_train_hint)
+            parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
+                                                            layer.bias, budget))
+        n_test += size
+    return {layer.name: layer.handler.query(parts[layer.name], n_test, back[layer.name]) for layer in layers}, n_test
+
+
+def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test: int) -> torch.Tensor:
+    """sum over layers of <G_i, preconditioned G_j> for the batch: [size, n_test] (sign not applied)."""
+    out = torch.zeros(size, n_test, dtype=torch.float32)
+    for layer in passes.layers:
+        out += handlers[layer.name].inner(queries[layer.name], factors[layer.name].bases32(), layer.bias,
+                                          passes.memory_budget).cpu()
+    return out
+
+
+def self_inner(passes, handlers: dict, factors: dict, inverse: dict, size: int) -> torch.Tensor:
+    """[size] sum over layers of g_i^T (preconditioner) g_i for the batch."""
+    out = torch.zeros(size, dtype=torch.float32)
+    for layer in passes.layers:
+        out += handlers[layer.name].self_inner(inverse[layer.name], factors[layer.name].bases32(), layer.bias,
+                                               passes.memory_budget).cpu()
+    return out
+
+
+def accumulate(out, start: int, part: torch.Tensor, first: bool) -> None:
+    """out[start:start + len(part)] = part (first checkpoint) or += part, for tensors and arrays."""
+    stop = start + part.shape[0]
+    if stop > out.shape[0] or tuple(out.shape[1:]) != tuple(part.shape[1:]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, too small for rows [{start}, {stop}) of "
+                         f"{part.shape[1]} test examples")
+    values = part if torch.is_tensor(out) else part.numpy()
+    if first:
+        out[start:stop] = values
+    else:
+        out[start:stop] += values
