@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import attrkernels as ak
 from attrkernels.methods.checkpoints import as_checkpoints, read_checkpoint
 from attrkernels.methods.passes import DataPasses, chunk_digest
-from attrkernels.store import DataMismatch
+from attrkernels.store import DataMismatch, StoreMismatch
 from attrkernels.utils.errors import ExampleError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -182,3 +182,23 @@ def test_two_processes_with_different_data_on_one_store_never_mix(tmp_path):
     ak.TRAK(trak_worker.model(), TASK, k=40, store=fresh, verbose=False).fit(
         trak_worker.SlowLoader(0.0, winner == "other"), [ckpt])
     assert np.array_equal(_features(store), _features(fresh))
+
+
+def test_resuming_a_partial_store_with_other_data_writes_nothing(tmp_path):
+    """A killed fit left some chunks done; a fit with other data is refused before it writes a
+    chunk, so the store never holds chunks of two data sets (fitting the first data still works)."""
+    x, y = trak_worker.data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    ak.TRAK(trak_worker.model(), TASK, k=40, store=tmp_path, verbose=False).fit(loader)
+    done = tmp_path / "train_0.f32.done.npy"
+    mask = np.load(done)
+    mask[:6] = False  # the first six chunks "not yet computed"
+    np.save(done, mask)
+    (tmp_path / "kernel_0.npz").unlink()
+    before = (tmp_path / "train_0.f32.sums.npy").read_bytes()
+    with pytest.raises(StoreMismatch, match="other training examples"):
+        ak.TRAK(trak_worker.model(), TASK, k=40, store=tmp_path, verbose=False).fit(
+            DataLoader(TensorDataset(x, 1 - y), batch_size=8))
+    assert np.array_equal(np.load(done), mask) and (tmp_path / "train_0.f32.sums.npy").read_bytes() == before
+    ak.TRAK(trak_worker.model(), TASK, k=40, store=tmp_path, verbose=False).fit(loader)
+    assert np.load(done).all()

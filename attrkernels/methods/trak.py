@@ -217,6 +217,13 @@ class TRAK(AttributionMethod):
             for i in range(arr.num_chunks):
                 arr.check_data(i, chunk_digest(passes.digests[slice(*arr.rows(i))]))
             return
+        if missing and len(missing) < arr.num_chunks and passes.digests is None:
+            # Resuming with data not yet seen: check every done chunk before writing any new one,
+            # so that a store is never left holding chunks of two data sets.
+            with passes.over(f"checkpoint {m}") as batches:
+                for start, _, _ in batches:
+                    if start % chunk == 0 and start // chunk < arr.num_chunks:
+                        arr.check_data(start // chunk, chunk_digest(passes.batch_digests))
         featurizer = self._featurizer(m) if missing else None
         bar = tqdm(total=n_train, desc=f"TRAK featurize checkpoint {m}", disable=not self.verbose or not missing,
                    unit="ex")
