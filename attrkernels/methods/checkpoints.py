@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,9 +120,10 @@ def read_checkpoint(ckpt, index: int = 0) -> Mapping:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
-            raise TypeError(f"checkpoint {index}: {path} is not a state_dict file (it holds pickled Python "
-                            f"objects, e.g. a whole model saved with torch.save(model): {first}); "
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            found = f" ({found.group(1)})" if found else ""
+            raise TypeError(f"checkpoint {index}: {path} is not a state_dict file: it holds pickled Python "
+                            f"objects{found}, e.g. a whole model saved with torch.save(model); "
                             f"{_STATE_DICT_FIX}") from None
         except (RuntimeError, EOFError, OSError) as err:
             raise ValueError(f"checkpoint {index}: {path} cannot be read as a state_dict ({type(err).__name__}: "
