@@ -157,7 +157,9 @@ def stored_features(store):
 def test_resume_after_kill_gives_identical_features(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     torch.save(trak_worker.model().state_dict(), ckpt)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    # the worker imports this checkout's attrkernels (its script directory, not the cwd, is on its path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "trak_worker.py"), str(killed),
                              str(ckpt), "0.3"], env=env)

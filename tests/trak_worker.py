@@ -8,10 +8,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import attrkernels as ak
 
 
-def data():
+def data(other=False):
+    """96 examples; ``other``: the same inputs with the labels of the second half flipped."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 6, generator=g)
-    return x, (x[:, 0] > 0).long()
+    y = (x[:, 0] > 0).long()
+    if other:
+        y[48:] = 1 - y[48:]
+    return x, y
 
 
 def model():
@@ -22,8 +26,8 @@ def model():
 class SlowLoader:
     """Batches of 8 in order, with a pause before each (long enough to be killed in between)."""
 
-    def __init__(self, pause):
-        self.loader = DataLoader(TensorDataset(*data()), batch_size=8)
+    def __init__(self, pause, other=False):
+        self.loader = DataLoader(TensorDataset(*data(other)), batch_size=8)
         self.batch_size, self.dataset, self.pause = 8, self.loader.dataset, pause
 
     def __iter__(self):
@@ -34,5 +38,6 @@ class SlowLoader:
 
 if __name__ == "__main__":
     store, ckpt, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    other = len(sys.argv) > 4 and sys.argv[4] == "other"
     m = model()
-    ak.TRAK(m, ak.tasks.Classification(), k=40, store=store, verbose=False).fit(SlowLoader(pause), [ckpt])
+    ak.TRAK(m, ak.tasks.Classification(), k=40, store=store, verbose=False).fit(SlowLoader(pause, other), [ckpt])

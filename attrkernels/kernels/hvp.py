@@ -128,6 +128,25 @@ def _gauss_newton_batch(loss, outputs, params, batch, block, sizes):
     return vmap(product)(block)
 
 
+class ForwardModeUnsupported(ValueError):
+    """An operation of the model has no forward-mode AD formula, which curvature-vector products
+    (jvp) need."""
+
+
+def _forward_mode_error(err: Exception) -> Exception:
+    """A clear error for a missing forward-mode AD formula (e.g. cuDNN / oneDNN LSTMs, CPU
+    flash attention); other errors are returned unchanged."""
+    text = str(err)
+    if "forward AD" not in text and "forward-mode" not in text and "Forward AD" not in text:
+        return err
+    op = text.split("forward AD with ", 1)[1].split()[0] if "forward AD with " in text else "an operation"
+    return ForwardModeUnsupported(
+        f"attrkernels: influence functions' curvature-vector products need forward-mode AD (torch.func.jvp), "
+        f"which {op} of this model does not support ({text.splitlines()[0][:200]}). Use ak.EKFAC or ak.KFAC "
+        "(no forward-mode AD), ak.TRAK or ak.TracIn (gradients only) instead, or replace that layer (e.g. an "
+        "LSTM written with nn.LSTMCell or with the math sdpa backend)")
+
+
 def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, chunk=None):
     """Damped curvature-vector products for a block of vectors, in one pass over ``batches``.
 
@@ -165,10 +184,16 @@ def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, c
         sizes: list = []
         for start in range(0, V, chunk):
             block = _rows(vectors, start, min(V, start + chunk))
-            if outputs is None:
-                part = _hessian_batch(loss, params, batch, block, sizes)
-            else:
-                part = _gauss_newton_batch(loss, outputs, params, batch, block, sizes)
+            try:
+                if outputs is None:
+                    part = _hessian_batch(loss, params, batch, block, sizes)
+                else:
+                    part = _gauss_newton_batch(loss, outputs, params, batch, block, sizes)
+            except (NotImplementedError, RuntimeError) as err:
+                clear = _forward_mode_error(err)
+                if clear is err:
+                    raise
+                raise clear from err
             _add_rows(acc, start, part)
         count += sizes[0] if sizes else 0
     if count == 0:
@@ -184,4 +209,4 @@ def hvp(loss, params, vectors, batches, *, damping: float = 0.0, outputs=None, c
     return result
 
 
-__all__ = ["hvp"]
+__all__ = ["hvp", "ForwardModeUnsupported"]

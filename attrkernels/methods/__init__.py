@@ -14,8 +14,10 @@ Gradient-based, built from ``(model, task)`` with ``fit(train, checkpoints)`` an
 ``Datamodels`` (``methods.datamodels``) instead regresses the outputs of retrained models on their
 training subsets: ``Datamodels(task, directory, ...)``, ``fit(ground_truth)``, ``score(test_indices)``.
 
-Shared pieces: ``methods.checkpoints`` (``Checkpoint``, the per-checkpoint loop),
-``methods.scores`` (what ``score(..., out=)`` accepts).
+Shared pieces: ``methods.checkpoints`` (``Checkpoint``, snapshotted checkpoints, the
+per-checkpoint loop), ``methods.passes`` (``DataPasses``: checked passes over a loader, errors
+located to the example and checkpoint; ``checked`` task functions), ``methods.scores`` (what
+``score(..., out=)`` accepts).
 """
 from .checkpoints import Checkpoint
 from .datamodels import Datamodels

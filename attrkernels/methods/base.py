@@ -34,7 +34,9 @@ returns the weights for test examples of that ground truth, not for a test loade
 Orientation and sign, everywhere: ``scores[i, j]`` > 0 means that including training example i
 raises the measurement (``task.measure``, e.g. the correct-class margin) of test example j.
 Loaders must yield batches in a fixed order; example i of the training set is the i-th example
-the train loader yields.
+the train loader yields. Every pass over a loader goes through ``methods.passes.DataPasses``,
+which refuses loaders that shuffle, drop their last batch or can be iterated only once, and
+compares the examples of every pass with the first (``store.DataMismatch`` otherwise).
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ import torch.nn as nn
 
 from ..tasks.base import Task
 from ..utils.batches import to_device
+from ..utils.errors import ExampleError
 from .checkpoints import (  # noqa: F401  (re-exported: methods import the checkpoint helpers from here)
     Checkpoint, as_checkpoints, checked_checkpoints, checkpoint_loop, fingerprint, load_checkpoint,
     model_device, preserved_weights, read_checkpoint)
+from .passes import DataPasses, check_finite, checked, chunk_digest  # noqa: F401  (re-exported)
 
 
 class AttributionMethod:
@@ -68,6 +72,10 @@ class AttributionMethod:
     def score(self, test, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    def _passes(self, loader, what: str = "train") -> DataPasses:
+        """Checked passes over a loader (``methods.passes``), batches on the model's device."""
+        return DataPasses(loader, self.task, what, device=model_device(self.model))
+
     def _iterate(self, loader, what: str):
         """``iterate`` over a loader with the batches moved to the model's device."""
         return iterate(loader, self.task, what, device=model_device(self.model))
@@ -89,9 +97,13 @@ def iterate(loader, task: Task, what: str, device=None):
 
 
 def call_task(fn, model, batch, size: int, what: str) -> torch.Tensor:
-    """task.loss / task.measure on a batch, checked to return one value per example."""
+    """task.loss / task.measure on a batch, checked to return one finite value per example
+    (non-finite values raise ``ExampleError`` naming the examples within the batch, which a
+    ``DataPasses`` pass re-raises with their global indices)."""
     try:
         out = fn(model, batch)
+    except ExampleError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise TypeError(f"the task cannot read batches of the {what} loader: "
                         f"{type(err).__name__}: {err}") from err
@@ -99,4 +111,5 @@ def call_task(fn, model, batch, size: int, what: str) -> torch.Tensor:
         raise ValueError(f"{getattr(fn, '__name__', 'task function')} must return a tensor of shape "
                          f"[{size}] (one value per example), got "
                          f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
+    check_finite(out, getattr(fn, "__name__", "output"))
     return out

@@ -3,7 +3,12 @@
 A checkpoint is a state_dict, a path saved with ``torch.save``, or a ``Checkpoint`` (a state
 dict with the epoch and the learning rate of the last step taken: what
 ``BuiltinTask.train(..., checkpoints=n)`` returns and TracIn needs); ``None`` stands for the
-model's current weights. Every method visits its checkpoints with the same loop:
+model's current weights. ``as_checkpoints`` snapshots them when a method's ``fit`` is called:
+state dicts are copied (a caller's live ``model.state_dict()`` is not overwritten by loading
+another checkpoint, and later changes to the caller's tensors change no result), paths become
+``CheckpointFile`` (refused when read again if the file changed); a file that does not hold a
+state dict and weights with NaN / Inf are refused naming the checkpoint. Every method visits
+its checkpoints with the same loop:
 
     with checkpoint_loop(model, checkpoints, desc="TracIn", verbose=verbose) as loop:
         for k, ckpt in loop:        # the model holds checkpoint k, in eval mode
@@ -19,6 +24,8 @@ creates ``Checkpoint`` objects, can import it.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,33 +45,100 @@ class Checkpoint:
     lr: float
 
 
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint file as ``as_checkpoints`` found it: its path, size and modification time.
+    Reading it again refuses a file that changed since (another training run wrote over it)."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path, index: int = 0) -> "CheckpointFile":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {index}: no file {path}")
+        stat = path.stat()
+        return cls(path, stat.st_size, stat.st_mtime_ns)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def _snapshot(state: Mapping) -> dict:
+    """A detached copy of a state dict: loading other checkpoints into the model (whose live
+    ``state_dict()`` tensors a caller may have passed) or the caller changing its tensors later
+    changes no result."""
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
 def as_checkpoints(model: nn.Module, checkpoints) -> list:
-    """The checkpoints to use: the model's current weights when None, else a non-empty list of
-    state dicts or paths (``Checkpoint`` objects unwrapped)."""
+    """The checkpoints to use, snapshotted: the model's current weights when None, else a
+    non-empty list of state dicts (copied, so the caller's tensors, e.g. a live
+    ``model.state_dict()``, are never read after this call) or paths (``CheckpointFile``: read
+    when needed, refused if the file changed since). ``Checkpoint`` objects are unwrapped."""
     if checkpoints is None:
-        return [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+        return [_snapshot(model.state_dict())]
     if isinstance(checkpoints, (Mapping, str, Path, Checkpoint)):
         checkpoints = [checkpoints]
     checkpoints = [c.state_dict if isinstance(c, Checkpoint) else c for c in checkpoints]
     if not checkpoints:
         raise ValueError("checkpoints is empty; pass state_dicts or paths, or None for the model's weights")
-    return checkpoints
+    out = []
+    for index, c in enumerate(checkpoints):
+        if isinstance(c, CheckpointFile):
+            out.append(c)
+        elif isinstance(c, (str, Path)):
+            out.append(CheckpointFile.of(c, index))
+        elif isinstance(c, Mapping):
+            out.append(_snapshot(c))
+        else:
+            raise TypeError(f"checkpoint {index} must be a state_dict, a path or a Checkpoint, got "
+                            f"{type(c).__name__}" + (" (pass model.state_dict())" if isinstance(c, nn.Module) else ""))
+    return out
+
+
+_STATE_DICT_FIX = "save the weights with torch.save(model.state_dict(), path) and pass that path (or the state_dict)"
 
 
 def read_checkpoint(ckpt, index: int = 0) -> Mapping:
-    """A state_dict from a state_dict or a path saved with torch.save."""
-    if isinstance(ckpt, (str, Path)):
+    """A state_dict from a state_dict, a path saved with ``torch.save(model.state_dict(), path)``
+    or a ``CheckpointFile`` (refused when the file changed since ``as_checkpoints``). A file
+    holding anything else (a pickled ``nn.Module``) is refused with a TypeError naming it."""
+    stamp = ckpt if isinstance(ckpt, CheckpointFile) else None
+    if isinstance(ckpt, (str, Path, CheckpointFile)):
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {index}: no file {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if stamp is not None:
+            stat = path.stat()
+            if (stat.st_size, stat.st_mtime_ns) != (stamp.size, stamp.mtime_ns):
+                raise ValueError(f"checkpoint {index}: the file {path} changed since fit (size or modification "
+                                 "time differ), so it may hold other weights; call fit again with the "
+                                 "checkpoints you mean, or keep checkpoint files unchanged")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            found = f" ({found.group(1)})" if found else ""
+            raise TypeError(f"checkpoint {index}: {path} is not a state_dict file: it holds pickled Python "
+                            f"objects{found}, e.g. a whole model saved with torch.save(model); "
+                            f"{_STATE_DICT_FIX}") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise ValueError(f"checkpoint {index}: {path} cannot be read as a state_dict ({type(err).__name__}: "
+                             f"{str(err)[:200]}); {_STATE_DICT_FIX}") from None
+        if not isinstance(ckpt, Mapping):
+            raise TypeError(f"checkpoint {index}: {path} holds a {type(ckpt).__name__}, not a state_dict; "
+                            f"{_STATE_DICT_FIX}")
     if not isinstance(ckpt, Mapping):
         raise TypeError(f"checkpoint {index} must be a state_dict or a path, got {type(ckpt).__name__}")
     return ckpt
 
 
 def check_checkpoint(model: nn.Module, state: Mapping, index: int = 0) -> None:
-    """A ValueError naming what of the state dict does not match the model (keys, shapes)."""
+    """A ValueError naming what of the state dict does not match the model (keys, shapes) or
+    holds NaN / Inf (naming the checkpoint and the entry)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -79,6 +153,12 @@ def check_checkpoint(model: nn.Module, state: Mapping, index: int = 0) -> None:
         if shapes:
             parts.append("shape mismatches " + "; ".join(shapes[:5]))
         raise ValueError(f"checkpoint {index} does not match the model: " + ", ".join(parts))
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"checkpoint {index}: {key!r} has {bad} NaN or Inf value{'s' * (bad > 1)}; "
+                             "attribution at diverged weights is meaningless: pass a checkpoint saved before "
+                             "training diverged, or leave this one out")
 
 
 def load_checkpoint(model: nn.Module, ckpt, index: int = 0) -> None:
@@ -176,5 +256,5 @@ def fingerprint(ckpt) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["Checkpoint", "as_checkpoints", "read_checkpoint", "check_checkpoint", "load_checkpoint",
+__all__ = ["Checkpoint", "CheckpointFile", "as_checkpoints", "read_checkpoint", "check_checkpoint", "load_checkpoint",
            "checked_checkpoints", "preserved_weights", "checkpoint_loop", "model_device", "fingerprint"]

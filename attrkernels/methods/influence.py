@@ -50,7 +50,8 @@ from ..tasks.base import implements
 from ..utils.batches import to_device
 from ..utils.checks import check_damping, check_number, check_positive_int
 from ..utils.errors import NotPositiveDefiniteError
-from .base import AttributionMethod, as_checkpoints, call_task, checkpoint_loop, model_device
+from .base import (AttributionMethod, as_checkpoints, call_task, checked, checked_checkpoints, checkpoint_loop,
+                   model_device)
 
 CURVATURES = ("hessian", "gauss-newton")
 
@@ -69,7 +70,8 @@ class Curvature:
 
     Parameters are the tracked ones of ``plan`` (flattened in its order, as the capture's
     gradients); ``matvec(P)`` maps a block [p, w] to (H + damping I) P in one pass over ``train``,
-    whose batches are moved to the model's device. The Hessian is that of ``task.loss``; the
+    whose batches are moved to the model's device (a loader, or ``DataPasses.batches(...)`` for
+    checked passes). The Hessian is that of ``task.loss``; the
     Gauss-Newton matrix that of ``task.logit_loss`` through ``task.logits``.
     """
 
@@ -175,23 +177,35 @@ class _Influence(AttributionMethod):
         self.curvature, self.hvp_chunk = curvature, hvp_chunk
         self.plan = make_plan(model, params)
         self.checkpoints = None
-        self.train = None
+        self.train = self._train_passes = None
         self.info: list = []  # per checkpoint: the solver's diagnostics
 
-    def curvature_at(self) -> Curvature:
-        return Curvature(self.model, self.task, self.plan, self.train, damping=self.damping,
-                         curvature=self.curvature, chunk=self.hvp_chunk)
+    def curvature_at(self, index: int = 0) -> Curvature:
+        """The damped curvature at checkpoint ``index`` (loaded in the model); each of its
+        passes over the train loader is checked (``DataPasses``)."""
+        return Curvature(self.model, self.task, self.plan, self._train_passes.batches(f"checkpoint {index}"),
+                         damping=self.damping, curvature=self.curvature, chunk=self.hvp_chunk)
 
     def fit(self, train, checkpoints=None):
-        """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``)."""
-        self.checkpoints = as_checkpoints(self.model, checkpoints)
-        self.train = train
+        """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``;
+        snapshotted), after checking them: the loader (``DataPasses``), and at every checkpoint
+        one forward pass over the training data (finite losses, labels; for Gauss-Newton that
+        task.loss is task.logit_loss of task.logits), so a bad example is named before the
+        curvature's many passes."""
+        self.checkpoints = checked_checkpoints(self.model, checkpoints)
+        self.train, self._train_passes = train, self._passes(train, "train")
         with checkpoint_loop(self.model, self.checkpoints) as loop:
             for index, _ in loop:
-                if index == 0 and self.curvature == "gauss-newton":
-                    _check_gauss_newton(self.task, self.model, self._iterate(train, "train"))
+                self._check_pass(index)
                 self._prepare(index)
         return self
+
+    def _check_pass(self, index: int) -> None:
+        with self._train_passes.over(f"checkpoint {index}") as batches, torch.no_grad():
+            for start, batch, size in batches:
+                call_task(self.task.loss, self.model, batch, size, "train")
+                if start == 0 and self.curvature == "gauss-newton":
+                    _check_gauss_newton(self.task, self.model, [(start, batch, size)])
 
     def _prepare(self, index: int) -> None:
         """Per-checkpoint work that does not depend on the test set (model loaded)."""
@@ -200,11 +214,11 @@ class _Influence(AttributionMethod):
         """X = (H + damping I)^{-1} G for G [p, n_test] (model loaded with checkpoint ``index``)."""
         raise NotImplementedError
 
-    def _gradients(self, loader, fn, what: str):
-        """Yield (start, size, G [B, p]) per-example gradients of ``fn`` over ``loader``."""
-        gradients = Gradients(self.model, fn, params=self.plan.names)
-        for start, batch, size in self._iterate(loader, what):
-            yield start, size, gradients(batch)
+    def _gradients(self, passes, fn, name: str, index: int) -> list:
+        """Per-example gradients [B, p] of ``fn`` over one checked pass (``DataPasses``)."""
+        gradients = Gradients(self.model, checked(fn, name), params=self.plan.names)
+        with passes.over(f"checkpoint {index}") as batches:
+            return [gradients(batch) for _, batch, _ in batches]
 
     def score(self, test) -> torch.Tensor:
         """Scores [n_train, n_test] (float32); positive = including the training example raises f."""
@@ -212,19 +226,20 @@ class _Influence(AttributionMethod):
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
         scores = None
         self.info = []
+        test_passes = self._passes(test, "test")
         with checkpoint_loop(self.model, self.checkpoints, desc=type(self).__name__, verbose=self.verbose) as loop:
             for index, _ in loop:
-                G = torch.cat([g for _, _, g in self._gradients(test, self.task.measure, "test")]).T
+                G = torch.cat(self._gradients(test_passes, self.task.measure, "measure", index)).T
                 X = self._solve(index, G.contiguous())
-                part = self._stream_train(X)
+                part = self._stream_train(X, index)
                 scores = part if scores is None else scores + part
         return (scores / len(self.checkpoints)).to(torch.float32)
 
-    def _stream_train(self, X: torch.Tensor) -> torch.Tensor:
+    def _stream_train(self, X: torch.Tensor, index: int = 0) -> torch.Tensor:
         """-G_train^T X over the train loader, [n_train, n_test] float64."""
-        rows = []
-        for _, _, g in self._gradients(self.train, self.task.loss, "train"):
-            rows.append(-(g.to(X.dtype) @ X).to(torch.float64))
+        gradients = Gradients(self.model, checked(self.task.loss, "loss"), params=self.plan.names)
+        with self._train_passes.over(f"checkpoint {index}") as batches:
+            rows = [-(gradients(batch).to(X.dtype) @ X).to(torch.float64) for _, batch, _ in batches]
         return torch.cat(rows).cpu()
 
 
@@ -257,7 +272,7 @@ class InfluenceCG(_Influence):
         self.tol, self.max_iter, self.query_batch = tol, max_iter, query_batch
 
     def _solve(self, index, G):
-        op = self.curvature_at()
+        op = self.curvature_at(index)
         step = G.shape[1] if self.query_batch is None else self.query_batch
         parts = []
         for start in range(0, G.shape[1], step):
@@ -302,7 +317,7 @@ class InfluenceExplicit(_Influence):
         return super().fit(train, checkpoints)
 
     def _prepare(self, index):
-        op = self.curvature_at()
+        op = self.curvature_at(index)
         p, step = op.p, self.hvp_chunk
         dtype, device = self.plan.params[0].dtype, self.plan.params[0].device
         packed = PackedSPD(p)
@@ -311,7 +326,7 @@ class InfluenceExplicit(_Influence):
             stop = min(p, start + step)
             E = torch.zeros(p, stop - start, dtype=dtype, device=device)
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            packed.set_rows(start, op.apply(E, self.train, 0.0).T)
+            packed.set_rows(start, op.apply(E, op.train, 0.0).T)
         packed.shift(self.damping)
         try:
             packed.factor()
@@ -345,23 +360,25 @@ class InfluenceLiSSA(_Influence):
         check_number("scale", scale, positive=True, optional=True)
         self.depth, self.repeat, self.scale = depth, repeat, scale
 
-    def _minibatches(self):
+    def _minibatches(self, index: int = 0):
+        """The train loader's batches, cycling; every pass checked (``DataPasses``)."""
+        batches = self._train_passes.batches(f"checkpoint {index}")
         while True:
             empty = True
-            for batch in self.train:
+            for batch in batches:
                 empty = False
                 yield batch
             if empty:
                 raise ValueError("the train loader yielded no batches")
 
     def _solve(self, index, G):
-        op = self.curvature_at()
+        op = self.curvature_at(index)
         scale = self.scale
         if scale is None:
-            _, high = lanczos_extremes(lambda v: op.apply(v, self.train, 0.0), op.p, steps=20,
+            _, high = lanczos_extremes(lambda v: op.apply(v, op.train, 0.0), op.p, steps=20,
                                        dtype=self.plan.params[0].dtype, device=G.device)
             scale = 2 * (max(high, 0.0) + self.damping)
-        stream = self._minibatches()
+        stream = self._minibatches(index)
 
         def operator(X):
             return op.apply(X, [next(stream)], 0.0)

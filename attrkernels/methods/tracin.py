@@ -22,7 +22,7 @@ from ..capture.featurizer import MODES
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..utils.checks import check_number, check_seed
-from .base import AttributionMethod, Checkpoint, checked_checkpoints, checkpoint_loop
+from .base import AttributionMethod, Checkpoint, checked, checked_checkpoints, checkpoint_loop
 
 
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
@@ -66,36 +66,50 @@ class TracIn(AttributionMethod):
         self.checkpoints = self.learning_rates = self.train = None
 
     def fit(self, train, checkpoints=None, learning_rates=None):
-        """Record the train loader, the checkpoints and their learning rates (required)."""
+        """Record the train loader (checked: ``methods.passes.DataPasses``), the checkpoints
+        (snapshotted, checked against the model) and their learning rates (required)."""
         rates = learning_rates_of(checkpoints, learning_rates)
         self.checkpoints = checked_checkpoints(self.model, checkpoints)
         self.learning_rates, self.train = rates, train
+        self._train_passes = self._passes(train, "train")
         return self
 
-    def _features(self, loader, fn, what: str, index: int):
-        """Yield per-example gradients [B, p] (k=None) or sketches [B, k] of ``fn``, batch by batch."""
+    def _compute(self, fn, name: str, index: int):
+        """Gradients (k=None) or the featurizer of checkpoint ``index`` for task function ``fn``,
+        whose non-finite values raise ExampleError."""
+        fn = checked(fn, name)
         if self.k is None:
-            compute = Gradients(self.model, fn, params=self.plan.names)
-        else:
-            compute = Featurizer(self.model, fn, self.k, seed=derive_seed(self.seed, index),
-                                 kind=self.kind, mode=self.mode, params=self.plan.names)
-        for _, batch, _ in self._iterate(loader, what):
-            yield compute(batch)
+            return Gradients(self.model, fn, params=self.plan.names)
+        return Featurizer(self.model, fn, self.k, seed=derive_seed(self.seed, index),
+                          kind=self.kind, mode=self.mode, params=self.plan.names)
+
+    def _features(self, passes, fn, name: str, index: int) -> list:
+        """Per-example gradients [B, p] (k=None) or sketches [B, k] of ``fn``, batch by batch,
+        over one checked pass (non-finite values name the example and the checkpoint)."""
+        compute = self._compute(fn, name, index)
+        with passes.over(f"checkpoint {index}") as batches:
+            return [compute(batch) for _, batch, _ in batches]
 
     def score(self, test) -> torch.Tensor:
         """Scores [n_train, n_test] (float32); positive = including the training example raises f."""
         if self.checkpoints is None:
             raise RuntimeError("call TracIn.fit(train, checkpoints, learning_rates) before score()")
         scores = None
+        test_passes = self._passes(test, "test")
         with checkpoint_loop(self.model, self.checkpoints, desc="TracIn", verbose=self.verbose) as loop:
             for index, _ in loop:
-                test_side = torch.cat(list(self._features(test, self.task.measure, "test", index)))
+                test_side = torch.cat(self._features(test_passes, self.task.measure, "measure", index))
                 test_side = test_side.T.contiguous() * -self.learning_rates[index]
-                rows = [(f @ test_side).to(torch.float64).cpu()
-                        for f in self._features(self.train, self.task.loss, "train", index)]
+                rows = self._train_rows(test_side, index)
                 part = torch.cat(rows)
                 scores = part if scores is None else scores + part
         return scores.to(torch.float32)
+
+    def _train_rows(self, test_side, index: int) -> list:
+        """-eta grad l_i^T grad f over one checked pass of the train loader, [B, n_test] float64 rows."""
+        compute = self._compute(self.task.loss, "loss", index)
+        with self._train_passes.over(f"checkpoint {index}") as batches:
+            return [(compute(batch) @ test_side).to(torch.float64).cpu() for _, batch, _ in batches]
 
 
 __all__ = ["TracIn", "learning_rates_of"]

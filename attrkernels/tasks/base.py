@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ExampleError
+
 
 class Task:
     """Per-example training loss and measurement of a model on a batch."""
@@ -94,8 +96,33 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return correct - torch.logsumexp(others, dim=1)
 
 
+def check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise ExampleError naming the examples whose label is not a class index in [0, C) for
+    logits [B, C] (no check under ``vmap``, where labels cannot be inspected)."""
+    if logits.ndim < 1 or labels.ndim != 1:
+        return
+    classes = logits.shape[-1]
+    try:
+        bad = (labels < 0) | (labels >= classes)
+        if not bool(bad.any()):
+            return
+        examples = torch.nonzero(bad).flatten().tolist()
+        values = sorted({int(v) for v in labels[bad].tolist()})
+    except RuntimeError:  # batched under vmap
+        return
+    fix = f"labels must be class indices in [0, {classes}) for a model with {classes} outputs"
+    if -100 in values:
+        fix += ("; Classification does not ignore labels (-100 is PyTorch's ignore_index): drop those "
+                "examples, or use a Task that masks them")
+    raise ExampleError(f"labels {values[:5]} out of range [0, {classes})", examples, fix=fix)
+
+
 class Classification(Task):
-    """Batches are ``(inputs, labels, ...)``; loss = cross-entropy, measure = margin."""
+    """Batches are ``(inputs, labels, ...)``; loss = cross-entropy, measure = margin.
+
+    Labels must be class indices in [0, C) for a model with C outputs; any other label (also
+    -100, PyTorch's ``ignore_index``: Classification ignores no example) raises ``ExampleError``
+    naming the example."""
 
     def _split(self, batch):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -114,11 +141,14 @@ class Classification(Task):
 
     def logit_loss(self, logits, batch):
         _, labels = self._split(batch)
+        check_labels(logits, labels)
         return F.cross_entropy(logits, labels, reduction="none")
 
     def loss(self, model, batch):
         inputs, labels = self._split(batch)
-        return F.cross_entropy(model(inputs), labels, reduction="none")
+        logits = model(inputs)
+        check_labels(logits, labels)
+        return F.cross_entropy(logits, labels, reduction="none")
 
     def sampled_loss(self, model, batch, generator):
         # Labels drawn from softmax(logits) in float64 (one per example), then the cross-entropy.
@@ -129,7 +159,9 @@ class Classification(Task):
 
     def measure(self, model, batch):
         inputs, labels = self._split(batch)
-        return margin(model(inputs), labels)
+        logits = model(inputs)
+        check_labels(logits, labels)
+        return margin(logits, labels)
 
     def out_to_loss(self, model, batch):
         # loss = log(1 + exp(-margin)), so d loss / d margin = -(1 - p_y); TRAK uses 1 - p_y.

@@ -36,6 +36,6 @@ def check_loader(loader, what: str = "train") -> None:
     first = list(itertools.islice(iter(sampler), _SAMPLE))
     second = list(itertools.islice(iter(sampler), _SAMPLE))
     if first != second:
-        raise ValueError(f"{name} draws its examples in a random order ({type(getattr(loader, 'sampler', sampler)).__name__}): "
+        raise ValueError(f"{name} shuffles: it draws its examples in a random order ({type(getattr(loader, 'sampler', sampler)).__name__}): "
                          "training example i must be the i-th example on every pass; use shuffle=False "
                          "and a sequential sampler")
