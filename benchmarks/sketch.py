@@ -84,7 +84,18 @@ def implementations(device, p, k, kind, B, peers: bool):
     return out
 
 
+def kernel_variant(device) -> str:
+    """The CPU kernel's instruction set and variant (chosen per microarchitecture), or ''."""
+    if device.type != "cpu":
+        return ""
+    from attrkernels import _C
+
+    return f"{_C.isa('')}/{_C.sketch_variant()}"
+
+
 def run(shapes, device, peers, reps):
+    print(f"device {provenance(device)['device']}" + (f", kernel {kernel_variant(device)}"
+                                                     if device.type == "cpu" else ""), flush=True)
     peak = matmul_peak_gflops(device)
     bw = bandwidth_gbs(device)
     print(f"matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bw:.1f} GB/s", flush=True)
@@ -155,12 +166,18 @@ def main(argv=None):
     info = provenance(device)
     columns = ["impl", "kind", "B", "p", "k", "time_s", "gflops", "pct_peak", "floor_s",
                "extra_mem_mb", "ours_speedup", "note"]
+    variant = kernel_variant(device)
     intro = (f"Sketch benchmark on {info['device']} ({info['cores']} cores, torch threads "
-             f"{info['torch_threads']}), {info['date']}, commit {info['commit']}.\n"
-             f"fp32 matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bw:.1f} GB/s. "
+             f"{info['torch_threads']}), {info['date']}, commit {info['commit']}"
+             + (f", CPU kernel {variant}" if variant else "") + ".\n"
+             f"fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm 4096^3, same run), copy bandwidth "
+             f"{bw:.1f} GB/s. `pct_peak` = GFLOP/s as % of that peak; "
              f"`ours_speedup` = that row's time / ours (same kind and shape).")
+    extra = {"matmul_peak_gflops": f"{peak:.1f}", "copy_bandwidth_gbs": f"{bw:.1f}"}
+    if variant:
+        extra["kernel_variant"] = variant
     write_results(RESULTS / f"sketch_{device.type}{'_quick' if args.quick else ''}", rows, columns, info,
-                  intro, {"matmul_peak_gflops": f"{peak:.1f}", "copy_bandwidth_gbs": f"{bw:.1f}"})
+                  intro, extra)
     return 0
 
 

@@ -117,13 +117,15 @@ std::vector<std::string> variant_names(const Isa& isa) {
   return out;
 }
 
-// The sketch kernel variant of each microarchitecture, measured (benchmarks/sketch.py):
-//   AMD (Zen, EPYC): "panel" (MR x NR = 6 x 64, a 128 x 512 panel per sweep): 91% of peak.
-//   Intel (Sapphire Rapids class, 2 FMA ports): "strip8x32" (see sketch_impl.inc).
-// Other vendors, and ISA builds without AVX-512, keep "panel".
+// The sketch kernel variant of each microarchitecture, measured (benchmarks/sketch.py, Rademacher,
+// B = 32, p = 2^20, k = 1024, share of the same-run fp32 matmul peak):
+//   AMD EPYC (Zen): "panel" (6 x 64 micro-tile sweeping a 128 x 512 panel in L2): 91%.
+//   Intel Xeon (Sapphire Rapids class, AVX-512, 2 FMA ports): "strip12x32" (sketch_impl.inc);
+//     "panel" reaches 52-59% there, the strip variants 85-95% of each other (single thread).
+// Other vendors, and ISA builds without AVX-512, keep "panel" (unmeasured: no such machine).
 std::string default_variant(const Isa& isa) {
   const auto names = variant_names(isa);
-  if (std::string(isa.name) == "avx512" && cpu_vendor() == "intel") return "strip8x32";
+  if (std::string(isa.name) == "avx512" && cpu_vendor() == "intel") return "strip12x32";
   return names.front();
 }
 
