@@ -40,7 +40,8 @@ class Backend:
 def _probe_cpu() -> str:
     from . import _C  # noqa: F401  (the C++ extension)
 
-    return f"attrkernels._C, instruction set {_C.isa('')}, OpenMP {'on' if _C.openmp() else 'off'}"
+    return (f"attrkernels._C, instruction set {_C.isa('')}, sketch variant {_C.sketch_variant()} "
+            f"({_C.cpu_vendor()}), OpenMP {'on' if _C.openmp() else 'off'}")
 
 
 def _triton_interpreted() -> bool:

@@ -56,6 +56,30 @@ def matmul_peak_gflops(device: torch.device, n: int = 4096, dtype=torch.float32)
     return 2 * n**3 / t / 1e9
 
 
+def time_paired_with_peak(fn, device: torch.device, flops: float, reps: int = 5, n: int = 4096):
+    """Time ``fn()`` and the fp32 matmul peak (torch.mm n x n) alternately, ``reps`` pairs.
+
+    On a machine shared with other jobs the throughput available changes from second to second;
+    a peak measured minutes apart can be off by 2x. Each pair is measured back to back, so its
+    ratio compares like with like. Returns (median time of fn, median over pairs of fn's GFLOP/s
+    as a fraction of that pair's peak, median peak GFLOP/s).
+    """
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    fn()
+    torch.mm(a, b)
+    sync(device)
+    times, ratios, peaks = [], [], []
+    for _ in range(reps):
+        tp = time_call(lambda: torch.mm(a, b), device, reps=1, warmup=0)
+        t = time_call(fn, device, reps=1, warmup=0)
+        peak = 2 * n**3 / tp / 1e9
+        times.append(t)
+        peaks.append(peak)
+        ratios.append(flops / t / 1e9 / peak)
+    return statistics.median(times), statistics.median(ratios), statistics.median(peaks)
+
+
 def bandwidth_gbs(device: torch.device, nbytes: int = 1 << 29) -> float:
     """Copy bandwidth (bytes read + bytes written per second), GB/s."""
     src = torch.empty(nbytes // 4, device=device)

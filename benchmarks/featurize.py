@@ -13,7 +13,8 @@ Implementations:
                   features as ours-dense (checked, up to traker's 1/sqrt(p) normalisation)
 Reports examples/s (median over batches after a warm-up batch), the peak extra resident memory
 of the featurisation, the ratio to ours-dense, and the floor of dense sketching
-(2 p k FLOPs per example at the matmul peak measured in the same run).
+(2 p k FLOPs per example at the matmul peak measured in the same run); for ours-dense also the
+ratio to the floor with each batch timed right after its own peak measurement.
 
     python -m benchmarks.featurize [--batch 32] [--batches 3]
 
@@ -108,6 +109,25 @@ def timed(fn, batches):
     return statistics.median(times), peak_rss() - base
 
 
+def timed_paired(fn, batches, flops_per_batch, n=4096):
+    """Median over batches of (batch time) / (its floor at a peak measured just before it).
+
+    The floor of each batch is flops_per_batch at the fp32 matmul peak (torch.mm n x n) measured
+    right before that batch, so other jobs on a shared machine slow both alike."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    fn(batches[0])
+    ratios = []
+    for bt in batches[1:] + batches[1:]:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        peak = 2 * n**3 / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn(bt)
+        ratios.append((time.perf_counter() - t0) / (flops_per_batch / peak))
+    return statistics.median(ratios)
+
+
 def traker_featurizer(model, n, projector=None):
     from trak import TRAKer
 
@@ -139,6 +159,7 @@ def main(argv=None):
         results = {}
         for impl, fz in impls.items():
             results[impl] = timed(fz, batches)
+        paired = timed_paired(impls["ours-dense"], batches, 2 * p * K * args.batch)
         for impl, projector in (("traker", None),
                                 ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
             try:
@@ -161,7 +182,10 @@ def main(argv=None):
             else:
                 t, mem = res
                 r.update(examples_per_s=f"{args.batch / t:.1f}", peak_mem_mb=f"{mem / 2**20:.0f}",
-                         vs_dense=f"{t / dense_t:.2f}", dense_floor_ex_s=f"{1 / floor:.1f}")
+                         vs_dense=f"{t / dense_t:.2f}", dense_floor_ex_s=f"{1 / floor:.1f}",
+                         vs_floor=f"{t / (floor * args.batch):.2f}")
+                if impl == "ours-dense":
+                    r["vs_floor_paired"] = f"{paired:.2f}"
                 if impl + " check" in results:
                     r["note"] = f"max rel diff to ours-dense {results[impl + ' check']:.1e}"
             rows.append(r)
@@ -169,10 +193,12 @@ def main(argv=None):
         del model, batches, impls
     info = provenance(torch.device("cpu"))
     columns = ["model", "params", "batch", "impl", "examples_per_s", "peak_mem_mb", "vs_dense",
-               "dense_floor_ex_s", "note"]
+               "dense_floor_ex_s", "vs_floor", "vs_floor_paired", "note"]
     intro = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores), "
              f"{info['date']}, commit {info['commit']}. Matmul peak {peak:.1f} GFLOP/s. `vs_dense` = time / "
-             "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k).")
+             "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k); `vs_floor` = time / "
+             "that floor; `vs_floor_paired` (ours-dense) = median over batches of time / floor at a "
+             "peak measured just before each batch (robust to other jobs on the machine).")
     write_results(RESULTS / f"featurize_cpu_b{args.batch}", rows, columns, info, intro,
                   {"matmul_peak_gflops": f"{peak:.1f}"})
     return 0

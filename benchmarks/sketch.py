@@ -1,6 +1,7 @@
 """Sketch kernel vs peers: x[B, p] @ P[p, k] with P random, same inputs, same run.
 
-Implementations timed (median of up to 3 calls; one call when a call takes over 30 s):
+Implementations timed (median of up to 3 calls; one call when a call takes over 30 s; ours: 5
+calls, each right after a torch.mm 4096^3, see `pct_peak_paired`):
   ours-<backend>   attrkernels.sketch (P generated on the fly, never stored)
   traker-basic     traker's BasicProjector.project, its defaults (block_size 100)
   dattri-basic     dattri's CPU projector (random_project), its defaults
@@ -29,7 +30,7 @@ import torch
 import attrkernels as ak
 
 from .common import (RESULTS, bandwidth_gbs, matmul_peak_gflops, peak_rss, provenance,
-                     reset_peak_rss, sync, time_call, write_results)
+                     reset_peak_rss, sync, time_call, time_paired_with_peak, write_results)
 
 KINDS = ("rademacher", "gaussian")
 PEER_KIND = {"rademacher": "rademacher", "gaussian": "normal"}
@@ -84,7 +85,18 @@ def implementations(device, p, k, kind, B, peers: bool):
     return out
 
 
+def kernel_variant(device) -> str:
+    """The CPU kernel's instruction set and variant (chosen per microarchitecture), or ''."""
+    if device.type != "cpu":
+        return ""
+    from attrkernels import _C
+
+    return f"{_C.isa('')}/{_C.sketch_variant()}"
+
+
 def run(shapes, device, peers, reps):
+    print(f"device {provenance(device)['device']}" + (f", kernel {kernel_variant(device)}"
+                                                     if device.type == "cpu" else ""), flush=True)
     peak = matmul_peak_gflops(device)
     bw = bandwidth_gbs(device)
     print(f"matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bw:.1f} GB/s", flush=True)
@@ -115,6 +127,11 @@ def run(shapes, device, peers, reps):
                 sync(device)
                 extra = (peak_rss() - base) if device.type == "cpu" else (
                     torch.cuda.max_memory_allocated(device) - base)
+                paired = None
+                if name.startswith("ours"):  # each call next to a peak measurement
+                    _, ratio, pair_peak = time_paired_with_peak(lambda: fn(x), device, flops,
+                                                                reps=max(reps, 5))
+                    paired = (ratio, pair_peak)
                 if name.startswith("ours") and ours_time is None:
                     ours_time = t
                 row.update(
@@ -123,6 +140,9 @@ def run(shapes, device, peers, reps):
                     extra_mem_mb=f"{max(extra, 0) / 2**20:.0f}",
                     ours_speedup=f"{t / ours_time:.1f}" if ours_time else "",
                 )
+                if paired:
+                    row.update(pct_peak_paired=f"{100 * paired[0]:.0f}",
+                               pair_peak_gflops=f"{paired[1]:.1f}")
                 rows.append(row)
                 print(row, flush=True)
                 del fn
@@ -153,14 +173,22 @@ def main(argv=None):
         peak = peak_end
 
     info = provenance(device)
-    columns = ["impl", "kind", "B", "p", "k", "time_s", "gflops", "pct_peak", "floor_s",
-               "extra_mem_mb", "ours_speedup", "note"]
+    columns = ["impl", "kind", "B", "p", "k", "time_s", "gflops", "pct_peak", "pct_peak_paired",
+               "pair_peak_gflops", "floor_s", "extra_mem_mb", "ours_speedup", "note"]
+    variant = kernel_variant(device)
     intro = (f"Sketch benchmark on {info['device']} ({info['cores']} cores, torch threads "
-             f"{info['torch_threads']}), {info['date']}, commit {info['commit']}.\n"
-             f"fp32 matmul peak {peak:.1f} GFLOP/s, copy bandwidth {bw:.1f} GB/s. "
+             f"{info['torch_threads']}), {info['date']}, commit {info['commit']}"
+             + (f", CPU kernel {variant}" if variant else "") + ".\n"
+             f"fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm 4096^3, same run), copy bandwidth "
+             f"{bw:.1f} GB/s. `pct_peak` = GFLOP/s as % of that peak; `pct_peak_paired` (ours) = median "
+             f"over {max(args.reps, 5)} calls of GFLOP/s as % of a peak measured just before that "
+             f"call (`pair_peak_gflops`: their median), robust to other jobs on the machine; "
              f"`ours_speedup` = that row's time / ours (same kind and shape).")
+    extra = {"matmul_peak_gflops": f"{peak:.1f}", "copy_bandwidth_gbs": f"{bw:.1f}"}
+    if variant:
+        extra["kernel_variant"] = variant
     write_results(RESULTS / f"sketch_{device.type}{'_quick' if args.quick else ''}", rows, columns, info,
-                  intro, {"matmul_peak_gflops": f"{peak:.1f}", "copy_bandwidth_gbs": f"{bw:.1f}"})
+                  intro, extra)
     return 0
 
 

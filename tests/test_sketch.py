@@ -238,6 +238,88 @@ def test_non_contiguous_input():
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU kernel variants (micro-tile and generation/consumption split chosen per microarchitecture)
+
+
+def raw_sketch(x, k, seed, kind, isa, variant, threads=0, row0=0, out=None, accumulate=False):
+    """The C++ kernel called directly on one (ISA build, variant); returns (out, nonfinite)."""
+    from attrkernels import _C
+
+    B, p = x.shape
+    out = torch.zeros(B, k) if out is None else out
+    bad = torch.zeros(B, dtype=torch.uint8)
+    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
+    _C.sketch(x.data_ptr(), dtype, B, p, x.stride(0), out.data_ptr(), out.stride(0), k, seed,
+              KINDS.index(kind), row0, accumulate, threads, bad.data_ptr(), isa, variant)
+    return out, bad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_cpu_variants_give_the_same_bits(kind, isa):
+    # Variants differ in loop order and micro-tile only: same per-chunk summation order, same
+    # bits, for any thread count; and they agree with the oracle.
+    if isa not in isas():
+        pytest.skip(f"{isa} build cannot run on this CPU")
+    from attrkernels import _C
+
+    variants = _C.sketch_variants(isa)
+    assert variants[0] == "panel" and len(variants) >= 2
+    for (B, p, k, row0) in [(13, 3000, 777, 0), (32, 1500, 1024, 2**33 + 5), (1, 700, 1, 0),
+                            (37, 2000, 129, 7), (5, 300, 2050, 0), (300, 400, 200, 3)]:
+        x = torch.randn(B, p, generator=torch.Generator().manual_seed(B + p + k))
+        want = x.double().numpy() @ oracle(row0, p, k, 8, kind)
+        first = None
+        for v in variants:
+            for threads in (1, 2, 5):
+                got, _ = raw_sketch(x, k, 8, kind, isa, v, threads=threads, row0=row0)
+                if first is None:
+                    first = got
+                    assert rel_err(got, want) < 1e-5
+                assert torch.equal(got, first), (v, threads, B, p, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_variants_half_inputs_accumulate_and_flag_rows(dtype):
+    from attrkernels import _C
+
+    isa = _C.isa("")
+    x = torch.randn(9, 1000, generator=torch.Generator().manual_seed(3))
+    x[4, 517] = float("nan")
+    xh = x.to(dtype)
+    base = torch.randn(9, 300, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for v in _C.sketch_variants(isa):
+        out, bad = raw_sketch(xh, 300, 2, "rademacher", isa, v, out=base.clone(), accumulate=True)
+        assert bad.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+        outs.append(out)
+    ok = [0, 1, 2, 3, 5, 6, 7, 8]  # (row 4 is NaN: unspecified)
+    for out in outs[1:]:
+        assert torch.equal(out[ok], outs[0][ok])
+    want = base.double().numpy() + xh.double().numpy() @ oracle(0, 1000, 300, 2, "rademacher")
+    assert rel_err(outs[0][ok], want[ok]) < 1e-5
+
+
+def test_cpu_variant_choice(monkeypatch):
+    from attrkernels import _C
+
+    isa = _C.isa("")
+    variants = _C.sketch_variants(isa)
+    default = _C.sketch_variant("", isa)
+    assert default in variants
+    if isa == "avx512" and _C.cpu_vendor() == "intel":
+        assert default.startswith("strip")
+    if _C.cpu_vendor() == "amd":
+        assert default == "panel"  # the EPYC-tuned kernel (91% of peak there)
+    monkeypatch.setenv("ATTRKERNELS_SKETCH_VARIANT", variants[-1])
+    assert _C.sketch_variant("", isa) == variants[-1]
+    monkeypatch.setenv("ATTRKERNELS_SKETCH_VARIANT", "no-such-kernel")
+    with pytest.raises(ValueError, match="sketch variant 'no-such-kernel' does not exist"):
+        ak.sketch(torch.randn(2, 10), 4, backend="cpu")
+    assert "sketch variant" in backends.status()["cpu"][1]
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 
 

@@ -10,6 +10,30 @@ concatenated vector with their offsets and adding gives the sketch of the whole 
 Backends: "cpu" (C++), "triton", "cuda" (CuPy), "torch" (reference: generate row blocks of P,
 matmul in float64). Inputs may be float32, bfloat16 or float16; accumulation and output are
 float32.
+
+CPU kernel (``attrkernels._C``, FLOPs 2 B p k, floor = FLOPs / fp32 matmul peak). P is generated
+128 rows at a time into a cache-resident buffer and multiplied by a register-blocked
+micro-kernel, so each generated value is reused by all B rows. Two variants, chosen per
+microarchitecture from cpuid (``ATTRKERNELS_SKETCH_VARIANT`` overrides; ``attrkernels info``
+shows the choice):
+
+* ``panel`` (AMD, and any CPU without AVX-512): a 128 x 512 panel of P in L2 swept by a 6 x 64
+  micro-tile; 91% of the matmul peak at B = 32 on an AMD EPYC, whose FMA pipes do not share
+  ports with the generation's vector logic.
+* ``strip12x32`` (Intel AVX-512 cores, where shuffles, blends and vector logic issue on the two
+  FMA ports): x copied once per 128-row chunk, 32-column strips of P written into L1 by the
+  micro-kernel that consumes the previous strip (stores and mask loads only), 12 x 32 tile.
+
+Results are bit-identical for any thread count and any variant: work units and the per-chunk
+summation order are functions of (B, p, k) only.
+
+Gaussian P: Philox4x32-10 + Box-Muller (``projection.py``) is the one specification on every
+backend, so Gaussian features are identical across CPU, Triton and CUDA. Its generation costs
+one Philox call per 4 values plus the transform, about as many vector operations per value as
+B = 32 rows of FMAs, so at B = 32 the CPU Gaussian sketch runs at roughly a quarter to 40% of
+the matmul peak (generation-bound) where Rademacher reaches 80-90%. A cheaper CPU-only generator
+would break cross-backend equality; we keep the single specification, and Rademacher (exact
++-1/sqrt(k), one Philox call per 128 values) stays the default.
 """
 from __future__ import annotations
 

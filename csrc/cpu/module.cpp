@@ -7,12 +7,16 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <map>
 #include <stdexcept>
 #include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #endif
 
 #include "sketch.hpp"
@@ -40,10 +44,38 @@ std::map<std::string, bool> cpu_features() {
   return f;
 }
 
+// "intel", "amd" or "other", from cpuid.
+std::string cpu_vendor() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return "intel";
+  if (__builtin_cpu_is("amd")) return "amd";
+#endif
+  return "other";
+}
+
+// The processor brand string (cpuid 0x80000002..4), e.g. "AMD EPYC 9R14 96-Core Processor".
+std::string cpu_model() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned int regs[12] = {0};
+  if (__get_cpuid_max(0x80000000u, nullptr) >= 0x80000004u) {
+    for (unsigned int i = 0; i < 3; ++i)
+      __get_cpuid(0x80000002u + i, &regs[4 * i], &regs[4 * i + 1], &regs[4 * i + 2], &regs[4 * i + 3]);
+    std::string s(reinterpret_cast<const char*>(regs), 48);
+    s = s.c_str();  // up to the first NUL
+    const auto b = s.find_first_not_of(' '), e = s.find_last_not_of(' ');
+    return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+  }
+#endif
+  return "";
+}
+
 struct Isa {
   const char* name;
   void (*sketch)(const SketchArgs&);
   void (*rows)(const RowsArgs&);
+  int (*variant_count)();
+  const char* (*variant_name)(int);
 };
 
 std::vector<Isa> usable_isas() {
@@ -51,10 +83,14 @@ std::vector<Isa> usable_isas() {
 #if defined(__x86_64__)
   auto f = cpu_features();
   if (f["avx512f"] && f["avx512dq"] && f["avx512bw"] && f["avx512vl"] && f["fma"] && f["f16c"])
-    out.push_back({"avx512", &avx512::sketch, &avx512::projection_rows});
-  if (f["avx2"] && f["fma"] && f["f16c"]) out.push_back({"avx2", &avx2::sketch, &avx2::projection_rows});
+    out.push_back({"avx512", &avx512::sketch, &avx512::projection_rows, &avx512::variant_count,
+                   &avx512::variant_name});
+  if (f["avx2"] && f["fma"] && f["f16c"])
+    out.push_back({"avx2", &avx2::sketch, &avx2::projection_rows, &avx2::variant_count,
+                   &avx2::variant_name});
 #endif
-  out.push_back({"generic", &generic::sketch, &generic::projection_rows});
+  out.push_back({"generic", &generic::sketch, &generic::projection_rows, &generic::variant_count,
+                 &generic::variant_name});
   return out;
 }
 
@@ -75,6 +111,41 @@ Isa pick_isa(const std::string& name) {
                               have + ")");
 }
 
+std::vector<std::string> variant_names(const Isa& isa) {
+  std::vector<std::string> out;
+  for (int i = 0; i < isa.variant_count(); ++i) out.push_back(isa.variant_name(i));
+  return out;
+}
+
+// The sketch kernel variant of each microarchitecture, measured (benchmarks/sketch.py, Rademacher,
+// B = 32, p = 2^20, k = 1024, share of the same-run fp32 matmul peak):
+//   AMD EPYC (Zen): "panel" (6 x 64 micro-tile sweeping a 128 x 512 panel in L2): 91%.
+//   Intel Xeon (Sapphire Rapids class, AVX-512, 2 FMA ports): "strip12x32" (sketch_impl.inc);
+//     "panel" reaches 52-59% there, the strip variants 85-95% of each other (single thread).
+// Other vendors, and ISA builds without AVX-512, keep "panel" (unmeasured: no such machine).
+std::string default_variant(const Isa& isa) {
+  const auto names = variant_names(isa);
+  if (std::string(isa.name) == "avx512" && cpu_vendor() == "intel") return "strip12x32";
+  return names.front();
+}
+
+// The variant to use: `name` if given, else $ATTRKERNELS_SKETCH_VARIANT, else the default.
+int pick_variant(const Isa& isa, const std::string& name) {
+  std::string want = name;
+  if (want.empty()) {
+    const char* env = std::getenv("ATTRKERNELS_SKETCH_VARIANT");
+    if (env && *env) want = env;
+  }
+  if (want.empty() || want == "auto") want = default_variant(isa);
+  const auto names = variant_names(isa);
+  for (size_t i = 0; i < names.size(); ++i)
+    if (names[i] == want) return static_cast<int>(i);
+  std::string have;
+  for (const auto& n : names) have += std::string(have.empty() ? "" : ", ") + n;
+  throw std::invalid_argument("sketch variant '" + want + "' does not exist in the " + isa.name +
+                              " build (variants: " + have + ")");
+}
+
 int default_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -91,6 +162,19 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "attrkernels CPU kernels (C++, OpenMP, run-time instruction-set dispatch)";
 
   m.def("cpu_features", &cpu_features, "CPU features seen at run time.");
+  m.def("cpu_vendor", &cpu_vendor, "CPU vendor from cpuid: 'intel', 'amd' or 'other'.");
+  m.def("cpu_model", &cpu_model, "CPU brand string from cpuid ('' where unavailable).");
+  m.def(
+      "sketch_variants", [](const std::string& isa) { return variant_names(pick_isa(isa)); },
+      py::arg("isa") = "", "Sketch kernel variants of an instruction-set build (same bits, different speed).");
+  m.def(
+      "sketch_variant",
+      [](const std::string& name, const std::string& isa) {
+        const Isa i = pick_isa(isa);
+        return variant_names(i)[pick_variant(i, name)];
+      },
+      py::arg("name") = "", py::arg("isa") = "",
+      "The sketch variant that runs: name, else $ATTRKERNELS_SKETCH_VARIANT, else this CPU's default.");
   m.def(
       "usable_isas",
       []() {
@@ -114,7 +198,7 @@ PYBIND11_MODULE(_C, m) {
       "sketch",
       [](uintptr_t x, int dtype, int64_t B, int64_t p, int64_t ldx, uintptr_t out, int64_t ldo,
          int64_t k, uint64_t seed, int kind, uint64_t row0, bool accumulate, int threads,
-         uintptr_t nonfinite, const std::string& isa) {
+         uintptr_t nonfinite, const std::string& isa, const std::string& variant) {
         SketchArgs a;
         a.x = reinterpret_cast<const void*>(x);
         a.dtype = static_cast<DType>(dtype);
@@ -131,12 +215,14 @@ PYBIND11_MODULE(_C, m) {
         a.threads = threads > 0 ? threads : default_threads();
         a.nonfinite = reinterpret_cast<uint8_t*>(nonfinite);
         const Isa chosen = pick_isa(isa);
+        a.variant = pick_variant(chosen, variant);
         py::gil_scoped_release release;
         chosen.sketch(a);
       },
       py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("p"), py::arg("ldx"), py::arg("out"),
       py::arg("ldo"), py::arg("k"), py::arg("seed"), py::arg("kind"), py::arg("row0"),
       py::arg("accumulate"), py::arg("threads"), py::arg("nonfinite"), py::arg("isa") = "",
+      py::arg("variant") = "",
       "out[B, k] (+)= x[B, p] @ P[row0:row0+p, :k] (raw pointers; see attrkernels.kernels.sketch).");
 
   m.def(

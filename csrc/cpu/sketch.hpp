@@ -20,6 +20,9 @@ struct SketchArgs {
   bool accumulate = false;  // out += x P (else out = x P)
   int threads = 1;
   uint8_t* nonfinite = nullptr;  // [B] set to 1 for rows of x holding NaN or Inf (optional)
+  // Kernel variant: index into variant_name() of the ISA build (0 = "panel"). Variants differ in
+  // loop order and micro-tile only; they give the same bits (same per-chunk summation order).
+  int variant = 0;
 };
 
 // Rows [row0, row0 + nrows) of P, all k columns, into out (row stride ldo).
@@ -39,6 +42,8 @@ struct RowsArgs {
   void sketch(const SketchArgs& args);           \
   void projection_rows(const RowsArgs& args);    \
   const char* describe();                        \
+  int variant_count();                           \
+  const char* variant_name(int i);               \
   }
 AK_DECLARE_ISA(generic)
 AK_DECLARE_ISA(avx2)
