@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...capture.core import NonFiniteExamples, nonfinite_rows
 from .factors import LayerFactors
 from .storage import dataset_len
 
@@ -38,25 +39,34 @@ def check_invertible(layer, f: LayerFactors, values: torch.Tensor) -> None:
                          f"the curvature has no inverse; {hint}")
 
 
-def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None) -> tuple[dict, int]:
+def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None, k: int,
+            data) -> tuple[dict, int]:
     """Preconditioned test gradients per layer ({layer: handlers' Query}, n_test), in the
     eigenbasis or rotated back to parameter space, whichever makes scoring cheaper (decided on
     the first batch from the loaders' sizes when they are known, else as if both had the first
-    batch's size)."""
+    batch's size). ``data``: the test loader's ``passes.Recorded``, shared by the checkpoints
+    (a test loader that yields other examples at another checkpoint is refused)."""
     layers, budget = passes.layers, passes.memory_budget
     parts = {layer.name: [] for layer in layers}
     back, n_test = {}, 0
-    for _, batch, size in passes.batches(test, "test", "query gradients"):
-        handlers = passes.record(batch, size, passes.task.measure, "test")
-        for layer in layers:
-            handler, bases = handlers[layer.name], factors[layer.name].bases32()
-            if layer.name not in back:
-                back[layer.name] = handler.precondition_back(bases, layer.bias, dataset_len(test) or size,
-                                                             n_train_hint)
-            parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
-                                                            layer.bias, budget))
-        n_test += size
-    return {layer.name: layer.handler.query(parts[layer.name], n_test, back[layer.name]) for layer in layers}, n_test
+    with passes.over(test, "test", "query gradients", f"checkpoint {k}", data) as batches:
+        for _, batch, size in batches:
+            handlers = passes.record(batch, size, passes.task.measure, "test")
+            for layer in layers:
+                handler, bases = handlers[layer.name], factors[layer.name].bases32()
+                if layer.name not in back:
+                    back[layer.name] = handler.precondition_back(bases, layer.bias, dataset_len(test) or size,
+                                                                 n_train_hint)
+                parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
+                                                                layer.bias, budget))
+            n_test += size
+    out = {layer.name: layer.handler.query(parts[layer.name], n_test, back[layer.name]) for layer in layers}
+    for name, q in out.items():
+        bad = nonfinite_rows(q.W)
+        if bad:
+            raise NonFiniteExamples(f"non-finite preconditioned query gradients of layer {name!r}",
+                                    bad).locate(0, "test", f"checkpoint {k}")
+    return out, n_test
 
 
 def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test: int) -> torch.Tensor:
@@ -65,6 +75,7 @@ def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test
     for layer in passes.layers:
         out += handlers[layer.name].inner(queries[layer.name], factors[layer.name].bases32(), layer.bias,
                                           passes.memory_budget).cpu()
+    passes.check_finite(handlers, {"the scores": out}, "train", rows=out)
     return out
 
 
@@ -74,17 +85,5 @@ def self_inner(passes, handlers: dict, factors: dict, inverse: dict, size: int) 
     for layer in passes.layers:
         out += handlers[layer.name].self_inner(inverse[layer.name], factors[layer.name].bases32(), layer.bias,
                                                passes.memory_budget).cpu()
+    passes.check_finite(handlers, {"the self-influence": out}, "train", rows=out)
     return out
-
-
-def accumulate(out, start: int, part: torch.Tensor, first: bool) -> None:
-    """out[start:start + len(part)] = part (first checkpoint) or += part, for tensors and arrays."""
-    stop = start + part.shape[0]
-    if stop > out.shape[0] or tuple(out.shape[1:]) != tuple(part.shape[1:]):
-        raise ValueError(f"out has shape {tuple(out.shape)}, too small for rows [{start}, {stop}) of "
-                         f"{part.shape[1]} test examples")
-    values = part if torch.is_tensor(out) else part.numpy()
-    if first:
-        out[start:stop] = values
-    else:
-        out[start:stop] += values
