@@ -590,3 +590,15 @@ def test_out_path_holds_the_scores(tmp_path):
     got = m.score([(x[:4], y[:4])], out=tmp_path / "scores.npy")
     assert torch.equal(got, m.score([(x[:4], y[:4])]))
     assert np.array_equal(np.load(tmp_path / "scores.npy"), got.numpy())
+
+
+@pytest.mark.parametrize("cls", [ak.EKFAC, ak.KFAC])
+def test_curvature_without_inverse_is_the_library_not_positive_definite_error(cls):
+    from attrkernels.utils.errors import NotPositiveDefiniteError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 3))
+    train = [(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))]
+    m = cls(model, ak.tasks.Classification(), damping=0.0, fisher="empirical", verbose=False).fit(train)
+    with pytest.raises(NotPositiveDefiniteError, match="layer '0'"):
+        m.self_influence()

@@ -57,6 +57,8 @@ class NonFiniteExamples(ExampleError):
 
 def nonfinite_rows(values: torch.Tensor) -> list:
     """Indices b of the rows values[b] (any trailing shape) holding NaN or Inf."""
+    if not values.numel() or bool(torch.isfinite(values.sum())):  # NaN / Inf propagate: one reduction
+        return []
     bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
     return torch.nonzero(bad).flatten().tolist()
 

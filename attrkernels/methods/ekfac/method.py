@@ -116,7 +116,7 @@ class EKFAC(AttributionMethod):
         if len(fitted) > 1:  # the queries are recomputed at every checkpoint
             check_loader(test, "test")
         n_train_hint = dataset_len(train)
-        test_data, rows = Recorded(), 0
+        test_data, rows = (Recorded() if len(fitted) > 1 else None), 0  # one checkpoint: one pass over test
         with ExitStack() as stack:
             loop = stack.enter_context(checkpoint_loop(self.model, [f.checkpoint for f in fitted]))
             dest = None

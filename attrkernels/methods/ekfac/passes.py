@@ -88,13 +88,14 @@ class Pass:
     def __exit__(self, kind, err, tb) -> bool:
         if isinstance(err, ExampleError) and not err.where and self.start is not None:
             raise err.locate(self.start, self.what, self.context) from None
-        if isinstance(err, DataMismatch) and not isinstance(err, StoreMismatch) and self.data.store is not None:
+        if (isinstance(err, DataMismatch) and not isinstance(err, StoreMismatch) and self.data is not None
+                and self.data.store is not None):
             raise stored_data_mismatch(self.data.store.path, err) from None
         return False
 
     def __iter__(self):
         p = self.passes
-        check = DataPass(self.data.digests, what=self.what, context=self.context)
+        check = None if self.data is None else DataPass(self.data.digests, what=self.what, context=self.context)
         device = model_device(p.model)
         total = len(self.loader) if hasattr(self.loader, "__len__") else None
         # Batches are hashed where the loader yields them (the CPU, usually), then moved.
@@ -102,10 +103,12 @@ class Pass:
                    disable=not p.verbose or self.desc is None, leave=False)
         for start, batch, size in bar:
             self.start = start
-            check.update(start, batch, size)
+            if check is not None:
+                check.update(start, batch, size)
             yield start, to_device(batch, device), size
-        check.finish()
-        self.data.recorded(check.digests())
+        if check is not None:
+            check.finish()
+            self.data.recorded(check.digests())
 
 
 class Passes:
@@ -118,9 +121,10 @@ class Passes:
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
 
-    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded) -> Pass:
+    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded | None) -> Pass:
         """A checked pass: ``with passes.over(train, "train", desc, f"checkpoint {k}", data) as
-        batches: for start, batch, size in batches: ...`` (see the module docstring)."""
+        batches: for start, batch, size in batches: ...`` (see the module docstring). ``data``
+        None: a loader passed over only once, whose examples are not compared."""
         return Pass(self, loader, what, desc, context, data)
 
     def check_first_batch(self, loader, data: Recorded, what: str = "train") -> None:

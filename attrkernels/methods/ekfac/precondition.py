@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...capture.core import NonFiniteExamples, nonfinite_rows
+from ...utils.errors import NotPositiveDefiniteError
 from .factors import LayerFactors
 from .storage import dataset_len
 
@@ -27,16 +28,19 @@ def inverses(layers: list, factors: dict, damping: float | None, eigenvalues) ->
 
 
 def check_invertible(layer, f: LayerFactors, values: torch.Tensor) -> None:
+    """NotPositiveDefiniteError (a ValueError) naming the layer when its undamped curvature has
+    no inverse."""
     hint = ("pass damping=None (0.1 x the mean eigenvalue of each layer) or a positive damping")
     for label, e in (("activation factor A", f.eig_a), ("gradient factor S", f.eig_s)):
         top = float(e.max())
         if top <= 0 or float(e.min()) <= RANK_RTOL * top:
-            raise ValueError(f"layer {layer.name!r}: the {label} is rank-deficient (smallest / largest "
-                             f"eigenvalue {float(e.min()) / top if top > 0 else 0:.1e}), so with damping=0 "
-                             f"the curvature has no inverse; {hint}")
+            raise NotPositiveDefiniteError(
+                f"layer {layer.name!r}: the {label} is rank-deficient (smallest / largest eigenvalue "
+                f"{float(e.min()) / top if top > 0 else 0:.1e}), so with damping=0 the curvature has no "
+                f"inverse; {hint}", found=float(e.min()))
     if float(values.min()) <= 0:
-        raise ValueError(f"layer {layer.name!r}: some corrected eigenvalues are zero, so with damping=0 "
-                         f"the curvature has no inverse; {hint}")
+        raise NotPositiveDefiniteError(f"layer {layer.name!r}: some corrected eigenvalues are zero, so with "
+                                       f"damping=0 the curvature has no inverse; {hint}", found=float(values.min()))
 
 
 def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None, k: int,
@@ -45,7 +49,7 @@ def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None
     eigenbasis or rotated back to parameter space, whichever makes scoring cheaper (decided on
     the first batch from the loaders' sizes when they are known, else as if both had the first
     batch's size). ``data``: the test loader's ``passes.Recorded``, shared by the checkpoints
-    (a test loader that yields other examples at another checkpoint is refused)."""
+    (a test loader that yields other examples at another checkpoint is refused), or None."""
     layers, budget = passes.layers, passes.memory_budget
     parts = {layer.name: [] for layer in layers}
     back, n_test = {}, 0
