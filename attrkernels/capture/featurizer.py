@@ -77,7 +77,8 @@ class Featurizer(PerExample):
         backend: sketch backend ("auto", "cpu", "triton", "cuda", "torch").
         memory_budget: bytes of per-example gradient held at once (default 32 MiB: blocks big
             enough for the sketch kernel's peak, small next to what vmap-based featurizers hold).
-        fallback: names of parameters to compute with torch.func even if a hook could.
+        fallback: names of parameters to compute with torch.func even if a hook could (each is
+            taken away from its module's hook, whose other parameters stay hooked).
 
     ``gradients(batch)`` materialises g [B, p] instead (a reference for small models; without a
     sketch use ``attrkernels.capture.Gradients``).

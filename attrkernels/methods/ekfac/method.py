@@ -243,8 +243,10 @@ def _check_weights(model: nn.Module, k: int) -> None:
     """Refuse a checkpoint with NaN / Inf weights, naming it and the entry."""
     for name, t in model.state_dict().items():
         if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"checkpoint {k}: {name!r} has NaN or Inf values; attribution at diverged weights "
-                             "is meaningless: pass a checkpoint saved before training diverged, or leave it out")
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"checkpoint {k}: {name!r} has {bad} NaN or Inf value{'s' * (bad > 1)}; attribution "
+                             "at diverged weights is meaningless: pass a checkpoint saved before training "
+                             "diverged, or leave this one out")
 
 
 class KFAC(EKFAC):
