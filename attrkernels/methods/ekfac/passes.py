@@ -158,7 +158,11 @@ class Passes:
         ``ExampleError`` naming the examples whose captured inputs or output gradients are
         non-finite (or the non-finite rows of ``rows``, a per-example result), else a ValueError
         naming what overflowed."""
-        if bool(torch.stack([torch.isfinite(v).all() for v in values.values()]).all()):
+        # NaN / Inf propagate through sums: one reduction per tensor (isfinite is ~8x slower on
+        # the CPU); a sum that only overflowed is told apart by the full check.
+        if bool(torch.isfinite(torch.stack([v.sum() for v in values.values()]).sum())):
+            return
+        if all(bool(torch.isfinite(v).all()) for v in values.values()):
             return
         for layer in self.layers:
             for r in handlers[layer.name].records:
