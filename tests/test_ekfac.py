@@ -479,3 +479,126 @@ def test_in_place_activation_after_a_layer_gives_the_same_scores():
 def test_score_before_fit_without_a_store_raises():
     with pytest.raises(RuntimeError, match="fit"):
         ak.EKFAC(nn.Linear(2, 2), ak.tasks.Classification(), verbose=False).score([], train=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every pass over the data checked; the store's training data; non-finite values; out= a path
+
+
+def blob_batches(x, y, size=16):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
+
+
+class Changing:
+    """A re-iterable loader whose examples change after its first pass (random augmentation)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for x, y in self.batches:
+            yield (x if self.passes == 1 else x + 0.1), y
+
+
+@pytest.mark.parametrize("cls", [ak.EKFAC, ak.KFAC])
+def test_every_pass_over_the_data_yields_the_same_examples(cls):
+    from attrkernels.store import DataMismatch
+
+    x, y = blobs()
+    model, task = trained_mlp(x, y), ak.tasks.Classification()
+    train = blob_batches(x, y)
+    m = cls(model, task, verbose=False).fit(train)
+    test = [(x[:4], y[:4])]
+    with pytest.raises(DataMismatch, match="reorders"):
+        m.score(test, train=blob_batches(x.flip(0), y.flip(0)))
+    changed = x.clone()
+    changed[37] += 1.0
+    with pytest.raises(DataMismatch, match="train example 37 differs"):
+        m.self_influence(blob_batches(changed, y))
+    with pytest.raises(DataMismatch, match="the train loader yielded 48 examples"):
+        m.score(test, train=blob_batches(x[:48], y[:48]))
+    with pytest.raises(DataMismatch, match="train example 0 differs"):  # fit's Lambda pass, checkpoint 1
+        cls(model, task, verbose=False).fit(Changing(train), [model.state_dict()] * 2)
+    two = cls(model, task, verbose=False).fit(train, [model.state_dict()] * 2)
+    with pytest.raises(DataMismatch, match=r"test example 0 differs .*\(checkpoint 1\)"):
+        two.score(Changing(test))
+
+
+def test_store_checks_every_training_example_against_the_stored_factors(tmp_path):
+    from attrkernels.methods.ekfac.storage import StoredDataMismatch
+    from attrkernels.store import DataMismatch, StoreDamaged
+
+    x, y = blobs()
+    model, task = trained_mlp(x, y), ak.tasks.Classification()
+    train, test = blob_batches(x, y), [(x[:4], y[:4])]
+    want = ak.EKFAC(model, task, store=tmp_path, verbose=False).fit(train).score(test)
+    assert (tmp_path / "train_data.npz").exists()
+    changed = x.clone()
+    changed[50] += 1.0  # after the first batch: fit loads the factors, the score pass finds it
+    with pytest.raises(StoredDataMismatch, match="train example 50 differs") as info:
+        ak.EKFAC(model, task, store=tmp_path, verbose=False).fit(blob_batches(changed, y)).score(test)
+    assert isinstance(info.value, StoreMismatch) and isinstance(info.value, DataMismatch)
+    with pytest.raises(StoredDataMismatch, match="other training data"):  # no fit: found by weights
+        ak.EKFAC(model, task, store=tmp_path, verbose=False).self_influence(blob_batches(changed, y))
+    assert torch.equal(ak.EKFAC(model, task, store=tmp_path, verbose=False).fit(train).score(test), want)
+    (tmp_path / "train_data.npz").unlink()
+    with pytest.raises(StoreDamaged, match=r"train_data\.npz.*missing"):
+        ak.EKFAC(model, task, store=tmp_path, verbose=False).fit(train)
+
+
+@pytest.mark.parametrize("cls", [ak.EKFAC, ak.KFAC])
+def test_non_finite_values_name_the_example_loader_and_checkpoint(cls):
+    from attrkernels.utils.errors import ExampleError
+
+    x, y = blobs()
+    model, task = trained_mlp(x, y), ak.tasks.Classification()
+    bad = x.clone()
+    bad[21, 1] = float("inf")
+    for fisher in ("true", "empirical"):
+        with pytest.raises(ExampleError, match=r"examples \[21\] of the train loader \(checkpoint 0\)"):
+            cls(model, task, fisher=fisher, verbose=False).fit(blob_batches(bad, y))
+    m = cls(model, task, verbose=False).fit(blob_batches(x, y), [model.state_dict()] * 2)
+    with pytest.raises(ExampleError, match=r"examples \[5\] of the test loader \(checkpoint 0\)"):
+        m.score(blob_batches(bad[16:24], y[16:24], 4))
+    diverged = {k: v.clone() for k, v in model.state_dict().items()}
+    diverged["0.bias"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"checkpoint 1: '0\.bias' has .*NaN or Inf"):
+        cls(model, task, verbose=False).fit(blob_batches(x, y), [model.state_dict(), diverged])
+
+
+def test_sequence_first_layer_is_refused_when_time_equals_batch():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = nn.Linear(1, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.proj(x.T.unsqueeze(-1)).tanh().mean(0))  # [T=2, B, 1]
+
+    x, y = blobs()
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"\['proj'\] .*sequence-first.*params="):
+        ak.EKFAC(SequenceFirst(), ak.tasks.Classification(), verbose=False).fit(blob_batches(x, y, 2))
+
+
+def test_out_path_holds_the_scores(tmp_path):
+    x, y = blobs()
+    model, task = trained_mlp(x, y), ak.tasks.Classification()
+    train = Loader(blob_batches(x, y), 60)
+    m = ak.EKFAC(model, task, verbose=False).fit(train, [model.state_dict()] * 2)
+    got = m.score([(x[:4], y[:4])], out=tmp_path / "scores.npy")
+    assert torch.equal(got, m.score([(x[:4], y[:4])]))
+    assert np.array_equal(np.load(tmp_path / "scores.npy"), got.numpy())
+
+
+@pytest.mark.parametrize("cls", [ak.EKFAC, ak.KFAC])
+def test_curvature_without_inverse_is_the_library_not_positive_definite_error(cls):
+    from attrkernels.utils.errors import NotPositiveDefiniteError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 3))
+    train = [(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))]
+    m = cls(model, ak.tasks.Classification(), damping=0.0, fisher="empirical", verbose=False).fit(train)
+    with pytest.raises(NotPositiveDefiniteError, match="layer '0'"):
+        m.self_influence()

@@ -397,3 +397,59 @@ def test_bad_arguments():
         ak.Featurizer(model, task.measure, 0)
     with pytest.raises(TypeError, match="output_fn must be callable"):
         ak.Featurizer(model, None, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallback of one parameter, exactly-zero gradients, errors that carry the examples
+
+
+def test_fallback_weight_of_a_hooked_module_is_computed_once_in_both_modes():
+    torch.manual_seed(0)
+    model = mlp()
+    batch = batch_for(model)
+    g = ak.capture.Gradients(model, task.measure, fallback=["2.weight"])(batch)
+    assert rel(g, reference_gradients(model, task.measure, batch)) < 1e-5
+    fz = ak.Featurizer(model, task.measure, 300, seed=4, mode="factored", fallback=["2.weight"])
+    assert "2.weight" not in [fz.plan.name_of(layer.param) for layer in fz._kron]
+    assert "2.weight" in [n for n, _ in fz._rest]
+    assert rel(fz(batch), kron_reference(fz, model, batch)) < 1e-5
+
+
+class KeyBias(nn.Module):
+    """Attention whose key projection has a bias: the bias's gradient is exactly zero."""
+
+    def __init__(self, d=8, classes=5):
+        super().__init__()
+        self.emb = nn.Embedding(40, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 8 ** 0.5, -1)
+        return self.head((att @ self.v(x)).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["dense", "factored"])
+def test_exactly_zero_parameter_gradient_passes_the_consistency_check(mode):
+    torch.manual_seed(0)
+    model = KeyBias()
+    batch = (torch.randint(0, 40, (6, 5)), torch.randint(0, 5, (6,)))
+    ref = reference_gradients(model, task.measure, batch)
+    fz = ak.Featurizer(model, task.measure, 200, seed=3, mode=mode)
+    want = ak.sketch(ref, 200, seed=3) if mode == "dense" else kron_reference(fz, model, batch)
+    assert rel(fz(batch), want) < 1e-5
+    assert rel(fz.gradients(batch), ref) < 1e-5
+
+
+def test_non_finite_values_raise_an_example_error_that_can_be_located():
+    from attrkernels.utils.errors import ExampleError
+
+    model = mlp()
+    x, y = batch_for(model)
+    x[3, 0] = float("nan")
+    with pytest.raises(ExampleError) as info:
+        ak.capture.Gradients(model, task.measure)((x, y))
+    assert info.value.examples == [3]
+    located = info.value.locate(16, "train", "checkpoint 2")
+    assert located.examples == [19] and "examples [19] of the train loader (checkpoint 2)" in str(located)

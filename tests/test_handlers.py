@@ -240,3 +240,14 @@ def test_gradients_checks_its_arguments_and_tied_weights():
     ref = torch.stack([torch.autograd.grad(task.loss(model, (batch[0][b:b + 1], batch[1][b:b + 1])).sum(),
                                            model.emb.weight)[0].reshape(-1) for b in range(3)])
     assert rel(g, ref) < 1e-5
+
+
+def test_batch_dependent_modules_are_refused_even_when_untracked():
+    from attrkernels.capture import check_batch_independent
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"module '1': BatchNorm1d with track_running_stats=False"):
+        check_batch_independent(model)
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        Gradients(model, lambda m, b: m(b).sum(1), params=["0.weight"])
+    check_batch_independent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LayerNorm(4)))

@@ -5,10 +5,18 @@ per-example gradient blocks of every tracked parameter.
 batch) -> [B]`` (one scalar f_b per example) in eval mode under the hooks of the plan
 (``hooks.make_plan``), backpropagates sum_b f_b once, and turns each hooked module's records into
 gradient blocks with its handler (``handlers``); parameters no handler captures come from
-torch.func (``fallback``). Every pass checks that the hooked per-example gradients add up to the
-batch gradient autograd computes, so a parameter used outside its module (weight tying,
-functional use) raises instead of giving wrong gradients. ``gradients(batch)`` materialises
-g [B, p] (float32, ``model.named_parameters()`` order, row-major).
+torch.func (``fallback``; a parameter named there is taken away from its module's hook). Every
+pass checks that the hooked per-example gradients add up to the batch gradient autograd
+computes, so a parameter used outside its module (weight tying, functional use) raises instead
+of giving wrong gradients; the tolerance is relative to the parameter's gradient, with a floor
+relative to the whole batch gradient (a parameter whose gradient is exactly zero, such as the
+bias of an attention key projection, only has rounding noise to compare).
+``gradients(batch)`` materialises g [B, p] (float32, ``model.named_parameters()`` order,
+row-major).
+
+Non-finite values (the output of ``output_fn``, per-example gradients) raise
+``NonFiniteExamples``, an ``utils.errors.ExampleError`` carrying the batch-local indices of the
+examples; a method's pass over a loader re-raises it with ``locate`` (global index, checkpoint).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import torch
 
 from ..utils.batches import batch_size, one_example
 from ..utils.checks import check_memory_budget
+from ..utils.errors import ExampleError
 from .fallback import fallback_gradients
 from .handlers import Block
 from .hooks import Capture, make_plan, unbatched_modules
@@ -26,6 +35,32 @@ from .hooks import Capture, make_plan, unbatched_modules
 # kernel to run at full speed, small next to what vmap-based featurizers hold.
 DEFAULT_MEMORY_BUDGET = 32 << 20
 CONSISTENCY_RTOL = 1e-3
+# Floor of the consistency check's scale, relative to the norm of the whole batch gradient: a
+# parameter whose gradient is exactly zero (e.g. the bias of an attention key projection) has
+# only float32 rounding noise (~1e-9 of the whole gradient) to compare.
+CONSISTENCY_FLOOR = 1e-3
+
+NONFINITE_FIX = "check these examples' inputs for NaN / Inf values and the model's weights"
+
+
+class NonFiniteExamples(ExampleError):
+    """Non-finite values for some examples of a batch: ``examples`` are their indices in the batch.
+    The message reads "<problem> for examples [...]"; ``locate`` (ExampleError's) names global
+    indices, the loader and the checkpoint."""
+
+    def __init__(self, problem: str, examples, *, fix: str = NONFINITE_FIX, where: str = ""):
+        super().__init__(problem, examples, fix=fix, where=where)
+        shown = self.examples[:10]
+        more = f" (and {len(self.examples) - 10} more)" if len(self.examples) > 10 else ""
+        self.args = (f"{problem} for examples {shown}{more}{where}{'; ' + fix if fix else ''}",)
+
+
+def nonfinite_rows(values: torch.Tensor) -> list:
+    """Indices b of the rows values[b] (any trailing shape) holding NaN or Inf."""
+    if not values.numel() or bool(torch.isfinite(values.sum())):  # NaN / Inf propagate: one reduction
+        return []
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    return torch.nonzero(bad).flatten().tolist()
 
 
 class _Replan(Exception):
@@ -46,6 +81,7 @@ class PerExample:
         self.params, self.fallback = params, tuple(fallback)
         self.plan = make_plan(model, params, self.fallback)
         self.peak_bytes = 0  # largest per-example-gradient block of the last call
+        self._grad_scale = 0.0  # norm of the whole batch gradient of the hooked parameters
         self._probed = False
 
     @property
@@ -76,13 +112,10 @@ class PerExample:
                 )
             B = out.shape[0]
             self._route_unbatched_to_fallback(cap.handlers, B)
-            bad = ~torch.isfinite(out.detach())
-            if bad.any():
-                raise ValueError(f"output_fn returned NaN or Inf for examples "
-                                 f"{torch.nonzero(bad).flatten().tolist()[:10]}")
-            hooked = [p for module, _ in plan.hooked.values()
-                      for p in module.parameters(recurse=False) if id(p) in plan.offsets]
-            hooked = list({id(p): p for p in hooked}.values())
+            bad = nonfinite_rows(out.detach())
+            if bad:
+                raise NonFiniteExamples("output_fn returned NaN or Inf", bad)
+            hooked = plan.hooked_params()
             batch_grads = {}
             if hooked:
                 if not out.requires_grad:
@@ -93,6 +126,8 @@ class PerExample:
                         raise ValueError(f"tracked parameter {plan.name_of(p)!r} received no gradient "
                                          "from output_fn; leave it out of params=")
                     batch_grads[id(p)] = g.reshape(-1)
+            self._grad_scale = (torch.stack([g.to(torch.float32).norm() for g in batch_grads.values()]).norm().item()
+                                if batch_grads else 0.0)
             for mname, handler in cap.handlers.items():
                 if not handler.records or any(r.grad_out is None for r in handler.records):
                     raise ValueError(f"tracked module {mname!r} received no gradient from output_fn; "
@@ -149,7 +184,9 @@ class PerExample:
     def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True):
         """All gradient blocks; checks that hooked blocks add up to batch gradients, and (when
         ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness."""
-        tracked = {p for p in self.plan.params if params_filter is None or id(p) in params_filter}
+        fallback = {id(p) for _, p in self.plan.fallback}
+        tracked = {p for p in self.plan.params if id(p) not in fallback
+                   and (params_filter is None or id(p) in params_filter)}
         sums = {}
         for handler in handlers.values():
             for blk in handler.blocks(tracked, self.memory_budget):
@@ -174,10 +211,12 @@ class PerExample:
             self._check_sum(pid, s, batch_grads)
 
     def _check_sum(self, pid, got, batch_grads, what="per-example gradients"):
-        """Raise when the per-example gradients of a hooked parameter do not add up to its batch gradient."""
+        """Raise when the per-example gradients of a hooked parameter do not add up to its batch
+        gradient (relative to the larger of the two, at least ``CONSISTENCY_FLOOR`` x the norm of
+        the whole batch gradient)."""
         want = batch_grads[pid].to(torch.float32)
         err = (got - want).norm().item()
-        scale = max(want.norm().item(), got.norm().item(), 1e-30)
+        scale = max(want.norm().item(), got.norm().item(), CONSISTENCY_FLOOR * self._grad_scale, 1e-30)
         if err > CONSISTENCY_RTOL * scale:
             name = self.plan.names[[id(p) for p in self.plan.params].index(pid)]
             raise RuntimeError(
@@ -188,12 +227,9 @@ class PerExample:
             )
 
     def _check_finite(self, blk):
-        bad = ~torch.isfinite(blk.values).all(dim=1)
-        if bad.any():
-            raise ValueError(
-                f"non-finite gradient of {self.plan.name_of(blk.param)!r} for examples "
-                f"{torch.nonzero(bad).flatten().tolist()[:10]}"
-            )
+        bad = nonfinite_rows(blk.values)
+        if bad:
+            raise NonFiniteExamples(f"non-finite gradient of {self.plan.name_of(blk.param)!r}", bad)
 
     # -----------------------------------------------------------------------------------------
     def gradients(self, batch) -> torch.Tensor:

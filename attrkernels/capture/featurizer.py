@@ -23,7 +23,8 @@ over the tracked parameters theta in ``model.named_parameters()`` order, flatten
 The model runs in eval mode (BatchNorm with running statistics, no dropout); examples must not
 interact. Every call checks that the per-example gradients of hooked parameters add up to the
 batch gradient autograd computes, so a parameter used outside its module (weight tying,
-functional use) raises instead of giving wrong features.
+functional use) raises instead of giving wrong features. Non-finite values raise
+``capture.core.NonFiniteExamples`` (an ``ExampleError``) naming the examples of the batch.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 from ..kernels.philox import derive_seed, split_seed
 from ..kernels.projection import check_k, check_kind
 from ..kernels.sketch import sketch
-from .core import DEFAULT_MEMORY_BUDGET, PerExample
+from .core import DEFAULT_MEMORY_BUDGET, NonFiniteExamples, PerExample, nonfinite_rows
 from .handlers import handler_for
 
 MODES = ("dense", "factored")
@@ -76,7 +77,8 @@ class Featurizer(PerExample):
         backend: sketch backend ("auto", "cpu", "triton", "cuda", "torch").
         memory_budget: bytes of per-example gradient held at once (default 32 MiB: blocks big
             enough for the sketch kernel's peak, small next to what vmap-based featurizers hold).
-        fallback: names of parameters to compute with torch.func even if a hook could.
+        fallback: names of parameters to compute with torch.func even if a hook could (each is
+            taken away from its module's hook, whose other parameters stay hooked).
 
     ``gradients(batch)`` materialises g [B, p] instead (a reference for small models; without a
     sketch use ``attrkernels.capture.Gradients``).
@@ -102,8 +104,9 @@ class Featurizer(PerExample):
     # -----------------------------------------------------------------------------------------
     def _layout_factored(self):
         kron = []
+        fallback = {id(p) for _, p in self.plan.fallback}
         for mname, (module, cls) in self.plan.hooked.items():
-            if cls.projectable(module) and id(module.weight) in self.plan.offsets:
+            if cls.projectable(module) and id(module.weight) in self.plan.offsets and id(module.weight) not in fallback:
                 kron.append((mname, module))
         kron_ids = {id(m.weight) for _, m in kron}
         self._rest = [(n, p) for n, p in zip(self.plan.names, self.plan.params) if id(p) not in kron_ids]
@@ -175,7 +178,8 @@ class Featurizer(PerExample):
     def _check_kron_consistency(self, layer, A, D, batch_grads):
         got = torch.einsum("bto,bti->oi", D.to(torch.float32), A.to(torch.float32)).reshape(-1)
         if not torch.isfinite(got).all():
-            raise ValueError(f"non-finite gradient of {self.plan.name_of(layer.param)!r}")
+            bad = sorted(set(nonfinite_rows(A)) | set(nonfinite_rows(D)))
+            raise NonFiniteExamples(f"non-finite gradient of {self.plan.name_of(layer.param)!r}", bad or range(A.shape[0]))
         self._check_sum(id(layer.param), got, batch_grads)
 
 

@@ -34,6 +34,18 @@ class Plan:
     def name_of(self, param) -> str:
         return self.names[[id(p) for p in self.params].index(id(param))]
 
+    def hooked_params(self) -> list:
+        """The tracked parameters the hooks capture: those of the hooked modules that are not
+        computed with torch.func (``fallback=`` takes a parameter away from its module's hook,
+        so it is never counted twice)."""
+        fallback = {id(p) for _, p in self.fallback}
+        out = {}
+        for module, _ in self.hooked.values():
+            for p in module.parameters(recurse=False):
+                if id(p) in self.offsets and id(p) not in fallback:
+                    out[id(p)] = p
+        return list(out.values())
+
 
 def resolve_params(model: nn.Module, params=None) -> list:
     """Names of the parameters ``params`` selects (names or one name; None: every trainable one),
@@ -61,9 +73,37 @@ def resolve_params(model: nn.Module, params=None) -> list:
     return sorted(set(chosen), key=order.__getitem__)
 
 
+def batch_dependence(module: nn.Module) -> str | None:
+    """Why ``module``'s output for one example depends on the other examples of its batch (in
+    eval mode, where every capture runs), or None. Built in: BatchNorm without running
+    statistics (``track_running_stats=False`` normalises with the batch's statistics even in
+    eval mode)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+        return (f"{type(module).__name__} with track_running_stats=False normalises with the statistics "
+                "of the batch, even in eval mode")
+    return None
+
+
+def check_batch_independent(model: nn.Module) -> None:
+    """Refuse a model in which examples of a batch interact in the forward pass (every module,
+    tracked or not; see ``batch_dependence``): per-example gradients, factors and scores would
+    then change with the batch size and with which examples share a batch. Called by
+    ``make_plan``, so by every method that captures gradients."""
+    for name, module in model.named_modules():
+        reason = batch_dependence(module)
+        if reason is not None:
+            raise ValueError(
+                f"module {name or type(module).__name__!r}: {reason}, so each example's output depends on "
+                "the other examples of its batch and per-example gradients and scores would change with "
+                "the batching; use track_running_stats=True (normalisation by running statistics) or a "
+                "per-example normalisation (LayerNorm, GroupNorm)")
+
+
 def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
-    """Resolve ``params`` (names, default: all trainable) into a capture plan."""
+    """Resolve ``params`` (names, default: all trainable) into a capture plan; refuses models
+    whose examples interact (``check_batch_independent``)."""
     chosen = resolve_params(model, params)
+    check_batch_independent(model)
     by_name = dict(model.named_parameters())
     forced = set(fallback)
     unknown = forced - set(by_name)

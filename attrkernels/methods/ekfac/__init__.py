@@ -62,7 +62,23 @@ Store. With ``store=path``, each checkpoint's factors are written as safetensors
 rerun of ``fit`` (or a ``score`` on a model whose weights match a stored checkpoint) loads them
 instead of recomputing: fit once, score many query sets. Damping is applied at score time and
 is not part of the stored factors. A store written for another model, layer selection, Fisher,
-seed, block width or training data raises ``StoreMismatch`` naming the differences.
+seed or block width raises ``StoreMismatch`` naming the differences; a file that cannot be read
+raises ``StoreDamaged`` naming it.
+
+Data. Example i of the training set is the i-th example the train loader yields, on every pass.
+``fit`` and ``score`` refuse loaders that cannot guarantee it (``utils.loaders.check_loader``:
+shuffling samplers, ``drop_last=True``, one-shot generators), and every pass over the training
+data (covariances, Lambda, scores, self-influence, at every checkpoint) compares its examples,
+one by one, with the first pass (``store.DataMismatch`` at the first example that differs; the
+test loader likewise across checkpoints). The store records the digest of every training
+example (``train_data.npz``); when ``fit`` loads all factors from the store it checks the first
+batch, and the next pass over the training data checks every example: data that differs from
+the stored factors' raises ``storage.StoredDataMismatch`` (a ``StoreMismatch``). Checkpoints
+are snapshotted at ``fit``; a checkpoint with NaN / Inf weights is refused naming it, and
+non-finite losses, inputs or gradients raise an ``utils.errors.ExampleError`` naming the
+examples' indices in the loader and the checkpoint. Models whose examples interact in the
+forward pass (BatchNorm without running statistics: ``capture.hooks.check_batch_independent``)
+and layers fed sequence-first input (probed with one example) are refused.
 """
 from .factors import LayerFactors
 from .method import EKFAC, KFAC

@@ -2,7 +2,8 @@
 self_influence, and which stage of the factors is computed or loaded (see the package docstring)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -11,12 +12,14 @@ import torch.nn as nn
 from ...kernels.kfac import DEFAULT_MEMORY
 from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
-from ..base import AttributionMethod, as_checkpoints, fingerprint, load_checkpoint, preserved_weights
+from ...utils.loaders import check_loader
+from ..base import AttributionMethod, as_checkpoints, checkpoint_loop, fingerprint
+from ..scores import ScoreOutput
 from . import precondition
 from .factors import STAGES, LayerFactors, eigen
-from .passes import Passes
+from .passes import Passes, Recorded
 from .selection import select_layers
-from .storage import FactorStore, data_signature, dataset_len, store_meta
+from .storage import FactorStore, dataset_len, store_meta
 
 FISHERS = ("true", "empirical")
 
@@ -66,6 +69,7 @@ class EKFAC(AttributionMethod):
         self.plan = self.passes.plan
         self.fitted: list[_Fitted] = []
         self.train = None  # the loader given to fit
+        self.data = Recorded()  # the examples of the training data the factors were fitted on
         self.query_modes: dict = {}  # per layer, where the last score() preconditioned the queries
 
     @property
@@ -77,55 +81,61 @@ class EKFAC(AttributionMethod):
         """Fit (or load from the store) the factors of every checkpoint on the training loader.
 
         ``checkpoints``: state dicts, paths or ``ak.tasks.Checkpoint`` objects (None: the model's
-        current weights). The loader is kept as the default training set of ``score``.
+        current weights), snapshotted now. The loader is kept as the default training set of
+        ``score``; every later pass over training data must yield the same examples in the same
+        order (checked example by example).
         """
-        checkpoints = as_checkpoints(self.model, checkpoints)
-        store = self._open_store(train)
+        check_loader(train, "train")
+        checkpoints = _snapshot(as_checkpoints(self.model, checkpoints))
+        store = self._open_store()
+        data = Recorded(store)
+        # Factors loaded from the store: a quick look at the first batch now, every example at
+        # the next pass over the training data (score or self_influence) rather than an extra pass.
+        self.passes.check_first_batch(train, data)
         fitted = []
-        with self._preserved_model():
-            for k, ckpt in enumerate(checkpoints):
-                load_checkpoint(self.model, ckpt, k)
+        with checkpoint_loop(self.model, checkpoints) as loop:
+            for k, ckpt in loop:
+                _check_weights(self.model, k)
                 fp = fingerprint(ckpt)
-                fitted.append(_Fitted(ckpt, fp, self._factors_of(train, k, fp, store)))
-        self.fitted, self.train = fitted, train
+                fitted.append(_Fitted(ckpt, fp, self._factors_of(train, k, fp, store, data)))
+        self.fitted, self.train, self.data = fitted, train, data
         return self
 
     def score(self, test, *, train=None, out=None) -> torch.Tensor:
         """scores [n_train, n_test] (float32), averaged over the fitted checkpoints.
 
         ``train``: the training loader (default: the one given to ``fit``; needed when the
-        factors come from the store without a ``fit``). ``out``: optional [n_train, n_test] tensor
-        or NumPy array (e.g. a memmap) filled tile by tile and returned; otherwise a new tensor.
+        factors come from the store without a ``fit``); it must yield the examples the factors
+        were fitted on, in the same order. ``out``: as for every method
+        (``methods.scores.ScoreOutput``): None (a new tensor), a path (a float32 .npy memory
+        map) or an existing [n_train, n_test] tensor or array, filled tile by tile.
         """
         train = self._train_loader(train)
         fitted = self._ready(train)
+        check_loader(train, "train")
+        if len(fitted) > 1:  # the queries are recomputed at every checkpoint
+            check_loader(test, "test")
         n_train_hint = dataset_len(train)
-        result, rows_seen = out, None
-        with self._preserved_model():
-            for k, fit in enumerate(fitted):
-                load_checkpoint(self.model, fit.checkpoint, k)
-                inverse = self._inverses(fit.factors)
-                queries, n_test = precondition.queries(self.passes, test, fit.factors, inverse, n_train_hint)
+        test_data, rows = (Recorded() if len(fitted) > 1 else None), 0  # one checkpoint: one pass over test
+        with ExitStack() as stack:
+            loop = stack.enter_context(checkpoint_loop(self.model, [f.checkpoint for f in fitted]))
+            dest = None
+            for k, _ in loop:
+                factors = fitted[k].factors
+                inverse = self._inverses(factors)
+                queries, n_test = precondition.queries(self.passes, test, factors, inverse, n_train_hint, k, test_data)
                 self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
-                tiles, rows = [], 0
-                for start, batch, size in self.passes.batches(train, "train", f"scores (checkpoint {k})"):
-                    handlers = self.passes.record(batch, size, self.task.loss, "train")
-                    tile = precondition.tile(self.passes, handlers, fit.factors, queries, size, n_test)
-                    tile.div_(-len(fitted))
-                    if result is None:
-                        tiles.append(tile)
-                    else:
-                        precondition.accumulate(result, start, tile, first=k == 0)
-                    rows = start + size
-                if result is None:
-                    result = torch.cat(tiles)
-                if rows_seen is not None and rows != rows_seen:
-                    raise ValueError(f"the train loader yielded {rows} examples for checkpoint {k} and "
-                                     f"{rows_seen} before; it must yield the same examples each time")
-                rows_seen = rows
-        if result.shape[0] != rows_seen:
-            raise ValueError(f"out has {result.shape[0]} rows but the train loader yielded {rows_seen} examples")
-        return result
+                if dest is None:
+                    dest = stack.enter_context(ScoreOutput(out, n_test, n_train=None if out is None else n_train_hint))
+                with self.passes.over(train, "train", f"scores (checkpoint {k})", f"checkpoint {k}",
+                                      self.data) as batches:
+                    for start, batch, size in batches:
+                        handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
+                        tile.div_(-len(fitted))
+                        dest.write(start, tile, first=k == 0)
+                        rows = start + size
+            return dest.finish(rows=rows)
 
     def self_influence(self, train=None) -> torch.Tensor:
         """[n_train] g_i^T (F + damping)^{-1} g_i with g_i = grad loss_i, averaged over checkpoints.
@@ -136,18 +146,19 @@ class EKFAC(AttributionMethod):
         """
         train = self._train_loader(train)
         fitted = self._ready(train)
+        check_loader(train, "train")
         total = None
-        with self._preserved_model():
-            for k, fit in enumerate(fitted):
-                load_checkpoint(self.model, fit.checkpoint, k)
-                inverse = self._inverses(fit.factors)
+        with checkpoint_loop(self.model, [f.checkpoint for f in fitted]) as loop:
+            for k, _ in loop:
+                factors = fitted[k].factors
+                inverse = self._inverses(factors)
                 parts = []
-                for _, batch, size in self.passes.batches(train, "train", f"self-influence (checkpoint {k})"):
-                    handlers = self.passes.record(batch, size, self.task.loss, "train")
-                    parts.append(precondition.self_inner(self.passes, handlers, fit.factors, inverse, size))
+                with self.passes.over(train, "train", f"self-influence (checkpoint {k})", f"checkpoint {k}",
+                                      self.data) as batches:
+                    for _, batch, size in batches:
+                        handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = torch.cat(parts) / len(fitted)
-                if total is not None and total.shape != values.shape:
-                    raise ValueError("the train loader must yield the same examples for every checkpoint")
                 total = values if total is None else total + values
         return total
 
@@ -160,40 +171,34 @@ class EKFAC(AttributionMethod):
             raise RuntimeError(f"pass train= (the training loader) or call {type(self).__name__}.fit(train) first")
         return self.train
 
-    @contextmanager
-    def _preserved_model(self):
-        """Evaluation mode inside; the model's weights and mode restored afterwards."""
-        with preserved_weights(self.model):
-            self.model.eval()
-            yield
-
     def _eigenvalues(self, f: LayerFactors) -> torch.Tensor:
         return f.lam.to(torch.float64)
 
     def _inverses(self, factors: dict) -> dict:
         return precondition.inverses(self.layers, factors, self.damping, self._eigenvalues)
 
-    def _open_store(self, train) -> FactorStore | None:
+    def _open_store(self) -> FactorStore | None:
         if self.store_path is None:
             return None
-        data = data_signature(train, self.passes.first_batch(train))
-        return FactorStore(self.store_path, store_meta(self, data))
+        return FactorStore(self.store_path, store_meta(self))
 
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _factors_of(self, train, k: int, fp: str, store: FactorStore | None) -> dict:
+    def _factors_of(self, train, k: int, fp: str, store: FactorStore | None, data: Recorded) -> dict:
         """The factors of checkpoint k (loaded): each stage loaded from the store when there,
         else computed (and saved)."""
+        if store is not None and store.exists("covariance", fp):
+            store.check_data(fp, data.digests)
         if store is not None and store.has(self.stages, fp):
             return store.load(self.stages, fp, self.layers, self._device())
         factors = None
         if store is not None and store.exists("covariance", fp):
             factors = store.load(("covariance",), fp, self.layers, self._device())
         if factors is None:
-            factors, n = self.passes.covariances(train, k, self.fisher, self.seed)
+            factors, n = self.passes.covariances(train, k, self.fisher, self.seed, data)
             if store is not None:
-                store.save("covariance", fp, factors, n)
+                store.save("covariance", fp, factors, n, data.digests)
         if store is not None and store.exists("eigen", fp):
             store.load(("eigen",), fp, self.layers, self._device(), factors)
         else:
@@ -201,7 +206,7 @@ class EKFAC(AttributionMethod):
             if store is not None:
                 store.save("eigen", fp, factors)
         if "lambda" in self.stages:
-            self.passes.correction(train, k, factors, self.fisher, self.seed)
+            self.passes.correction(train, k, factors, self.fisher, self.seed, data)
             if store is not None:
                 store.save("lambda", fp, factors)
         return factors
@@ -212,16 +217,36 @@ class EKFAC(AttributionMethod):
             return self.fitted
         if self.store_path is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before scoring")
-        store = self._open_store(train)
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        store = self._open_store()
+        state = _snapshot([self.model.state_dict()])[0]
         fp = fingerprint(state)
         if not store.has(self.stages, fp):
             have = store.fingerprints(self.stages[-1])
             raise ValueError(f"the model's weights (fingerprint {fp}) differ from every checkpoint whose factors "
                              f"the store {store.path} holds ({have or 'none'}); call fit(train, checkpoints) "
                              "with the checkpoints to score")
+        data = Recorded(store)
+        store.check_data(fp, data.digests)
         self.fitted = [_Fitted(state, fp, store.load(self.stages, fp, self.layers, self._device()))]
+        self.data = data
         return self.fitted
+
+
+def _snapshot(checkpoints: list) -> list:
+    """State dicts copied (a caller's live ``model.state_dict()`` is not overwritten by loading
+    another checkpoint, and later changes to the caller's tensors change no score); paths kept."""
+    return [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in c.items()} if isinstance(c, Mapping)
+            else c for c in checkpoints]
+
+
+def _check_weights(model: nn.Module, k: int) -> None:
+    """Refuse a checkpoint with NaN / Inf weights, naming it and the entry."""
+    for name, t in model.state_dict().items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"checkpoint {k}: {name!r} has {bad} NaN or Inf value{'s' * (bad > 1)}; attribution "
+                             "at diverged weights is meaningless: pass a checkpoint saved before training "
+                             "diverged, or leave this one out")
 
 
 class KFAC(EKFAC):

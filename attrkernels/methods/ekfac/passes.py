@@ -1,22 +1,36 @@
-"""The passes over data: batches on the model's device, hooked forward/backward passes, and the
+"""The passes over data: checked passes over a loader, hooked forward/backward passes, and the
 two factor passes (covariances; EK-FAC's eigenvalue correction) with the Fisher's loss.
+
+Every pass over a loader is checked (``Passes.over``): the examples it yields are compared, one
+by one and in order, with the first complete pass over that loader (``Recorded``: the training
+data's from the first pass of ``fit`` or from the factor store, the test loader's from the first
+checkpoint of ``score``), so a loader that shuffles, augments at random,
+drops examples or yields other data raises ``store.DataMismatch`` (``StoredDataMismatch`` when
+the factors come from a store) instead of mixing rows; an ``ExampleError`` raised inside the
+pass (non-finite values, from the capture or the checks here) is re-raised with the examples'
+global indices, the loader and the checkpoint.
 
 Each layer's statistics come from its handler (``attrkernels.capture.handlers``); nothing here
 knows a layer type.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ...capture import Capture, make_plan
+from ...capture.core import NonFiniteExamples, nonfinite_rows
 from ...capture.handlers import CovarianceSums
 from ...capture.hooks import unbatched_modules
 from ...kernels.philox import derive_seed
-from ...utils.batches import to_device
-from ..base import call_task, iterate
+from ...store import DataMismatch, DataPass, StoreMismatch
+from ...utils.batches import one_example, to_device
+from ...utils.errors import ExampleError
+from ..base import call_task, iterate, model_device
 from .factors import LayerFactors
 from .selection import tracked_names
+from .storage import FactorStore, stored_data_mismatch
 
 
 def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start: int):
@@ -29,10 +43,72 @@ def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start
 
     def sampled_loss(model, batch):
         device = next(model.parameters()).device
-        return task.sampled_loss(model, batch, torch.Generator(device=device).manual_seed(seed))
+        try:
+            return task.sampled_loss(model, batch, torch.Generator(device=device).manual_seed(seed))
+        except RuntimeError as err:  # e.g. multinomial on NaN probabilities: name the examples
+            with torch.no_grad():
+                bad = nonfinite_rows(task.loss(model, batch).detach())
+            if bad:
+                raise NonFiniteExamples("the loss is NaN or Inf (labels cannot be sampled from the model's "
+                                        "predictions)", bad) from err
+            raise
 
     sampled_loss.__name__ = "sampled_loss"
     return sampled_loss
+
+
+class Recorded:
+    """The examples a loader yields, in order (their digests): recorded by the first complete
+    pass (for the training data, or read from a factor store, which then records them too),
+    compared by every later pass."""
+
+    def __init__(self, store: FactorStore | None = None):
+        self.store = store
+        self.digests = None if store is None else store.digests()
+
+    def recorded(self, digests: np.ndarray) -> None:
+        if self.digests is None:
+            self.digests = digests
+            if self.store is not None:
+                self.store.save_digests(digests)
+
+
+class Pass:
+    """One checked pass over a loader (``Passes.over``): a context manager whose iteration yields
+    (first example, batch on the model's device, size)."""
+
+    def __init__(self, passes: "Passes", loader, what: str, desc: str | None, context: str, data: Recorded):
+        self.passes, self.loader, self.what, self.desc, self.context, self.data = \
+            passes, loader, what, desc, context, data
+        self.start = None
+
+    def __enter__(self) -> "Pass":
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if isinstance(err, ExampleError) and not err.where and self.start is not None:
+            raise err.locate(self.start, self.what, self.context) from None
+        if (isinstance(err, DataMismatch) and not isinstance(err, StoreMismatch) and self.data is not None
+                and self.data.store is not None):
+            raise stored_data_mismatch(self.data.store.path, err) from None
+        return False
+
+    def __iter__(self):
+        p = self.passes
+        check = None if self.data is None else DataPass(self.data.digests, what=self.what, context=self.context)
+        device = model_device(p.model)
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        # Batches are hashed where the loader yields them (the CPU, usually), then moved.
+        bar = tqdm(iterate(self.loader, p.task, self.what), total=total, desc=self.desc, unit="batch",
+                   disable=not p.verbose or self.desc is None, leave=False)
+        for start, batch, size in bar:
+            self.start = start
+            if check is not None:
+                check.update(start, batch, size)
+            yield start, to_device(batch, device), size
+        if check is not None:
+            check.finish()
+            self.data.recorded(check.digests())
 
 
 class Passes:
@@ -43,20 +119,63 @@ class Passes:
         self.memory_budget, self.verbose = memory_budget, verbose
         self.plan = make_plan(model, tracked_names(layers))
         self.params = list(self.plan.params)
+        self._probed = set()  # the loaders ("train", "test") whose first batch was probed
 
-    def first_batch(self, loader):
-        """The loader's first batch (as it yields it)."""
-        for _, batch, _ in iterate(loader, self.task, "train"):
-            return batch
+    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded | None) -> Pass:
+        """A checked pass: ``with passes.over(train, "train", desc, f"checkpoint {k}", data) as
+        batches: for start, batch, size in batches: ...`` (see the module docstring). ``data``
+        None: a loader passed over only once, whose examples are not compared."""
+        return Pass(self, loader, what, desc, context, data)
 
-    def batches(self, loader, what, desc):
-        """(first example, batch on the model's device, size) over a loader, with a progress bar."""
-        device = next(self.model.parameters()).device
-        total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(iterate(loader, self.task, what), total=total, desc=desc, unit="batch",
-                   disable=not self.verbose, leave=False)
-        for start, batch, size in bar:
-            yield start, to_device(batch, device), size
+    def check_first_batch(self, loader, data: Recorded, what: str = "train") -> None:
+        """Compare the loader's first batch with the recorded data (a quick check at ``fit`` when
+        the factors come from a store; the next full pass checks every example)."""
+        if data.digests is None:
+            return
+        with self.over(loader, what, None, "fit", data) as batches:
+            for _ in batches:
+                break
+
+    def _probe(self, batch, fn, what) -> None:
+        """Run one example: a tracked module whose input then has a leading dimension other
+        than 1 does not take the batch first (sequence-first [T, B, d] input, or no batch
+        dimension); the shapes of a full batch cannot tell when T happens to equal B."""
+        with Capture(self.plan) as cap, torch.no_grad():
+            fn(self.model, one_example(batch, 0))
+        self._refuse_unbatched(cap.handlers, 1)
+
+    @staticmethod
+    def _refuse_unbatched(handlers, size) -> None:
+        unbatched = unbatched_modules(handlers, size)
+        if unbatched:
+            raise ValueError(f"modules {unbatched} are called without the batch dimension, or with another "
+                             "dimension before it (sequence-first [T, B, d] inputs), so their per-example "
+                             "statistics cannot be captured; leave their parameters out with params=, or feed "
+                             "them batch-first inputs [B, ..., d]")
+
+    def check_finite(self, handlers: dict, values: dict, what: str, rows: torch.Tensor | None = None) -> None:
+        """Refuse non-finite statistics of a batch (``values``: {description: tensor}): an
+        ``ExampleError`` naming the examples whose captured inputs or output gradients are
+        non-finite (or the non-finite rows of ``rows``, a per-example result), else a ValueError
+        naming what overflowed."""
+        # NaN / Inf propagate through sums: one reduction per tensor (isfinite is ~8x slower on
+        # the CPU); a sum that only overflowed is told apart by the full check.
+        if bool(torch.isfinite(torch.stack([v.sum() for v in values.values()]).sum())):
+            return
+        if all(bool(torch.isfinite(v).all()) for v in values.values()):
+            return
+        for layer in self.layers:
+            for r in handlers[layer.name].records:
+                for kind, t in (("inputs", r.inputs), ("output gradients", r.grad_out)):
+                    bad = nonfinite_rows(t)
+                    if bad:
+                        raise NonFiniteExamples(f"non-finite {kind} of layer {layer.name!r} on the {what} loader", bad)
+        bad = [] if rows is None else nonfinite_rows(rows)
+        if bad:
+            raise NonFiniteExamples(f"non-finite {what} gradients", bad)
+        names = [name for name, v in values.items() if not bool(torch.isfinite(v).all())]
+        raise ValueError(f"{', '.join(names)} overflowed float32 on a batch of the {what} loader (the inputs and "
+                         "output gradients of every layer are finite); rescale the inputs or the model")
 
     def record(self, batch, size, fn, what) -> dict:
         """Run ``fn(model, batch)`` under capture and backpropagate its sum; returns the handlers.
@@ -71,22 +190,25 @@ class Passes:
         def keep(module, args, output):
             outputs.append((output, output._version))
 
+        if what not in self._probed:
+            self._probed.add(what)
+            self._probe(batch, fn, what)
         hooks = [layer.module.register_forward_hook(keep) for layer in self.layers]
         try:
             with Capture(self.plan) as cap, torch.enable_grad():
-                out = call_task(fn, self.model, batch, size, what)
+                try:
+                    out = call_task(fn, self.model, batch, size, what)
+                except TypeError as err:  # call_task wraps what the task raised; keep ExampleErrors
+                    if isinstance(err.__cause__, ExampleError):
+                        raise err.__cause__ from None
+                    raise
         finally:
             for h in hooks:
                 h.remove()
-        unbatched = unbatched_modules(cap.handlers, size)
-        if unbatched:
-            raise ValueError(f"modules {unbatched} are called without the batch dimension, so their "
-                             "per-example statistics cannot be captured; leave their parameters out "
-                             "with params=")
-        bad = ~torch.isfinite(out.detach())
-        if bad.any():
-            raise ValueError(f"the {what} loss or measurement is NaN or Inf for examples "
-                             f"{torch.nonzero(bad).flatten().tolist()[:10]} of a batch")
+        self._refuse_unbatched(cap.handlers, size)
+        bad = nonfinite_rows(out.detach())
+        if bad:
+            raise NonFiniteExamples(f"the {what} loss or measurement is NaN or Inf", bad)
         if not out.requires_grad:
             raise ValueError(f"the task's output on the {what} loader does not depend on any tracked parameter")
         intact = all(o.requires_grad and o._version == v for o, v in outputs)
@@ -98,15 +220,18 @@ class Passes:
                                  "loader; leave its parameters out of params=")
         return cap.handlers
 
-    def covariances(self, train, k: int, fisher: str, seed: int) -> tuple[dict, int]:
+    def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded) -> tuple[dict, int]:
         """Stage "covariance" of checkpoint k: {layer: LayerFactors(A, S)} and the number of examples."""
         sums = {layer.name: CovarianceSums() for layer in self.layers}
         n = 0
-        for start, batch, size in self.batches(train, "train", f"covariances (checkpoint {k})"):
-            handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, start), "train")
-            for layer in self.layers:
-                handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
-            n += size
+        with self.over(train, "train", f"covariances (checkpoint {k})", f"checkpoint {k}", data) as batches:
+            for start, batch, size in batches:
+                handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, start), "train")
+                for layer in self.layers:
+                    handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
+                self.check_finite(handlers, {f"the factor {side} of layer {name!r}": t for name, s in sums.items()
+                                             for side, t in (("A", s.A), ("S", s.S))}, "train")
+                n += size
         factors = {}
         for layer in self.layers:
             s = sums[layer.name]
@@ -114,16 +239,20 @@ class Passes:
                                                S=s.S.to(torch.float64) / n)
         return factors, n
 
-    def correction(self, train, k: int, factors: dict, fisher: str, seed: int) -> None:
+    def correction(self, train, k: int, factors: dict, fisher: str, seed: int, data: Recorded) -> None:
         """Stage "lambda" of checkpoint k: EK-FAC's Lambda = E_b[(Q_S^T G_b Q_A)^2] into ``factors``."""
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         sums = {layer.name: torch.zeros(layer.d_out, layer.d_in, device=device) for layer in self.layers}
         n = 0
-        for start, batch, size in self.batches(train, "train", f"eigenvalue correction (checkpoint {k})"):
-            handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 1, k, start), "train")
-            for layer in self.layers:
-                handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
-                                                self.memory_budget)
-            n += size
+        desc = f"eigenvalue correction (checkpoint {k})"
+        with self.over(train, "train", desc, f"checkpoint {k}", data) as batches:
+            for start, batch, size in batches:
+                handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 1, k, start), "train")
+                for layer in self.layers:
+                    handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
+                                                    self.memory_budget)
+                self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
+                                             for name, t in sums.items()}, "train")
+                n += size
         for layer in self.layers:
             factors[layer.name].lam = sums[layer.name] / n

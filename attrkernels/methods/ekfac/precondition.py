@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ...capture.core import NonFiniteExamples, nonfinite_rows
+from ...utils.errors import NotPositiveDefiniteError
 from .factors import LayerFactors
 from .storage import dataset_len
 
@@ -26,37 +28,49 @@ def inverses(layers: list, factors: dict, damping: float | None, eigenvalues) ->
 
 
 def check_invertible(layer, f: LayerFactors, values: torch.Tensor) -> None:
+    """NotPositiveDefiniteError (a ValueError) naming the layer when its undamped curvature has
+    no inverse."""
     hint = ("pass damping=None (0.1 x the mean eigenvalue of each layer) or a positive damping")
     for label, e in (("activation factor A", f.eig_a), ("gradient factor S", f.eig_s)):
         top = float(e.max())
         if top <= 0 or float(e.min()) <= RANK_RTOL * top:
-            raise ValueError(f"layer {layer.name!r}: the {label} is rank-deficient (smallest / largest "
-                             f"eigenvalue {float(e.min()) / top if top > 0 else 0:.1e}), so with damping=0 "
-                             f"the curvature has no inverse; {hint}")
+            raise NotPositiveDefiniteError(
+                f"layer {layer.name!r}: the {label} is rank-deficient (smallest / largest eigenvalue "
+                f"{float(e.min()) / top if top > 0 else 0:.1e}), so with damping=0 the curvature has no "
+                f"inverse; {hint}", found=float(e.min()))
     if float(values.min()) <= 0:
-        raise ValueError(f"layer {layer.name!r}: some corrected eigenvalues are zero, so with damping=0 "
-                         f"the curvature has no inverse; {hint}")
+        raise NotPositiveDefiniteError(f"layer {layer.name!r}: some corrected eigenvalues are zero, so with "
+                                       f"damping=0 the curvature has no inverse; {hint}", found=float(values.min()))
 
 
-def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None) -> tuple[dict, int]:
+def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None, k: int,
+            data) -> tuple[dict, int]:
     """Preconditioned test gradients per layer ({layer: handlers' Query}, n_test), in the
     eigenbasis or rotated back to parameter space, whichever makes scoring cheaper (decided on
     the first batch from the loaders' sizes when they are known, else as if both had the first
-    batch's size)."""
+    batch's size). ``data``: the test loader's ``passes.Recorded``, shared by the checkpoints
+    (a test loader that yields other examples at another checkpoint is refused), or None."""
     layers, budget = passes.layers, passes.memory_budget
     parts = {layer.name: [] for layer in layers}
     back, n_test = {}, 0
-    for _, batch, size in passes.batches(test, "test", "query gradients"):
-        handlers = passes.record(batch, size, passes.task.measure, "test")
-        for layer in layers:
-            handler, bases = handlers[layer.name], factors[layer.name].bases32()
-            if layer.name not in back:
-                back[layer.name] = handler.precondition_back(bases, layer.bias, dataset_len(test) or size,
-                                                             n_train_hint)
-            parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
-                                                            layer.bias, budget))
-        n_test += size
-    return {layer.name: layer.handler.query(parts[layer.name], n_test, back[layer.name]) for layer in layers}, n_test
+    with passes.over(test, "test", "query gradients", f"checkpoint {k}", data) as batches:
+        for _, batch, size in batches:
+            handlers = passes.record(batch, size, passes.task.measure, "test")
+            for layer in layers:
+                handler, bases = handlers[layer.name], factors[layer.name].bases32()
+                if layer.name not in back:
+                    back[layer.name] = handler.precondition_back(bases, layer.bias, dataset_len(test) or size,
+                                                                 n_train_hint)
+                parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
+                                                                layer.bias, budget))
+            n_test += size
+    out = {layer.name: layer.handler.query(parts[layer.name], n_test, back[layer.name]) for layer in layers}
+    for name, q in out.items():
+        bad = nonfinite_rows(q.W)
+        if bad:
+            raise NonFiniteExamples(f"non-finite preconditioned query gradients of layer {name!r}",
+                                    bad).locate(0, "test", f"checkpoint {k}")
+    return out, n_test
 
 
 def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test: int) -> torch.Tensor:
@@ -65,6 +79,7 @@ def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test
     for layer in passes.layers:
         out += handlers[layer.name].inner(queries[layer.name], factors[layer.name].bases32(), layer.bias,
                                           passes.memory_budget).cpu()
+    passes.check_finite(handlers, {"the scores": out}, "train", rows=out)
     return out
 
 
@@ -74,17 +89,5 @@ def self_inner(passes, handlers: dict, factors: dict, inverse: dict, size: int) 
     for layer in passes.layers:
         out += handlers[layer.name].self_inner(inverse[layer.name], factors[layer.name].bases32(), layer.bias,
                                                passes.memory_budget).cpu()
+    passes.check_finite(handlers, {"the self-influence": out}, "train", rows=out)
     return out
-
-
-def accumulate(out, start: int, part: torch.Tensor, first: bool) -> None:
-    """out[start:start + len(part)] = part (first checkpoint) or += part, for tensors and arrays."""
-    stop = start + part.shape[0]
-    if stop > out.shape[0] or tuple(out.shape[1:]) != tuple(part.shape[1:]):
-        raise ValueError(f"out has shape {tuple(out.shape)}, too small for rows [{start}, {stop}) of "
-                         f"{part.shape[1]} test examples")
-    values = part if torch.is_tensor(out) else part.numpy()
-    if first:
-        out[start:stop] = values
-    else:
-        out[start:stop] += values

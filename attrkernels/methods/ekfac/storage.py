@@ -3,26 +3,43 @@
 Layout (``attrkernels.store.Store``)::
 
     <store>/meta.json                            what the factors depend on (see ``store_meta``)
+    <store>/train_data.npz                       the training data the factors were fitted on:
+                                                 the digest of every example, in order
+                                                 (``store.fingerprint``)
     <store>/<stage>_<fingerprint>.safetensors    stage in covariance, eigen, lambda; the
                                                  checkpoint's fingerprint (``methods.base.fingerprint``)
 
 Tensors are keyed ``<layer>/<key>``: covariance A, S; eigen eig_a, eig_s, basis_a/<i>, basis_s/<i>
 (the diagonal blocks of a blocked basis); lambda lam. Each file's metadata holds the
-fingerprint, the strategy and (covariance) the number of examples. A store written with other
-settings raises ``StoreMismatch`` naming the differences.
+fingerprint, the strategy and (covariance) the number of examples and the fingerprint of the
+training data. A store written with other settings raises ``StoreMismatch`` naming the
+differences; one fitted on other training data raises ``StoredDataMismatch`` (a
+``StoreMismatch`` and a ``DataMismatch``) at the first pass over the training data that
+differs, naming the first differing example. A file that cannot be read raises
+``StoreDamaged`` naming it.
 """
 from __future__ import annotations
 
-import hashlib
-
+import numpy as np
 import torch
 
 from ...kernels.kfac import Basis
-from ...store import Store
-from ...utils.batches import tensors as batch_tensors
+from ...store import DataMismatch, Store, StoreMismatch, combine, damaged
 from .factors import LayerFactors
 
 STORE_KIND = "attrkernels-kfac-factors"
+DATA_FILE = "train_data.npz"
+
+
+class StoredDataMismatch(StoreMismatch, DataMismatch):
+    """The training data differs from the data the stored factors were fitted on."""
+
+
+def stored_data_mismatch(path, err: DataMismatch) -> StoredDataMismatch:
+    return StoredDataMismatch(
+        f"the factor store {path} was fitted on other training data than the train loader yields now: "
+        f"{str(err).rstrip('.')}. Use another store directory for other training data, or delete {path} "
+        "to start over")
 
 
 def stage_file(stage: str, fp: str) -> str:
@@ -37,18 +54,9 @@ def dataset_len(loader) -> int | None:
         return None
 
 
-def data_signature(loader, first_batch) -> dict:
-    """Number of examples (when the loader knows it) and a hash of the first batch's tensors."""
-    h = hashlib.sha1()
-    for v in batch_tensors(first_batch):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {"examples": dataset_len(loader), "first_batch_sha1": h.hexdigest()[:16]}
-
-
-def store_meta(method, data: dict) -> dict:
-    """The settings the stored factors depend on (damping is applied at score time: not one)."""
+def store_meta(method) -> dict:
+    """The settings the stored factors depend on (damping is applied at score time: not one;
+    the training data is recorded example by example in ``DATA_FILE``)."""
     return {
         "kind": STORE_KIND,
         "strategy": method.strategy,
@@ -56,7 +64,6 @@ def store_meta(method, data: dict) -> dict:
         "seed": method.seed if method.fisher == "true" else None,
         "block_width": method.block_width,
         "layers": {layer.name: layer.describe() for layer in method.layers},
-        "data": data,
     }
 
 
@@ -103,11 +110,44 @@ class FactorStore:
         """Fingerprints of the checkpoints whose ``stage`` file the store holds."""
         return sorted({p.name[len(stage) + 1:].split(".")[0] for p in self.path.glob(stage_file(stage, "*"))})
 
-    def save(self, stage: str, fp: str, factors: dict, examples: int | None = None) -> None:
+    # ------------------------------------------------------------------------- training data
+    def digests(self) -> np.ndarray | None:
+        """The example digests of the training data the stored factors were fitted on (None
+        for a store without factors yet); StoreDamaged when the file is unreadable, or missing
+        while factors exist."""
+        path = self.path / DATA_FILE
+        if not path.exists():
+            if any(self.path.glob("*.safetensors")):
+                raise damaged(path, "it is missing, so the training data of the stored factors cannot be "
+                                    "checked", f"delete the store directory {self.path} and fit again")
+            return None
+        arrays = self.store.load_arrays(DATA_FILE)
+        d = arrays.get("digests")
+        if d is None or d.dtype != np.uint64 or d.ndim != 1 or d.size == 0:
+            raise damaged(path, "it holds no uint64 digests array",
+                          f"delete the store directory {self.path} and fit again")
+        return d
+
+    def save_digests(self, digests: np.ndarray) -> None:
+        self.store.save_arrays(DATA_FILE, digests=np.ascontiguousarray(digests, dtype=np.uint64))
+
+    # ------------------------------------------------------------------------- factors
+    def save(self, stage: str, fp: str, factors: dict, examples: int | None = None,
+             data: np.ndarray | None = None) -> None:
         tensors = stage_tensors(stage, factors)
-        self.store.save_tensors(stage_file(stage, fp), {k: v.cpu() for k, v in tensors.items()},
-                                {"fingerprint": fp, "strategy": self.strategy,
-                                 "examples": "" if examples is None else examples})
+        meta = {"fingerprint": fp, "strategy": self.strategy, "examples": "" if examples is None else examples}
+        if data is not None:
+            meta["data"] = combine(data)["digest"]
+        self.store.save_tensors(stage_file(stage, fp), {k: v.cpu() for k, v in tensors.items()}, meta)
+
+    def check_data(self, fp: str, digests: np.ndarray) -> None:
+        """Refuse a covariance file recorded for other training data than ``digests``."""
+        name = stage_file("covariance", fp)
+        recorded = self.store.tensors_metadata(name).get("data")
+        if recorded != combine(digests)["digest"]:
+            raise StoredDataMismatch(f"store file {self.path / name} was computed from other training data "
+                                     f"than the store's {DATA_FILE} records; delete the store directory "
+                                     f"{self.path} and fit again")
 
     def load(self, stages, fp: str, layers: list, device, base: dict | None = None) -> dict:
         """{layer: LayerFactors} from the stage files (added to ``base`` when given)."""
