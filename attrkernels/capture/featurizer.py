@@ -37,7 +37,6 @@ from ..kernels.philox import derive_seed, split_seed
 from ..kernels.projection import check_k, check_kind
 from ..kernels.sketch import sketch
 from .core import DEFAULT_MEMORY_BUDGET, NonFiniteExamples, PerExample, nonfinite_rows
-from .handlers import handler_for
 
 MODES = ("dense", "factored")
 

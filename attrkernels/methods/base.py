@@ -46,10 +46,8 @@ import torch.nn as nn
 from ..tasks.base import Task
 from ..utils.batches import to_device
 from ..utils.errors import ExampleError
-from .checkpoints import (  # noqa: F401  (re-exported: methods import the checkpoint helpers from here)
-    Checkpoint, as_checkpoints, checked_checkpoints, checkpoint_loop, fingerprint, load_checkpoint,
-    model_device, preserved_weights, read_checkpoint)
-from .passes import DataPasses, check_finite, checked, chunk_digest  # noqa: F401  (re-exported)
+from .checkpoints import model_device
+from .passes import DataPasses, check_finite
 
 
 class AttributionMethod:

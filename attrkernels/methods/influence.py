@@ -50,8 +50,9 @@ from ..tasks.base import implements
 from ..utils.batches import to_device
 from ..utils.checks import check_damping, check_number, check_positive_int
 from ..utils.errors import NotPositiveDefiniteError
-from .base import (AttributionMethod, as_checkpoints, call_task, checked, checked_checkpoints, checkpoint_loop,
-                   model_device)
+from .base import AttributionMethod, call_task
+from .checkpoints import as_checkpoints, checked_checkpoints, checkpoint_loop, model_device
+from .passes import checked
 
 CURVATURES = ("hessian", "gauss-newton")
 

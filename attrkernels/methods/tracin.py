@@ -22,9 +22,9 @@ from ..capture.featurizer import MODES
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..utils.checks import check_number, check_seed
-from .base import AttributionMethod, Checkpoint, checked, checked_checkpoints, checkpoint_loop
-
-
+from .base import AttributionMethod
+from .checkpoints import Checkpoint, checked_checkpoints, checkpoint_loop
+from .passes import checked
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
     """One positive finite learning rate per checkpoint, from ``learning_rates`` or Checkpoint.lr."""
     items = list(checkpoints) if isinstance(checkpoints, (list, tuple)) else [checkpoints]

@@ -2,7 +2,6 @@
 self_influence, and which stage of the factors is computed or loaded (see the package docstring)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -13,7 +12,8 @@ from ...kernels.kfac import DEFAULT_MEMORY
 from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
-from ..base import AttributionMethod, as_checkpoints, checkpoint_loop, fingerprint
+from ..base import AttributionMethod
+from ..checkpoints import as_checkpoints, checkpoint_loop, fingerprint
 from ..scores import ScoreOutput
 from . import precondition
 from .factors import STAGES, LayerFactors, eigen
@@ -86,7 +86,7 @@ class EKFAC(AttributionMethod):
         order (checked example by example).
         """
         check_loader(train, "train")
-        checkpoints = _snapshot(as_checkpoints(self.model, checkpoints))
+        checkpoints = as_checkpoints(self.model, checkpoints)
         store = self._open_store()
         data = Recorded(store)
         # Factors loaded from the store: a quick look at the first batch now, every example at
@@ -95,7 +95,6 @@ class EKFAC(AttributionMethod):
         fitted = []
         with checkpoint_loop(self.model, checkpoints) as loop:
             for k, ckpt in loop:
-                _check_weights(self.model, k)
                 fp = fingerprint(ckpt)
                 fitted.append(_Fitted(ckpt, fp, self._factors_of(train, k, fp, store, data)))
         self.fitted, self.train, self.data = fitted, train, data
@@ -218,7 +217,7 @@ class EKFAC(AttributionMethod):
         if self.store_path is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before scoring")
         store = self._open_store()
-        state = _snapshot([self.model.state_dict()])[0]
+        state = as_checkpoints(self.model, None)[0]
         fp = fingerprint(state)
         if not store.has(self.stages, fp):
             have = store.fingerprints(self.stages[-1])
@@ -230,23 +229,6 @@ class EKFAC(AttributionMethod):
         self.fitted = [_Fitted(state, fp, store.load(self.stages, fp, self.layers, self._device()))]
         self.data = data
         return self.fitted
-
-
-def _snapshot(checkpoints: list) -> list:
-    """State dicts copied (a caller's live ``model.state_dict()`` is not overwritten by loading
-    another checkpoint, and later changes to the caller's tensors change no score); paths kept."""
-    return [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in c.items()} if isinstance(c, Mapping)
-            else c for c in checkpoints]
-
-
-def _check_weights(model: nn.Module, k: int) -> None:
-    """Refuse a checkpoint with NaN / Inf weights, naming it and the entry."""
-    for name, t in model.state_dict().items():
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"checkpoint {k}: {name!r} has {bad} NaN or Inf value{'s' * (bad > 1)}; attribution "
-                             "at diverged weights is meaningless: pass a checkpoint saved before training "
-                             "diverged, or leave this one out")
 
 
 class KFAC(EKFAC):

@@ -27,7 +27,8 @@ from ...kernels.philox import derive_seed
 from ...store import DataMismatch, DataPass, StoreMismatch
 from ...utils.batches import one_example, to_device
 from ...utils.errors import ExampleError
-from ..base import call_task, iterate, model_device
+from ..base import call_task, iterate
+from ..checkpoints import model_device
 from .factors import LayerFactors
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch

@@ -21,7 +21,6 @@ differs, naming the first differing example. A file that cannot be read raises
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ...kernels.kfac import Basis
 from ...store import DataMismatch, Store, StoreMismatch, combine, damaged
