@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attrkernels as ak
-from attrkernels.methods.base import iterate
+from attrkernels.methods.passes import iterate
 from attrkernels.methods.checkpoints import Checkpoint, checked_checkpoints, checkpoint_loop
 from attrkernels.methods.scores import ScoreOutput
 from attrkernels.utils.errors import NotPositiveDefiniteError

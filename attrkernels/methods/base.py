@@ -44,10 +44,9 @@ import torch
 import torch.nn as nn
 
 from ..tasks.base import Task
-from ..utils.batches import to_device
 from ..utils.errors import ExampleError
 from .checkpoints import model_device
-from .passes import DataPasses, check_finite
+from .passes import DataPasses, check_finite, iterate
 
 
 class AttributionMethod:
@@ -77,21 +76,6 @@ class AttributionMethod:
     def _iterate(self, loader, what: str):
         """``iterate`` over a loader with the batches moved to the model's device."""
         return iterate(loader, self.task, what, device=model_device(self.model))
-
-
-def iterate(loader, task: Task, what: str, device=None):
-    """Yield (start, batch, size) over a loader, the batch's tensors moved to ``device`` (None:
-    left where they are); clear errors for empty loaders or batches the task cannot read."""
-    start = 0
-    for batch in loader:
-        try:
-            size = task.batch_size(batch)
-        except Exception as err:  # noqa: BLE001  (the task decides what a batch is)
-            raise TypeError(f"the task cannot read batches of the {what} loader: {err}") from err
-        yield start, (batch if device is None else to_device(batch, device)), size
-        start += size
-    if start == 0:
-        raise ValueError(f"the {what} loader yielded no examples")
 
 
 def call_task(fn, model, batch, size: int, what: str) -> torch.Tensor:

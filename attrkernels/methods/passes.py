@@ -61,15 +61,20 @@ def chunk_digest(digests) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def _batches(loader, task, what):
+def iterate(loader, task, what: str, device=None, *, allow_empty: bool = False):
+    """Yield (start, batch, size) over a loader, the batch's tensors moved to ``device`` (None:
+    left where they are); clear errors for batches the task cannot read and (unless
+    ``allow_empty``: a ``DataPass`` reports it with more context) for empty loaders."""
     start = 0
     for batch in loader:
         try:
             size = task.batch_size(batch)
         except Exception as err:  # noqa: BLE001  (the task decides what a batch is)
             raise TypeError(f"the task cannot read batches of the {what} loader: {err}") from err
-        yield start, batch, size
+        yield start, (batch if device is None else to_device(batch, device)), size
         start += size
+    if start == 0 and not allow_empty:
+        raise ValueError(f"the {what} loader yielded no examples")
 
 
 class _Pass:
@@ -89,7 +94,7 @@ class _Pass:
     def __iter__(self):
         p = self.passes
         check = DataPass(p.digests, what=p.what, context=self.context)
-        for start, batch, size in _batches(p.loader, p.task, p.what):
+        for start, batch, size in iterate(p.loader, p.task, p.what, allow_empty=True):
             self.start = start
             p.batch_digests = check.update(start, batch, size)
             yield start, (batch if p.device is None else to_device(batch, p.device)), size

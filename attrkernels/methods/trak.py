@@ -49,9 +49,9 @@ from ..kernels.projection import check_k, check_kind
 from ..store import Store, damaged
 from ..utils.checks import check_damping, check_memory_budget, check_number, check_positive_int, check_seed
 from ..utils.errors import NotPositiveDefiniteError
-from .base import AttributionMethod, call_task, iterate
+from .base import AttributionMethod, call_task
 from .checkpoints import checked_checkpoints, checkpoint_loop, fingerprint
-from .passes import checked, chunk_digest
+from .passes import checked, chunk_digest, iterate
 from .scores import ScoreOutput
 
 DEFAULT_DAMPING_RATIO = 2.0

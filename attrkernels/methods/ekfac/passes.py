@@ -27,7 +27,8 @@ from ...kernels.philox import derive_seed
 from ...store import DataMismatch, DataPass, StoreMismatch
 from ...utils.batches import one_example, to_device
 from ...utils.errors import ExampleError
-from ..base import call_task, iterate
+from ..base import call_task
+from ..passes import iterate
 from ..checkpoints import model_device
 from .factors import LayerFactors
 from .selection import tracked_names
