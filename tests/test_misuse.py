@@ -371,3 +371,26 @@ def test_checkpoints_are_snapshotted_at_fit(name):
         for v in sd.values():
             v.add_(1.0)
     torch.testing.assert_close(method.score(test), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_ekfac_factor_file_damage_is_refused_or_recomputed(tmp_path, damage):
+    x, y = data()
+    test = loader(*data(8, seed=5))
+    want = ak.EKFAC(mlp(), TASK, store=tmp_path, verbose=False).fit(loader(x, y)).score(test)
+    (path,) = list(tmp_path.glob("lambda_*.safetensors"))
+    if damage == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0x20  # a byte of the last tensor's data
+        path.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 16)
+    else:
+        path.unlink()
+    method = ak.EKFAC(mlp(), TASK, store=tmp_path, verbose=False)
+    if damage == "delete":  # the missing stage is recomputed, to the same scores
+        torch.testing.assert_close(method.fit(loader(x, y)).score(test), want, rtol=0, atol=0)
+        return
+    with pytest.raises(StoreDamaged, match=r"lambda_.*\.safetensors is damaged"):
+        method.fit(loader(x, y))

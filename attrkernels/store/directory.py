@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .atomic import atomic_write, read_json, write_json, write_npy
 
@@ -125,11 +126,14 @@ class Store:
         return (self.path / name).exists()
 
     def save_tensors(self, name: str, tensors: dict, metadata: dict | None = None) -> None:
-        """Atomically write a dict of tensors as safetensors (string metadata allowed)."""
+        """Atomically write a dict of tensors as safetensors (string metadata allowed), with the
+        CRC-32 of their bytes in the metadata (safetensors has no checksum of its own)."""
         from safetensors.torch import save
 
-        blob = save({k: v.contiguous() for k, v in tensors.items()},
-                    metadata={k: str(v) for k, v in (metadata or {}).items()})
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        meta[_CRC_KEY] = _tensors_crc(tensors)
+        blob = save(tensors, metadata=meta)
         atomic_write(self.path / name, lambda f: f.write(blob))
 
     def save_arrays(self, name: str, **arrays) -> None:
@@ -145,8 +149,14 @@ class Store:
     def load_tensors(self, name: str, device="cpu") -> dict:
         from safetensors.torch import load_file
 
-        with reading(self.path / name):
-            return load_file(str(self.path / name), device=str(device))
+        path = self.path / name
+        with reading(path):
+            tensors = load_file(str(path), device=str(device))
+        want = self.tensors_metadata(name).get(_CRC_KEY)
+        if want is None or _tensors_crc(tensors) != want:
+            raise damaged(path, "its tensors no longer match their checksum" if want is not None
+                          else "it has no checksum (not written by this version of attrkernels)")
+        return tensors
 
     def tensors_metadata(self, name: str) -> dict:
         """The string metadata saved with ``save_tensors``."""
@@ -154,6 +164,20 @@ class Store:
 
         with reading(self.path / name), safe_open(str(self.path / name), "pt") as f:
             return dict(f.metadata() or {})
+
+
+_CRC_KEY = "attrkernels_crc32"
+
+
+def _tensors_crc(tensors: dict) -> str:
+    """CRC-32 (hex) of the tensors' names, dtypes, shapes and bytes, in name order."""
+    crc = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        crc = zlib.crc32(f"{key}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 def _jsonable(obj):
