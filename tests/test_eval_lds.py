@@ -140,3 +140,15 @@ def test_dattri_form_rejects_outputs_too():
         lds(theta, (outputs, indices), outputs)
     with pytest.raises(ValueError, match="indices must lie in"):
         lds(theta[:50], (outputs, indices))
+
+
+def test_centred_lds_ignores_a_shift_of_every_output_of_a_subset():
+    rng = np.random.default_rng(0)
+    masks = rng.random((30, 40)) < 0.5
+    scores = rng.normal(size=(40, 12))
+    outputs = masks @ scores + 0.3 * rng.normal(size=(30, 12))
+    shifted = outputs + 50.0 * rng.normal(size=(30, 1))  # one shift per subset, all test examples
+    assert lds(scores, masks, shifted).mean < 0.5 * lds(scores, masks, outputs).mean
+    centred = lds(scores, masks, shifted, centre=True).mean
+    assert abs(centred - lds(scores, masks, outputs, centre=True).mean) < 1e-12
+    assert centred > 0.5

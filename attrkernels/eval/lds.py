@@ -12,7 +12,8 @@ of each subset),
 Spearman = Pearson correlation of the ranks (ties get their average rank), as
 ``scipy.stats.spearmanr``. Degenerate columns: if P[:, t] is constant the method ranks no subset
 above another and LDS_t = 0; if Y[:, t] is constant the ground truth cannot rank the subsets, so
-LDS_t is NaN, left out of the mean, counted in ``n_undefined`` and warned about.
+LDS_t is NaN, left out of the mean, counted in ``n_undefined`` and warned about. ``centre=True``
+first removes each subset's mean over the test examples from P and Y (centred LDS).
 
 The confidence interval is the percentile bootstrap over test examples: resample the defined
 LDS_t with replacement ``n_bootstrap`` times (seeded) and take the (1 ± confidence)/2 quantiles
@@ -85,7 +86,7 @@ def bootstrap_ci(values: np.ndarray, n_bootstrap: int = 1000, confidence: float 
 
 
 def lds(scores, masks, outputs=None, *, n_bootstrap: int = 1000, confidence: float = 0.95,
-        seed: int = 0) -> LDSResult:
+        seed: int = 0, centre: bool = False) -> LDSResult:
     """LDS of attribution ``scores`` against retraining ground truth.
 
     scores:  [n_train, n_test] (numpy or torch); positive = including the example raises the output.
@@ -93,6 +94,11 @@ def lds(scores, masks, outputs=None, *, n_bootstrap: int = 1000, confidence: flo
              gt [m, n_test] and indices [m, subset_size], in which case ``outputs`` must be None.
     outputs: [m, n_test] seed-averaged measurements, or [m, r, n_test] (averaged here over r).
     n_bootstrap, confidence, seed: the bootstrap confidence interval over test examples.
+    centre:  remove from each subset's outputs, and from its predictions, their mean over the test
+             examples before ranking: the LDS of how a subset moves test examples relative to
+             each other, without the overall shift of every output that a subset causes (for
+             language models, a subset's effect on the loss of all text), which per-pair
+             attribution does not aim to predict.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -143,6 +149,9 @@ def lds(scores, masks, outputs=None, *, n_bootstrap: int = 1000, confidence: flo
 
     dtype = np.float32 if scores.dtype == np.float32 else np.float64
     predictions = weights.astype(dtype) @ scores.astype(dtype, copy=False)
+    if centre:
+        predictions = predictions - predictions.mean(axis=1, keepdims=True)
+        outputs = outputs - outputs.mean(axis=1, keepdims=True)
     per_example = spearman_columns(predictions, outputs)
     flat_prediction = np.ptp(predictions, axis=0) == 0
     flat_truth = np.ptp(outputs, axis=0) == 0
