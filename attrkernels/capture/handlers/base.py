@@ -94,10 +94,16 @@ def register_handler(module_type: type, handler_cls: type) -> None:
     HANDLERS[module_type] = handler_cls
 
 
+# Handlers of classes from optional packages, keyed by "module.QualName" so the package is not
+# imported unless the user's model already uses it.
+HANDLERS_BY_NAME: dict = {}
+
+
 def handler_for(module: nn.Module) -> type | None:
-    """The handler class of a module: the entry of the nearest type in its MRO, or None."""
+    """The handler class of a module: the entry of the nearest type in its MRO (by type, or by
+    qualified class name for optional packages), or None."""
     for t in type(module).__mro__:
-        cls = HANDLERS.get(t)
+        cls = HANDLERS.get(t) or HANDLERS_BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
         if cls is not None:
             return cls
     return None

@@ -1,0 +1,75 @@
+"""transformers' Conv1D through its handler: per-example gradients against autograd, and EK-FAC
+on a GPT-2 equal to EK-FAC on a copy whose Conv1D layers are converted to nn.Linear."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import attrkernels as ak
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra ([hf])")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_gpt2(seed=0):
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13, n_positions=8,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def as_linear(model):
+    """A copy whose Conv1D layers are nn.Linear with the transposed weight (identical logits)."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, Conv1D):
+            d_in, d_out = module.weight.shape
+            lin = nn.Linear(d_in, d_out)
+            with torch.no_grad():
+                lin.weight.copy_(module.weight.T)
+                lin.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent), child, lin)
+    return out
+
+
+def conv1d_params(model):
+    from transformers.pytorch_utils import Conv1D
+
+    return [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Conv1D) for p in ("weight", "bias")]
+
+
+def batch(seed, n=4, length=6):
+    return (torch.randint(0, 13, (n, length), generator=torch.Generator().manual_seed(seed)),)
+
+
+def test_conv1d_per_example_gradients_match_autograd():
+    model, task = tiny_gpt2(), ak.tasks.LanguageModeling()
+    names = conv1d_params(model)
+    (ids,) = batch(1)
+    got = ak.capture.Gradients(model, task.loss, params=names)((ids,))
+    params = dict(model.named_parameters())
+    want = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        task.loss(model, (ids[b:b + 1],)).sum(), [params[n] for n in names])]) for b in range(ids.shape[0])])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    phi = ak.Featurizer(model, task.loss, 24, params=names)((ids,))
+    torch.testing.assert_close(phi, ak.sketch(want, 24), rtol=1e-4, atol=1e-5)
+
+
+def test_ekfac_on_conv1d_equals_ekfac_on_the_linear_copy():
+    model, task = tiny_gpt2(), ak.tasks.LanguageModeling()
+    linear = as_linear(model)
+    (ids,) = batch(2, n=12)
+    torch.testing.assert_close(linear(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    train = [(ids[i:i + 4],) for i in range(0, 12, 4)]
+    test = [batch(3, n=3)]
+    names = conv1d_params(model)
+    for cls in (ak.EKFAC, ak.KFAC):
+        got = cls(model, task, params=names, fisher="empirical", verbose=False).fit(train).score(test)
+        want = cls(linear, task, params=names, fisher="empirical", verbose=False).fit(train).score(test)
+        assert got.shape == (12, 3)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
