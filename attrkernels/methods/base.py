@@ -46,7 +46,7 @@ import torch.nn as nn
 from ..tasks.base import Task
 from ..utils.errors import ExampleError
 from .checkpoints import model_device
-from .passes import DataPasses, check_finite, iterate
+from .passes import DataPasses, check_finite
 
 
 class AttributionMethod:
@@ -72,10 +72,6 @@ class AttributionMethod:
     def _passes(self, loader, what: str = "train") -> DataPasses:
         """Checked passes over a loader (``methods.passes``), batches on the model's device."""
         return DataPasses(loader, self.task, what, device=model_device(self.model))
-
-    def _iterate(self, loader, what: str):
-        """``iterate`` over a loader with the batches moved to the model's device."""
-        return iterate(loader, self.task, what, device=model_device(self.model))
 
 
 def call_task(fn, model, batch, size: int, what: str) -> torch.Tensor:

@@ -272,10 +272,6 @@ class ChunkedArray:
             self._lock.close()
             self._lock = None
 
-    def data_digest(self, i: int) -> int | None:
-        """The training-data digest recorded with done chunk i (None if not done)."""
-        return int(self._sums[i, 1]) if self._done[i] else None
-
     def check_data(self, i: int, digest: int) -> None:
         """Refuse when done chunk i was computed from other training examples."""
         if self._done[i] and int(self._sums[i, 1]) != int(digest):
