@@ -47,8 +47,9 @@ import hashlib
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..store.fingerprint import DataPass, combine
+from ..store.fingerprint import DataMismatch, DataPass, combine
 from ..utils.batches import to_device
 from ..utils.errors import ExampleError
 from ..utils.loaders import check_loader
@@ -77,30 +78,46 @@ def iterate(loader, task, what: str, device=None, *, allow_empty: bool = False):
         raise ValueError(f"the {what} loader yielded no examples")
 
 
-class _Pass:
-    """One checked pass (see ``DataPasses.over``): iterable and a context manager."""
+class CheckedPass:
+    """One pass over a loader, as a context manager whose iteration yields (first example, batch
+    on ``device``, size). Each batch is hashed where the loader yields it (the CPU, usually) and
+    compared with ``expected`` (the digests of an earlier pass; None: only recorded; ``compare``
+    False: not hashed at all); at the end the example count is checked and ``on_finish(digests)``
+    called. An ``ExampleError`` raised in the loop body is re-raised with the global index and
+    ``context``; a ``DataMismatch`` is passed through ``on_mismatch`` when given (e.g. to name a
+    store). ``desc``: a progress bar (with ``verbose``)."""
 
-    def __init__(self, passes: "DataPasses", context: str):
-        self.passes, self.context, self.start = passes, context, None
+    def __init__(self, loader, task, what: str, *, expected=None, compare: bool = True, context: str = "",
+                 device=None, desc: str | None = None, verbose: bool = False, on_finish=None, on_mismatch=None):
+        self.loader, self.task, self.what, self.expected, self.compare = loader, task, what, expected, compare
+        self.context, self.device, self.desc, self.verbose = context, device, desc, verbose
+        self.on_finish, self.on_mismatch = on_finish, on_mismatch
+        self.start, self.batch_digests = None, None
 
-    def __enter__(self) -> "_Pass":
+    def __enter__(self) -> "CheckedPass":
         return self
 
     def __exit__(self, kind, err, tb) -> bool:
         if isinstance(err, ExampleError) and not err.where and self.start is not None:
-            raise err.locate(self.start, self.passes.what, self.context) from None
+            raise err.locate(self.start, self.what, self.context) from None
+        if isinstance(err, DataMismatch) and self.on_mismatch is not None:
+            raise self.on_mismatch(err) from None
         return False
 
     def __iter__(self):
-        p = self.passes
-        check = DataPass(p.digests, what=p.what, context=self.context)
-        for start, batch, size in iterate(p.loader, p.task, p.what, allow_empty=True):
+        check = DataPass(self.expected, what=self.what, context=self.context) if self.compare else None
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        bar = tqdm(iterate(self.loader, self.task, self.what, allow_empty=check is not None), total=total,
+                   desc=self.desc, unit="batch", disable=not self.verbose or self.desc is None, leave=False)
+        for start, batch, size in bar:
             self.start = start
-            p.batch_digests = check.update(start, batch, size)
-            yield start, (batch if p.device is None else to_device(batch, p.device)), size
-        check.finish()
-        if p.digests is None:
-            p.digests = check.digests()
+            if check is not None:
+                self.batch_digests = check.update(start, batch, size)
+            yield start, (batch if self.device is None else to_device(batch, self.device)), size
+        if check is not None:
+            check.finish()
+            if self.on_finish is not None:
+                self.on_finish(check.digests())
 
 
 class DataPasses:
@@ -118,9 +135,13 @@ class DataPasses:
         self.digests: np.ndarray | None = None
         self.batch_digests: np.ndarray | None = None
 
-    def over(self, context: str = "") -> _Pass:
+    def over(self, context: str = "") -> "_Pass":
         """One pass: ``with passes.over("checkpoint 0") as batches: for start, batch, size in batches``."""
         return _Pass(self, context)
+
+    def _record(self, digests) -> None:
+        if self.digests is None:
+            self.digests = digests
 
     def batches(self, context: str = ""):
         """A re-iterable of the batches alone; every iteration is a checked pass."""
@@ -133,6 +154,20 @@ class DataPasses:
     def fingerprint(self) -> dict | None:
         """The fingerprint of the first complete pass (None before one)."""
         return None if self.digests is None else combine(self.digests)
+
+
+class _Pass(CheckedPass):
+    """A pass of ``DataPasses``: compared with its first pass, the batch digests kept for callers."""
+
+    def __init__(self, passes: DataPasses, context: str):
+        super().__init__(passes.loader, passes.task, passes.what, expected=passes.digests, context=context,
+                         device=passes.device, on_finish=passes._record)
+        self.passes = passes
+
+    def __iter__(self):
+        for item in super().__iter__():
+            self.passes.batch_digests = self.batch_digests
+            yield item
 
 
 class _Batches:
@@ -175,4 +210,4 @@ def checked(fn, name: str | None = None):
     return wrapper
 
 
-__all__ = ["DataPasses", "chunk_digest", "checked", "check_finite"]
+__all__ = ["CheckedPass", "DataPasses", "chunk_digest", "checked", "check_finite"]

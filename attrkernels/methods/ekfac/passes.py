@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ...capture import Capture, make_plan
 from ...capture.core import NonFiniteExamples, nonfinite_rows
 from ...capture.handlers import CovarianceSums
 from ...capture.hooks import unbatched_modules
 from ...kernels.philox import derive_seed
-from ...store import DataMismatch, DataPass, StoreMismatch
-from ...utils.batches import one_example, to_device
+from ...store import DataMismatch, StoreMismatch
+from ...utils.batches import one_example
 from ...utils.errors import ExampleError
 from ..base import call_task
-from ..passes import iterate
+from ..passes import CheckedPass
 from ..checkpoints import model_device
 from .factors import LayerFactors
 from .selection import tracked_names
@@ -75,42 +74,9 @@ class Recorded:
                 self.store.save_digests(digests)
 
 
-class Pass:
-    """One checked pass over a loader (``Passes.over``): a context manager whose iteration yields
-    (first example, batch on the model's device, size)."""
-
-    def __init__(self, passes: "Passes", loader, what: str, desc: str | None, context: str, data: Recorded):
-        self.passes, self.loader, self.what, self.desc, self.context, self.data = \
-            passes, loader, what, desc, context, data
-        self.start = None
-
-    def __enter__(self) -> "Pass":
-        return self
-
-    def __exit__(self, kind, err, tb) -> bool:
-        if isinstance(err, ExampleError) and not err.where and self.start is not None:
-            raise err.locate(self.start, self.what, self.context) from None
-        if (isinstance(err, DataMismatch) and not isinstance(err, StoreMismatch) and self.data is not None
-                and self.data.store is not None):
-            raise stored_data_mismatch(self.data.store.path, err) from None
-        return False
-
-    def __iter__(self):
-        p = self.passes
-        check = None if self.data is None else DataPass(self.data.digests, what=self.what, context=self.context)
-        device = model_device(p.model)
-        total = len(self.loader) if hasattr(self.loader, "__len__") else None
-        # Batches are hashed where the loader yields them (the CPU, usually), then moved.
-        bar = tqdm(iterate(self.loader, p.task, self.what), total=total, desc=self.desc, unit="batch",
-                   disable=not p.verbose or self.desc is None, leave=False)
-        for start, batch, size in bar:
-            self.start = start
-            if check is not None:
-                check.update(start, batch, size)
-            yield start, to_device(batch, device), size
-        if check is not None:
-            check.finish()
-            self.data.recorded(check.digests())
+def _store_mismatch(store: FactorStore, err: DataMismatch) -> Exception:
+    """A pass's DataMismatch against data read from a factor store names the store."""
+    return err if isinstance(err, StoreMismatch) else stored_data_mismatch(store.path, err)
 
 
 class Passes:
@@ -123,11 +89,15 @@ class Passes:
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
 
-    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded | None) -> Pass:
+    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded | None) -> CheckedPass:
         """A checked pass: ``with passes.over(train, "train", desc, f"checkpoint {k}", data) as
         batches: for start, batch, size in batches: ...`` (see the module docstring). ``data``
         None: a loader passed over only once, whose examples are not compared."""
-        return Pass(self, loader, what, desc, context, data)
+        store = None if data is None else data.store
+        return CheckedPass(loader, self.task, what, expected=None if data is None else data.digests,
+                           compare=data is not None, context=context, device=model_device(self.model), desc=desc,
+                           verbose=self.verbose, on_finish=None if data is None else data.recorded,
+                           on_mismatch=None if store is None else lambda err: _store_mismatch(store, err))
 
     def check_first_batch(self, loader, data: Recorded, what: str = "train") -> None:
         """Compare the loader's first batch with the recorded data (a quick check at ``fit`` when
