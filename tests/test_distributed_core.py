@@ -75,3 +75,17 @@ def test_all_reduce_sum_on_two_gloo_processes(mismatch):
         assert torch.equal(a, torch.full((5, 3), 3.0, dtype=torch.float64))
         assert torch.equal(b, torch.arange(7, dtype=torch.float32) * 3)
         assert torch.equal(c, torch.full((2,), 3, dtype=torch.int64))
+
+
+def test_shard_loader_yields_the_shards_examples_in_order():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from attrkernels.distributed import shard_loader
+    data = TensorDataset(torch.arange(10).float(), torch.arange(10))
+    loader = DataLoader(data, batch_size=3)
+    parts = [torch.cat([b[1] for b in shard_loader(loader, shard_of(10, i, 3))]) for i in range(3)]
+    assert torch.equal(torch.cat(parts), torch.arange(10))
+    with pytest.raises(ValueError, match="shuffles"):
+        shard_loader(DataLoader(data, batch_size=3, shuffle=True), shard_of(10, 0, 2))
+    with pytest.raises(TypeError, match="DataLoader"):
+        shard_loader([data[:3]], shard_of(3, 0, 1))

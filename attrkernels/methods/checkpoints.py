@@ -38,11 +38,15 @@ from tqdm.auto import tqdm
 
 @dataclass
 class Checkpoint:
-    """Model state after ``epoch`` epochs; ``lr`` is the learning rate of the last step taken."""
+    """Model state after ``epoch`` epochs; ``lr`` is the learning rate of the last step taken,
+    ``lr_sum`` the sum of the learning rates of the ``steps`` optimiser steps taken since the
+    previous checkpoint of the run (since initialisation for the first), as SOURCE needs."""
 
     state_dict: dict
     epoch: int
     lr: float
+    lr_sum: float | None = None
+    steps: int | None = None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A ``Recipe`` fixes everything about optimisation (optimiser, learning-rate schedule, epochs,
 batch size, weight decay); ``train_classifier`` runs it on a subset of a training set and
 returns intermediate checkpoints (``methods.checkpoints.Checkpoint``) with the learning rate in
-effect at each, as TracIn needs.
+effect at each, as TracIn needs, and the sum of the learning rates since the previous one, as
+SOURCE needs.
 
 Randomness. A training run is a pure function of its integer ``seed``: ``split_seed(seed)``
 derives two independent 63-bit seeds (NumPy ``SeedSequence(seed)``), one for the weight
@@ -149,6 +150,7 @@ def train_classifier(
 
     model.to(device).train()
     saved, step, lr = [], 0, recipe.lr
+    lr_sum, steps_since = 0.0, 0  # since the last saved checkpoint
     for epoch in range(1, recipe.epochs + 1):
         order = subset[torch.randperm(n, generator=generator)]
         for start in range(0, n, recipe.batch_size):
@@ -165,8 +167,11 @@ def train_classifier(
             loss.backward()
             opt.step()
             step += 1
+            lr_sum += lr
+            steps_since += 1
         if epoch in save_at:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            saved.append(Checkpoint(state_dict=state, epoch=epoch, lr=lr))
+            saved.append(Checkpoint(state_dict=state, epoch=epoch, lr=lr, lr_sum=lr_sum, steps=steps_since))
+            lr_sum, steps_since = 0.0, 0
     model.eval()
     return saved
