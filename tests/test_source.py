@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import attrkernels as ak
 from attrkernels.methods.source import backward_fn, segment_fn, unrolled_scores
@@ -134,6 +133,25 @@ def test_one_long_segment_is_the_influence_function_with_damping_one_over_s():
     assert rel(got, influence) < 0.016 and rel(ekfac, influence) < 1e-4
 
 
+def test_one_checkpoint_shares_ekfacs_factors_and_differs_only_by_the_function():
+    # L = C = 1: the same seeded Fisher passes as EK-FAC's, so the same factors; per eigen
+    # direction F_seg(sigma) (sigma + 1/s) = (1 - exp(-s sigma)) (1 + 1 / (s sigma)) lies in
+    # [1, 1.2985] (maximum at s sigma = 1.79), so self-influence ratios lie there too
+    x, y = blobs()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    task = NegLossBlobs()
+    train = [(x[i:i + 20], y[i:i + 20]) for i in range(0, 60, 20)]
+    states, _ = trajectory(model, task, train, lr=0.3, checkpoints=1, every=90)
+    s = 10.0
+    src = ak.SOURCE(model, task, segments=1, verbose=False).fit(train, states, [s])
+    ekfac = ak.EKFAC(model, task, damping=1 / s, verbose=False).fit(train, states)
+    for name in ("0", "2"):
+        assert torch.equal(src.fitted_segments[0].factors[name].lam, ekfac.factors[0][name].lam)
+    ratio = src.self_influence() / ekfac.self_influence()
+    assert bool((ratio > 1 - 1e-5).all()) and bool((ratio < 1.2985 + 1e-5).all()) and ratio.max() > 1.01
+
+
 def test_momentum_divides_the_segment_times():
     x, y, xq, a, aq = lsq_problem()
     train, test = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)], [(xq, torch.zeros(4))]
@@ -209,7 +227,8 @@ def test_ekfac_source_equals_the_dense_formula_on_its_own_curvature(net_run):
                 for c in seg.checkpoints]
         for name in LAYERS:
             f = seg.factors[name]
-            assert rel(f.A, sum(e[name].A for e in each) / 2) < 1e-12 and rel(f.S, sum(e[name].S for e in each) / 2) < 1e-12
+            assert rel(f.A, sum(e[name].A for e in each) / 2) < 1e-12
+            assert rel(f.S, sum(e[name].S for e in each) / 2) < 1e-12
             Qa, Qs = f.basis_a.dense(), f.basis_s.dense()
             lam = sum((Qs.T @ grads[c][name] @ Qa).square().mean(0) for c in seg.checkpoints) / 2
             assert rel(f.lam, lam) < 1e-4, (l, name)
@@ -246,6 +265,11 @@ def blobs(seed=0):
     x = centers[y] + torch.randn(60, 2, generator=gen)
     x[0], y[0] = torch.tensor([0.0, -6.0]), 2  # an outlier of class 2, far from its class
     return x, y
+
+
+class NegLossBlobs(ak.tasks.Classification):
+    def measure(self, model, batch):
+        return -self.loss(model, batch)
 
 
 def test_sign_duplicate_raises_and_flipped_label_lowers_the_margin():

@@ -1,7 +1,9 @@
 """The SOURCE class: arguments, fit (segments of checkpoints), score and self-influence."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -11,7 +13,8 @@ from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
 from ..base import AttributionMethod
-from ..checkpoints import checked_checkpoints, fingerprint, load_checkpoint, preserved_weights, read_checkpoint
+from ..checkpoints import (Checkpoint, checked_checkpoints, fingerprint, load_checkpoint, preserved_weights,
+                           read_checkpoint)
 from ..ekfac import precondition
 from ..ekfac.passes import Passes, Recorded
 from ..ekfac.selection import select_layers
@@ -59,6 +62,7 @@ class SOURCE(AttributionMethod):
         self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
         self.fitted: list = []  # the checkpoints (snapshotted), in training order
         self.fingerprints: list = []
+        self.lr_sums: list = []  # per checkpoint, as given to fit
         self.fitted_segments: list = []  # segments.Segment, in training order
         self.train = None
         self.data = Recorded()
@@ -73,7 +77,8 @@ class SOURCE(AttributionMethod):
         initialisation); None takes ``Checkpoint.lr_sum``.
         """
         check_loader(train, "train")
-        if checkpoints is None or isinstance(checkpoints, (dict, str)) or not hasattr(checkpoints, "__len__"):
+        if checkpoints is None or isinstance(checkpoints, (Mapping, str, Path, Checkpoint)) \
+                or not hasattr(checkpoints, "__len__"):
             raise ValueError("checkpoints must be a list of C >= segments checkpoints of one training run "
                              "(state dicts, paths or ak.tasks.Checkpoint objects), the last one the final model")
         checkpoints = list(checkpoints)
@@ -176,7 +181,8 @@ class SOURCE(AttributionMethod):
         if train is not None:
             return train
         if self.train is None:
-            raise RuntimeError("pass train= (the training loader) or call SOURCE.fit(train, checkpoints, lr_sums) first")
+            raise RuntimeError("pass train= (the training loader) or call SOURCE.fit(train, checkpoints, lr_sums) "
+                               "first")
         return self.train
 
     def _ready(self) -> list:
