@@ -74,7 +74,10 @@ class SOURCE(AttributionMethod):
         training run, in training order, the last one the final model; split into ``segments``
         consecutive groups of C / segments (C must be divisible). ``lr_sums[c]``: the sum of the
         learning rates of the optimiser steps between checkpoint c - 1 and c (c = 0: since
-        initialisation); None takes ``Checkpoint.lr_sum``.
+        initialisation); None takes ``Checkpoint.lr_sum``. The sums refer to the checkpoints
+        passed: when passing only some of a run's checkpoints, add up the sums of the ones left
+        out since the previous one passed (``Checkpoint.lr_sum`` counts from the previous checkpoint
+        saved, so e.g. the final checkpoint alone needs ``lr_sums=[sum of all]``).
         """
         check_loader(train, "train")
         if checkpoints is None or isinstance(checkpoints, (Mapping, str, Path, Checkpoint)) \
