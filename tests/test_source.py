@@ -237,7 +237,9 @@ def test_ekfac_source_equals_the_dense_formula_on_its_own_curvature(net_run):
                           [(flat(grads[2 * l]) + flat(grads[2 * l + 1])) / 2 for l in range(2)], query)
     assert got.shape == (16, 5) and got.dtype == torch.float32
     assert rel(got, ref) < 1e-4
-    # with both query sides (eigenbasis, parameter space) exercised: n_test < n_train
+    # both query sides ran: layers with T > 1 score in parameter space, the others in the eigenbasis
+    assert m.query_modes == [{"emb": "eigenbasis", "seq": "parameters", "conv": "parameters",
+                              "conv2": "parameters", "head": "eigenbasis"}] * 2
     assert torch.equal(model.state_dict()["head.weight"], states[-1]["head.weight"])
 
 

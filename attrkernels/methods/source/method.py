@@ -66,6 +66,7 @@ class SOURCE(AttributionMethod):
         self.fitted_segments: list = []  # segments.Segment, in training order
         self.train = None
         self.data = Recorded()
+        self.query_modes: list = []  # per segment and layer, where the last score() scored its queries
 
     def fit(self, train, checkpoints, lr_sums=None) -> "SOURCE":
         """Fit every segment's factors on the training loader (loaded from the store where there).
@@ -117,6 +118,7 @@ class SOURCE(AttributionMethod):
             stack.enter_context(preserved_weights(self.model))
             self._load(last)
             R, n_test, back = final_queries(self.passes, test, segments, n_train_hint, last)
+            self.query_modes = [{name: "parameters" if b else "eigenbasis" for name, b in seg.items()} for seg in back]
             dest = stack.enter_context(ScoreOutput(out, n_test, n_train=None if out is None else n_train_hint))
             for l, W in backwards(self.layers, segments, values, R, back):
                 seg = segments[l]
