@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import attrkernels as ak
 from attrkernels.methods.source import backward_fn, segment_fn, unrolled_scores
+from attrkernels.store import StoreMismatch
 from test_ekfac import LAYERS, Loader, NetTask, make_net, net_data, per_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -310,3 +311,9 @@ def test_store_resumes_and_loads_instead_of_recomputing(net_run, tmp_path, monke
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "s.npy")), first)
     arr = np.full((16, 5), np.nan, dtype=np.float32)
     assert again.score(test, out=arr) is arr and torch.equal(torch.from_numpy(arr), first)
+    # other segments over the same checkpoints: the covariances are reused, new bases and Lambdas
+    calls.clear()
+    ak.SOURCE(model, task, **{**kw, "segments": 1}).fit(train, states, sums)
+    assert calls == [0, 1, 2, 3]
+    with pytest.raises(StoreMismatch, match="strategy"):
+        ak.EKFAC(model, task, store=tmp_path / "f", verbose=False).fit(train, states)
