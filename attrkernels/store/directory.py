@@ -79,7 +79,7 @@ def reading(path):
         raise damaged(path, f"{type(err).__name__}: {err}") from err
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
@@ -99,7 +99,7 @@ class Store:
                 old = read_json(meta_path)
                 if not isinstance(old, dict):
                     raise ValueError("not a JSON object")
-            diff = _differences(old, _jsonable(self.meta))
+            diff = differences(old, jsonable(self.meta))
             if diff:
                 raise StoreMismatch(
                     f"store {self.path} was written with other settings; use another directory or "
@@ -107,7 +107,7 @@ class Store:
                 )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(meta_path, _jsonable(self.meta))
+            write_json(meta_path, jsonable(self.meta))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -116,7 +116,7 @@ class Store:
         return ChunkedArray(self.path / name, n, k, chunk, dtype)
 
     def write_json(self, name, obj):
-        write_json(self.path / name, _jsonable(obj))
+        write_json(self.path / name, jsonable(obj))
 
     def read_json(self, name):
         with reading(self.path / name):
@@ -180,11 +180,11 @@ def _tensors_crc(tensors: dict) -> str:
     return f"{crc:08x}"
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
