@@ -42,7 +42,7 @@ def test_shards_of_two_splits_mix_and_the_merge_is_the_whole_fingerprint(tmp_pat
     # a rank of a 3-process run whose rows [4, 7) lie in two shards of the 2-process run
     assert [(p.start, p.stop) for p in cover(found, 10, 4, 7)] == [(4, 5), (5, 7)]
     for p in cover(found, 10, 4, 7):
-        check_data(p, digests(10)[p.manifest.start:p.manifest.stop])
+        check_data(p, digests(10)[p.start:p.stop])
 
 
 def test_missing_shard_is_named(tmp_path):

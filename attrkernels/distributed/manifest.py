@@ -193,19 +193,25 @@ def _split_shard(known: ShardManifest, index: int) -> Shard:
 
 
 def check_data(piece_or_manifest, digests) -> None:
-    """Refuse a shard whose examples are not ``digests`` (the caller's digests of the same
-    examples, [stop - start] of the shard), naming the shard, the example and both fingerprints."""
-    m = piece_or_manifest.manifest if isinstance(piece_or_manifest, Piece) else piece_or_manifest
+    """Refuse a shard whose examples are not the caller's: ``digests`` are the caller's digests of
+    the examples a ``Piece`` covers ([piece.start, piece.stop)) or of a manifest's whole range.
+    The error names the shard, the first differing example and both fingerprints."""
+    if isinstance(piece_or_manifest, Piece):
+        m, lo, hi = piece_or_manifest.manifest, piece_or_manifest.start, piece_or_manifest.stop
+    else:
+        m = piece_or_manifest
+        lo, hi = m.start, m.stop
     digests = np.ascontiguousarray(digests, dtype=np.uint64)
-    stored = m.digests()
+    stored = m.digests()[lo - m.start:hi - m.start]
     if digests.shape == stored.shape and np.array_equal(stored, digests):
         return
     differ = np.nonzero(stored[:digests.size] != digests[:stored.size])[0]
-    where = f"example {m.start + int(differ[0])} differs" if differ.size else \
+    where = f"example {lo + int(differ[0])} differs" if differ.size else \
         f"{digests.size} examples given for its {stored.size}"
     raise StoreMismatch(f"{m.name} was computed from other training data ({where}): its fingerprint is "
-                        f"{m.data['digest']}, the examples given have {combine(digests)['digest']}; "
-                        "fit that shard again with this data, or merge it with the data it was fitted on")
+                        f"{m.data['digest']}, the examples given have {combine(digests)['digest']} (rows "
+                        f"[{lo}, {hi})); fit that shard again with this data, or merge it with the data it was "
+                        "fitted on")
 
 
 def merged_fingerprint(pieces: list[Piece]) -> dict:

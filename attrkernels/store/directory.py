@@ -315,10 +315,10 @@ class ChunkedArray:
         self._staged, self._staged_since = set(), None
 
     def corrupted(self) -> list[int]:
-        """Done chunks whose bytes no longer match their CRC-32 (reads the whole array)."""
-        mm = self.read()
+        """Done chunks whose bytes no longer match their CRC-32 (reads the whole array, a chunk
+        at a time, so memory stays at one chunk)."""
         return [i for i in range(self.num_chunks) if self._done[i]
-                and zlib.crc32(np.ascontiguousarray(mm[slice(*self.rows(i))]).tobytes()) != int(self._sums[i, 0])]
+                and zlib.crc32(self.read_rows(*self.rows(i)).tobytes()) != int(self._sums[i, 0])]
 
     def verify(self, repair: bool) -> None:
         """Check every done chunk's CRC-32. ``repair``: mark damaged chunks missing (the caller
@@ -339,6 +339,17 @@ class ChunkedArray:
     def checksum(self) -> str:
         """A digest of the whole array's contents (from the per-chunk CRCs; complete arrays)."""
         return f"{zlib.crc32(self._sums[:, 0].tobytes()):08x}"
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) read into memory (a plain read, not a memory map: the pages of a
+        large array read tile by tile never accumulate in the process's resident memory)."""
+        if not 0 <= start <= stop <= self.n:
+            raise ValueError(f"rows [{start}, {stop}) lie outside the {self.n} rows of {self.path}")
+        count = (stop - start) * self.k
+        out = np.fromfile(self.path, dtype=self.dtype, count=count, offset=start * self.k * self.dtype.itemsize)
+        if out.size != count:
+            raise damaged(self.path, f"it ends before row {stop}")
+        return out.reshape(stop - start, self.k)
 
     def read(self, mode: str = "r") -> np.memmap:
         """The array as a memory map (complete or not)."""
