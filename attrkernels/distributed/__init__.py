@@ -13,12 +13,12 @@ methods issue when a ``torch.distributed`` process group is running.
   library never initialises one and never chooses a backend) and ``all_reduce_sum`` adds tensors
   across ranks in buckets, refusing ranks whose tensors differ in shape or dtype.
 """
-from .collectives import Group, all_reduce_sum, process_group
+from .collectives import Group, all_reduce_sum, barrier, process_group
 from .loaders import shard_loader
 from .manifest import (MissingShards, Piece, ShardManifest, check_data, check_settings, cover, merged_fingerprint,
                        read_manifest, settings_hash, shard_directory, shard_manifests, write_manifest)
 from .shards import Shard, batch_shard, shard_of
 
-__all__ = ["Shard", "shard_of", "batch_shard", "shard_loader", "Group", "process_group", "all_reduce_sum",
+__all__ = ["Shard", "shard_of", "batch_shard", "shard_loader", "Group", "process_group", "all_reduce_sum", "barrier",
            "MissingShards", "Piece", "ShardManifest", "check_data", "check_settings", "cover", "merged_fingerprint",
            "read_manifest", "settings_hash", "shard_directory", "shard_manifests", "write_manifest"]
