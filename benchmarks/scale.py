@@ -184,7 +184,9 @@ def score_rows_to_results(args, n: int, queries: int, store: Path) -> None:
                   "256 MiB, x all test columns "
                   "that fit 1 GiB of solves); peak RSS is the process high-water mark reset before each row.")
     if not args.keep:
-        features.parts[0].array.path.unlink()
+        path = features.parts[0].array.path
+        for f in path.parent.glob(path.name + "*"):  # the data, its done-mask and checksums
+            f.unlink()
 
 
 def main(argv=None):
