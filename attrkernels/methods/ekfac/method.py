@@ -18,7 +18,7 @@ from ..scores import ScoreOutput
 from . import precondition
 from .factors import STAGES, LayerFactors, eigen
 from .passes import Passes, Recorded
-from .selection import select_layers
+from .selection import leave_out_unbatched, select_layers
 from .storage import FactorStore, dataset_len, store_meta
 
 FISHERS = ("true", "empirical")
@@ -67,6 +67,7 @@ class EKFAC(AttributionMethod):
         self.layers, self.skipped = select_layers(model, params)
         self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
         self.plan = self.passes.plan
+        self._probe_layers = params is None  # leave out unbatched layers once a batch shows them
         self.fitted: list[_Fitted] = []
         self.train = None  # the loader given to fit
         self.data = Recorded()  # the examples of the training data the factors were fitted on
@@ -87,6 +88,7 @@ class EKFAC(AttributionMethod):
         """
         check_loader(train, "train")
         checkpoints = as_checkpoints(self.model, checkpoints)
+        self._leave_out_unbatched(train)
         store = self._open_store()
         data = Recorded(store)
         # Factors loaded from the store: a quick look at the first batch now, every example at
@@ -176,6 +178,21 @@ class EKFAC(AttributionMethod):
     def _inverses(self, factors: dict) -> dict:
         return precondition.inverses(self.layers, factors, self.damping, self._eigenvalues)
 
+    def _leave_out_unbatched(self, train) -> None:
+        """params=None: leave out (into ``skipped``) the layers that the first training batch
+        shows called without the batch dimension (``selection.leave_out_unbatched``)."""
+        if not self._probe_layers:
+            return
+        self._probe_layers = False
+        layers, self.skipped = leave_out_unbatched(self.model, self.layers, self.skipped, self.task, train)
+        if len(layers) != len(self.layers):
+            if not layers:
+                raise ValueError("every layer EK-FAC/K-FAC can factor is called without the batch dimension; "
+                                 "feed the model batch-first inputs [B, ..., d]")
+            self.layers = layers
+            self.passes = Passes(self.model, self.task, layers, self.memory_budget, self.passes.verbose)
+            self.plan = self.passes.plan
+
     def _open_store(self) -> FactorStore | None:
         if self.store_path is None:
             return None
@@ -216,6 +233,7 @@ class EKFAC(AttributionMethod):
             return self.fitted
         if self.store_path is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before scoring")
+        self._leave_out_unbatched(train)
         store = self._open_store()
         state = as_checkpoints(self.model, None)[0]
         fp = fingerprint(state)
