@@ -21,9 +21,9 @@ is the one-hot index, V its output-gradient) adds positions (a, d) = ``from_stor
 G_b = D_b^T A_b is the whole per-example gradient of the parameter, counted once, and A, S sum
 the positions of every use.
 
-Padding: the task's token mask (``Handler.mask``) leaves the positions it marks 0 out of the
-activation factor A and out of its count of positions; the gradients (and so S, Lambda and the
-scores) need no mask, as a padded position receives no output-gradient.
+Padding: the task's token mask (``Handler.mask``) leaves the positions it marks 0 out of both
+factors and out of A's count of positions; the gradients (and so Lambda and the scores) need no
+mask, as a padded position receives no output-gradient.
 
 Per-example tensors exist only in chunks of examples under ``budget`` bytes. A subclass
 implements ``kron`` (and ``dims`` when its weight is not [d_out, d_in, ...]); it may override
@@ -171,11 +171,12 @@ class KroneckerHandler(Handler):
     # ----------------------------------------------------------------------------- factors
     def covariances(self, sums: CovarianceSums, bias: bool, budget: int) -> CovarianceSums:
         """Add the batch's sum_{b,t} w_bt a a^T to ``sums.A`` (w: the token weights, 1 without a
-        mask), its sum of delta delta^T to ``sums.S`` (float32 [d, d]) and its number of counted
-        positions to ``sums.positions``."""
+        mask), its sum of w_bt delta delta^T to ``sums.S`` (float32 [d, d]) and its number of
+        counted positions to ``sums.positions``. (A padded position has delta = 0 at a layer's
+        own positions; at a tied Embedding's, d is the one-hot token, which the mask removes.)"""
         for _, A, D, w in self.kron_chunks(bias, budget, weights=True):
             sums.A = covariance(A if w is None else A * w.unsqueeze(-1), out=sums.A)
-            sums.S = covariance(D, out=sums.S)
+            sums.S = covariance(D if w is None else D * w.unsqueeze(-1), out=sums.S)
             sums.positions += A.shape[0] * A.shape[1] if w is None else int(w.sum())
         return sums
 
