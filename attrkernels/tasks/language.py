@@ -40,6 +40,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ExampleError
 from .base import Task
 
 IGNORE = -100
@@ -99,9 +100,9 @@ class LanguageModeling(Task):
                              f"vocabulary [0, {vocab}) (use -100 for positions to ignore)")
         empty = ((y != IGNORE).sum(1) == 0).nonzero().flatten()
         if empty.numel():
-            raise ValueError(f"sequences {empty.tolist()[:10]} of the batch have no target token (every "
-                             "label after the first position is -100 or padding): they have no loss "
-                             "or likelihood; drop them from the data")
+            raise ExampleError("sequences with no target token (every label after the first position is -100 "
+                               "or padding)", empty.tolist(),
+                               fix="they have no loss or likelihood; drop them from the data")
         return y
 
     # -- the model -----------------------------------------------------------------------------
