@@ -107,3 +107,22 @@ def test_ekfac_with_default_params_leaves_out_the_position_table_and_keeps_the_t
     assert sum(WTE in layer.params for layer in m.layers) == 1
     with pytest.raises(ValueError, match=r"transformer.wpe.*without the batch dimension"):
         ak.EKFAC(model, task, params=["transformer.wpe.weight"], fisher="empirical", verbose=False).fit(train)
+
+
+def test_ekfac_refuses_a_weight_also_used_where_no_hook_sees_it():
+    class FunctionalTie(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, idx):
+            return self.fc(self.emb(idx).mean(1)) @ self.emb.weight.T  # functional use of the embedding
+
+    torch.manual_seed(0)
+    model, task = FunctionalTie(), ak.tasks.Classification()
+    train = [(torch.randint(0, 10, (6, 3)), torch.randint(0, 10, (6,)))]
+    with pytest.raises(ValueError, match=r"'emb.weight' do not add up .*EK-FAC / K-FAC cannot factor it: leave it "
+                                         r"out of params="):
+        ak.EKFAC(model, task, verbose=False).fit(train)
+    m = ak.KFAC(model, task, params=["fc.weight", "fc.bias"], verbose=False).fit(train)
+    assert m.score(train).shape == (6, 6)

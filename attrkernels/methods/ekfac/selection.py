@@ -7,16 +7,20 @@ the Embedding) and the other uses join its factors as more positions (``handlers
 use must be Kronecker-factorable and use the parameter as its weight; otherwise the parameter
 is skipped (``params=None``) or refused (named in ``params``) with the reason.
 
-With ``params=None``, layers called without the batch dimension (a position embedding looked
-up with arange(T) and broadcast over the batch) are left out once a batch shows them
-(``leave_out_unbatched``); named in ``params``, they are refused by the passes."""
+Before the first pass, the first batch is probed (``probe_layers``): with ``params=None``,
+layers called without the batch dimension (a position embedding looked up with arange(T) and
+broadcast over the batch) are left out (named in ``params``, the passes refuse them), and a
+weight also used where no hook sees it (functional use) is refused."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.nn as nn
 
+from ...capture.core import InconsistentGradients, PerExample
 from ...capture.handlers import HANDLERS, functional_owner, functional_owners, handler_for
 from ...capture.hooks import Capture, make_plan, resolve_params, unbatched_modules
 from ...utils.batches import one_example, to_device
@@ -132,18 +136,38 @@ def tracked_names(layers: list) -> list:
     return [n for layer in layers for n in layer.params]
 
 
-def leave_out_unbatched(model: nn.Module, layers: list, skipped: list, task, loader) -> tuple[list, list]:
-    """(layers, skipped) without the layers called without the batch dimension (or whose tied
-    weight's other use is), their parameters added to ``skipped``: for ``params=None``, where
-    such layers are left out rather than refused. The loader's first batch and one example of
-    it are run forward: a layer is unbatched when its inputs, of a leading size other than the
-    batch's, have the same shape for both (a position table looked up with arange(T)); a layer
-    whose input shape follows the batch elsewhere (sequence-first [T, B, d]) is kept, and the
-    passes refuse it with the fix."""
+def probe_layers(model: nn.Module, layers: list, skipped: list, task, loader, leave_out: bool) -> tuple[list, list]:
+    """Run the loader's first batch (and, with ``leave_out``, one example of it) before any pass:
+    (layers, skipped), with ``leave_out`` (``params=None``) without the layers called without
+    the batch dimension (or whose tied weight's other use is), their parameters added to
+    ``skipped``; raises ValueError when a layer's weight is also used outside the modules the
+    hooks see (a functional use such as ``h @ emb.weight.T``), whose gradient EK-FAC would miss.
+
+    A layer is unbatched when its inputs, of a leading size other than the batch's, have the
+    same shape for the batch and for one example (a position table looked up with arange(T));
+    a layer whose input shape follows the batch elsewhere (sequence-first [T, B, d]) is kept,
+    and the passes refuse it with the fix. Errors of the task or model are left to the passes,
+    which raise them located in the loader."""
     batch = next(iter(loader), None)
     if batch is None:
         return layers, skipped
     batch = to_device(batch, model_device(model))
+    if leave_out:
+        layers, skipped = _leave_out_unbatched(model, layers, skipped, task, batch)
+    checker = PerExample(model, task.loss, params=tracked_names(layers))
+    checker.sum_fix = "EK-FAC / K-FAC cannot factor it: leave it out of params= (or call the module instead)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unbatched layers named in params=: the passes refuse them
+            checker.check(batch)
+    except InconsistentGradients as err:
+        raise ValueError(str(err)) from None
+    except Exception:  # noqa: BLE001  (the passes' checked call raises it, located, or the store's mismatch first)
+        pass
+    return layers, skipped
+
+
+def _leave_out_unbatched(model, layers, skipped, task, batch):
     plan = make_plan(model, tracked_names(layers))
     flagged, shapes = set(), []
     was_training = model.training
@@ -154,7 +178,7 @@ def leave_out_unbatched(model: nn.Module, layers: list, skipped: list, task, loa
                 out = task.loss(model, probe)
             flagged.update(unbatched_modules(cap.handlers, out.shape[0]))
             shapes.append({n: [tuple(r.inputs.shape) for r in h.records] for n, h in cap.handlers.items()})
-    except Exception:  # noqa: BLE001  (the passes' checked call raises it, located, or the store's mismatch first)
+    except Exception:  # noqa: BLE001  (left to the passes, as above)
         return layers, skipped
     finally:
         model.train(was_training)
