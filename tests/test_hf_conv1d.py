@@ -116,3 +116,32 @@ def test_dense_trak_on_conv1d_equals_the_linear_copy_up_to_the_projection():
     names = conv1d_params(model)
     got, want = (ak.TRAK(m, task, k=512, params=names, verbose=False).fit(train).score(test) for m in (model, linear))
     assert ((got - want).norm() / want.norm()).item() < 0.06
+
+
+def test_ekfac_covariances_on_conv1d_are_their_definitions_per_token():
+    # A = mean over tokens (attention_mask 1) of [a, 1][a, 1]^T, S = sum over positions of
+    # d d^T / examples, for c_attn's input a and output-gradient d (loss summed over tokens)
+    model, task = tiny_gpt2(), ak.tasks.LanguageModeling()
+    ids = batch(6, n=6)[0]
+    mask = torch.ones_like(ids)
+    mask[0, 4:], mask[3, 2:] = 0, 0
+    b = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"]
+    m = ak.KFAC(model, task, params=names, fisher="empirical", verbose=False).fit([b])
+    f = m.factors[0]["transformer.h.0.attn.c_attn"]
+
+    seen = {}
+    module = model.transformer.h[0].attn.c_attn
+
+    def keep(mod, args, out):
+        seen["a"] = args[0].detach()
+        out.register_hook(lambda g: seen.update(d=g.detach()))
+
+    handle = module.register_forward_hook(keep)
+    task.loss(model, b).sum().backward()
+    handle.remove()
+    model.zero_grad()
+    a = torch.cat([seen["a"], torch.ones(*seen["a"].shape[:2], 1)], -1)[mask.bool()].double()
+    d = seen["d"].reshape(-1, seen["d"].shape[-1]).double()
+    torch.testing.assert_close(f.A, a.T @ a / a.shape[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(f.S, d.T @ d / ids.shape[0], rtol=1e-5, atol=1e-9)
