@@ -185,9 +185,9 @@ class EKFAC(AttributionMethod):
         where no hook sees it raises."""
         if self._probed:
             return
-        self._probed = True
         layers, self.skipped = probe_layers(self.model, self.layers, self.skipped, self.task, train,
                                             leave_out=self._leave_out)
+        self._probed = True
         if len(layers) != len(self.layers):
             if not layers:
                 raise ValueError("every layer EK-FAC/K-FAC can factor is called without the batch dimension; "
