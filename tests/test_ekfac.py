@@ -376,7 +376,8 @@ def test_save_load_score_round_trip(tmp_path):
     assert stages == ["covariance", "eigen", "lambda"]
     loader = Counting(train)
     again = ak.EKFAC(model, task, store=tmp_path / "f", verbose=False).fit(loader)
-    assert loader.drawn == 1  # only the data signature: the factors were loaded
+    # the first batch twice (params=None's probe for unbatched layers, the data signature): the factors were loaded
+    assert loader.drawn == 2
     assert torch.equal(again.score(test, train=train), s1)
     fresh = ak.EKFAC(model, task, store=tmp_path / "f", damping=1e-2, verbose=False)  # no fit: found by weights
     assert rel(fresh.score(other, train=train), ak.EKFAC(model, task, damping=1e-2, verbose=False).fit(train).score(
@@ -444,7 +445,7 @@ def test_unsupported_layers_are_skipped_by_default_and_refused_when_named():
     assert only.fit([(x, y)]).score([(x, y)], train=[(x, y)]).shape == (8, 8)
 
 
-def test_module_called_without_the_batch_dimension_is_refused():
+def test_module_called_without_the_batch_dimension_is_left_out_or_refused():
     class PositionTable(nn.Module):
         def __init__(self):
             super().__init__()
@@ -454,12 +455,19 @@ def test_module_called_without_the_batch_dimension_is_refused():
             return self.fc(torch.tanh(self.emb(idx) + self.pos(torch.arange(idx.shape[1]))).mean(1))
 
     torch.manual_seed(0)
+    model = PositionTable()
     batch = (torch.randint(0, 20, (4, 5)), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match=r"\['pos'\] are called without the batch dimension"):
-        ak.EKFAC(PositionTable(), ak.tasks.Classification(), fisher="empirical", verbose=False).fit([batch])
-    only = ak.EKFAC(PositionTable(), ak.tasks.Classification(), params=["emb.weight", "fc.weight", "fc.bias"],
+        ak.EKFAC(model, ak.tasks.Classification(), params=["pos.weight", "fc.weight"], fisher="empirical",
+                 verbose=False).fit([batch])
+    only = ak.EKFAC(model, ak.tasks.Classification(), params=["emb.weight", "fc.weight", "fc.bias"],
                     fisher="empirical", verbose=False)
-    assert only.fit([batch]).score([batch], train=[batch]).shape == (4, 4)
+    want = only.fit([batch]).score([batch], train=[batch])
+    assert want.shape == (4, 4)
+    # params=None: the first batch shows 'pos' unbatched, so it is left out (listed in skipped)
+    default = ak.EKFAC(model, ak.tasks.Classification(), fisher="empirical", verbose=False)
+    torch.testing.assert_close(default.fit([batch]).score([batch], train=[batch]), want)
+    assert default.skipped == ["pos.weight"] and [layer.name for layer in default.layers] == ["emb", "fc"]
 
 
 def test_in_place_activation_after_a_layer_gives_the_same_scores():
@@ -490,15 +498,17 @@ def blob_batches(x, y, size=16):
 
 
 class Changing:
-    """A re-iterable loader whose examples change after its first pass (random augmentation)."""
+    """A re-iterable loader whose examples change after its first complete pass (random
+    augmentation; a look at the first batch, as params=None's probe takes, is no pass)."""
 
     def __init__(self, batches):
         self.batches, self.passes = batches, 0
 
     def __iter__(self):
-        self.passes += 1
+        first = self.passes == 0
         for x, y in self.batches:
-            yield (x if self.passes == 1 else x + 0.1), y
+            yield (x if first else x + 0.1), y
+        self.passes += 1
 
 
 @pytest.mark.parametrize("cls", [ak.EKFAC, ak.KFAC])

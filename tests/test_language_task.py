@@ -91,7 +91,7 @@ def test_bad_batches_and_outputs_name_the_fix():
     torch.testing.assert_close(task.loss(model, (ids,)), task.loss(model, {"input_ids": ids}))
     labels = ids.clone()
     labels[1, 1:] = IGNORE
-    with pytest.raises(ValueError, match=r"sequences \[1\] .*no target token"):
+    with pytest.raises(ValueError, match=r"no target token .*: examples \[1\]; .*drop them"):
         task.loss(model, {"input_ids": ids, "labels": labels})
     labels = ids.clone()
     labels[0, 2] = 9
@@ -128,3 +128,30 @@ def test_hugging_face_gpt2_outputs_and_position_limit():
     with pytest.raises(ValueError, match="longer than the model's 8 positions"):
         task.loss(model, {"input_ids": torch.zeros(1, 9, dtype=torch.long)})
     assert math.isfinite(float(task.measure(model, {"input_ids": ids}).sum()))
+
+
+@pytest.mark.parametrize("method", ["trak", "ekfac"])
+def test_bad_input_reaches_the_user_through_the_methods(method):
+    import attrkernels as ak
+
+    def fit(model, batches, task=None):
+        task = task or LanguageModeling()
+        m = ak.TRAK(model, task, k=8, verbose=False) if method == "trak" else ak.EKFAC(model, task, verbose=False)
+        return m.fit(batches)
+
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[2, 1:] = IGNORE  # every target of sequence 6 of the loader is ignored
+    with pytest.raises(ValueError, match=r"no target token .*: examples \[6\] of the train loader.*drop them"):
+        fit(TinyCausal(), [{"input_ids": ids}, {"input_ids": ids, "labels": labels}])
+    with pytest.raises(ValueError, match="longer than the model's 4 positions; truncate or split them"):
+        fit(TinyCausal(), [{"input_ids": ids}], LanguageModeling(max_positions=4))
+    with pytest.raises(TypeError, match=r"expects dict batches with 'input_ids'.*got \['tokens'\]"):
+        fit(TinyCausal(), [{"tokens": ids}])
+
+    class NoLogits(TinyCausal):
+        def forward(self, input_ids):
+            return {"hidden": super().forward(input_ids)}
+
+    with pytest.raises(TypeError, match="without logits.*object with .logits"):
+        fit(NoLogits(), [{"input_ids": ids}])

@@ -63,6 +63,11 @@ def nonfinite_rows(values: torch.Tensor) -> list:
     return torch.nonzero(bad).flatten().tolist()
 
 
+class InconsistentGradients(RuntimeError):
+    """The hooks' per-example gradients of a parameter do not add up to its batch gradient: the
+    parameter is used outside the module that owns it."""
+
+
 class _Replan(Exception):
     """The plan changed during a capture; capture again."""
 
@@ -219,12 +224,21 @@ class PerExample:
         scale = max(want.norm().item(), got.norm().item(), CONSISTENCY_FLOOR * self._grad_scale, 1e-30)
         if err > CONSISTENCY_RTOL * scale:
             name = self.plan.names[[id(p) for p in self.plan.params].index(pid)]
-            raise RuntimeError(
+            raise InconsistentGradients(
                 f"{what} of {name!r} do not add up to its batch gradient "
                 f"(relative difference {err / scale:.2e}): the parameter is used outside the "
-                f"module that owns it (weight tying, functional use). Pass fallback=[{name!r}] "
-                "to compute it with torch.func, or leave it out of params="
+                f"module that owns it (weight tying, functional use). " + self.sum_fix.format(name=name)
             )
+
+    sum_fix = "Pass fallback=[{name!r}] to compute it with torch.func, or leave it out of params="
+
+    def check(self, batch) -> None:
+        """Capture ``batch`` and check that the hooks' per-example gradients of every hooked
+        parameter add up to autograd's batch gradient (block by block, keeping none): for
+        methods that read the hooks without forming every gradient (EK-FAC / K-FAC)."""
+        handlers, _, _, batch_grads = self._capture_planned(batch)
+        for _ in self._blocks(handlers, {}, batch_grads):
+            pass
 
     def _check_finite(self, blk):
         bad = nonfinite_rows(blk.values)

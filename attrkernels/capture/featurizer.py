@@ -9,10 +9,12 @@ over the tracked parameters theta in ``model.named_parameters()`` order, flatten
   Each layer's gradient is formed from its inputs and output-gradients in blocks of weight rows
   (all examples of the batch at once, at most ``memory_budget`` bytes each) and each block is
   sketched at its row offset in g and accumulated. Peak extra memory: one block.
-* ``factored`` (LoGra-style): every Linear / Conv weight (groups = 1) gets its own Kronecker
+* ``factored`` (LoGra-style): every Linear / Conv / Conv1D weight (groups = 1) gets its own Kronecker
   projection, phi_l = vec((D P_out)^T (A P_in)) = vec(P_out^T G_l P_in) with P_in [d_in, k_in],
-  P_out [d_out, k_out] independent projections; all other tracked parameters (biases, norms,
-  embeddings, grouped convolutions, torch.func parameters) are sketched densely together.
+  P_out [d_out, k_out] independent projections (G_l [d_out, d_in] in the layer's factor layout:
+  a Conv1D's transposed storage); all other tracked parameters (biases, norms, embeddings,
+  grouped convolutions, torch.func parameters, and tied weights, used by several modules: their
+  uses are summed in the dense sketch, so counted once) are sketched densely together.
   k is split evenly over the Kronecker layers and that rest group (earlier ones get the
   remainder); a layer with share k_l uses k_in ~ k_out ~ sqrt(k_l) (capped by its widths), keeps
   the first k_l entries of the k_out x k_in product (row-major) and scales them by
@@ -45,6 +47,7 @@ MODES = ("dense", "factored")
 class _KronLayer:
     module_name: str
     param: torch.nn.Parameter
+    handler: type
     k_in: int
     k_out: int
     share: int
@@ -104,10 +107,15 @@ class Featurizer(PerExample):
     def _layout_factored(self):
         kron = []
         fallback = {id(p) for _, p in self.plan.fallback}
+        users = {}  # id(weight) -> how many hooked modules use it (a tied weight: several)
+        for module, _ in self.plan.hooked.values():
+            if isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+                users[id(module.weight)] = users.get(id(module.weight), 0) + 1
         for mname, (module, cls) in self.plan.hooked.items():
-            if cls.projectable(module) and id(module.weight) in self.plan.offsets and id(module.weight) not in fallback:
-                kron.append((mname, module))
-        kron_ids = {id(m.weight) for _, m in kron}
+            if (cls.projectable(module) and id(module.weight) in self.plan.offsets and id(module.weight) not in fallback
+                    and users[id(module.weight)] == 1):
+                kron.append((mname, module, cls))
+        kron_ids = {id(m.weight) for _, m, _ in kron}
         self._rest = [(n, p) for n, p in zip(self.plan.names, self.plan.params) if id(p) not in kron_ids]
         groups = len(kron) + (1 if self._rest else 0)
         if self.k < groups:
@@ -115,11 +123,11 @@ class Featurizer(PerExample):
                              "mode (one per Linear/Conv weight, one for the other parameters)")
         shares = [self.k // groups + (1 if i < self.k % groups else 0) for i in range(groups)]
         self._kron, col = [], 0
-        for l, (mname, module) in enumerate(kron):
+        for l, (mname, module, cls) in enumerate(kron):
             w = module.weight
-            d_out, d_in = w.shape[0], w[0].numel()
+            d_in, d_out = cls.dims(module, False)
             k_in, k_out = _factor_dims(shares[l], d_in, d_out)
-            self._kron.append(_KronLayer(mname, w, k_in, k_out, shares[l], col,
+            self._kron.append(_KronLayer(mname, w, cls, k_in, k_out, shares[l], col,
                                          derive_seed(self.seed, 2 * l), derive_seed(self.seed, 2 * l + 1)))
             col += shares[l]
         self._rest_col, self._rest_k = col, (shares[-1] if self._rest else 0)
@@ -175,7 +183,8 @@ class Featurizer(PerExample):
             out.copy_(acc)
 
     def _check_kron_consistency(self, layer, A, D, batch_grads):
-        got = torch.einsum("bto,bti->oi", D.to(torch.float32), A.to(torch.float32)).reshape(-1)
+        got = layer.handler.to_storage(torch.einsum("bto,bti->oi", D.to(torch.float32), A.to(torch.float32)))
+        got = got.reshape(-1)
         if not torch.isfinite(got).all():
             bad = sorted(set(nonfinite_rows(A)) | set(nonfinite_rows(D)))
             raise NonFiniteExamples(f"non-finite gradient of {self.plan.name_of(layer.param)!r}", bad or range(A.shape[0]))

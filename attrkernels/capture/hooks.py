@@ -145,17 +145,30 @@ def unbatched_modules(handlers: dict, batch_size: int) -> list:
 
 @dataclass
 class Capture:
-    """Context that records inputs and output-gradients of the plan's hooked modules."""
+    """Context that records inputs and output-gradients of the plan's hooked modules.
+
+    ``mask``: the task's token mask of the batch ([B, T] or None), given to every handler
+    (``Handler.mask``). Handlers of modules that use the same weight (tied) are linked
+    (``Handler.tied``)."""
 
     plan: Plan
     handlers: dict = field(default_factory=dict)
     _handles: list = field(default_factory=list)
+    mask: torch.Tensor | None = None
 
     def __enter__(self):
+        users = {}
         for mname, (module, cls) in self.plan.hooked.items():
             handler: Handler = cls(module)
+            handler.mask = self.mask
             self.handlers[mname] = handler
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter):
+                users.setdefault(id(weight), []).append(handler)
             self._handles.append(module.register_forward_hook(partial(self._on_forward, mname, handler)))
+        for tied in users.values():
+            for h in tied:
+                h.tied = [o for o in tied if o is not h]
         return self
 
     def __exit__(self, *exc):

@@ -15,6 +15,8 @@ What each method needs:
 ``sampled_loss``   EK-FAC / K-FAC with ``fisher="true"`` (loss at targets drawn from the model)
 ``logits`` and     influence with ``curvature="gauss-newton"``: loss(model, batch) must equal
 ``logit_loss``     logit_loss(logits(model, batch), batch), convex in the logits
+``token_mask``     EK-FAC / K-FAC on sequences (optional): which positions are tokens, so that
+                   padding does not count in the activation covariances
 =================  =========================================================================
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..utils.batches import batch_size
 from ..utils.errors import ExampleError
 
 
@@ -65,10 +68,27 @@ class Task:
             "curvature needs; define logits and logit_loss or use curvature='hessian'"
         )
 
+    def token_mask(self, batch) -> torch.Tensor | None:
+        """[B, T] with 1 at the positions of each sequence that are tokens and 0 at padding, or
+        None (every position counts; the default). EK-FAC / K-FAC count only the tokens in the
+        activation covariance of every layer whose inputs are [B, T, d] (or [B, T] indices)."""
+        return None
+
     def batch_size(self, batch) -> int:
         """Number of examples in a batch."""
+        if isinstance(batch, dict):
+            n = batch_size(batch)
+            if n is None:
+                raise TypeError("a dict batch needs a tensor with a batch dimension")
+            return n
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         return int(first.shape[0])
+
+
+def token_mask(task, batch) -> torch.Tensor | None:
+    """The task's ``token_mask(batch)``, or None for a task without one."""
+    fn = getattr(task, "token_mask", None)
+    return fn(batch) if callable(fn) else None
 
 
 def implements(task, name: str) -> bool:
@@ -118,26 +138,48 @@ def check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 class Classification(Task):
-    """Batches are ``(inputs, labels, ...)``; loss = cross-entropy, measure = margin.
+    """Batches are ``(inputs, labels, ...)``, or dicts with ``labels`` (as Hugging Face collators
+    make them: the model is called as ``model(**rest)``, e.g. ``input_ids`` and
+    ``attention_mask``); the model returns logits [B, classes], as a tensor or an object with
+    ``.logits``. loss = cross-entropy, measure = margin. A dict's ``attention_mask`` is its
+    ``token_mask``.
 
     Labels must be class indices in [0, C) for a model with C outputs; any other label (also
     -100, PyTorch's ``ignore_index``: Classification ignores no example) raises ``ExampleError``
     naming the example."""
 
     def _split(self, batch):
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        if isinstance(batch, dict) and "labels" in batch:
+            inputs, labels = {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            inputs, labels = batch[0], batch[1]
+        else:
             raise TypeError(
-                "Classification expects batches (inputs, labels, ...); got "
-                f"{type(batch).__name__}. Subclass Task for another batch format."
+                "Classification expects batches (inputs, labels, ...) or dicts with 'labels'; got "
+                f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}. Subclass Task for "
+                "another batch format."
             )
-        inputs, labels = batch[0], batch[1]
         if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
         return inputs, labels.long()
 
+    @staticmethod
+    def _call(model, inputs) -> torch.Tensor:
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        if torch.is_tensor(out):
+            return out
+        logits = getattr(out, "logits", None)
+        if not torch.is_tensor(logits):
+            raise TypeError(f"the model returned {type(out).__name__} without logits; Classification needs "
+                            "a tensor [B, classes] or an object with .logits")
+        return logits
+
+    def token_mask(self, batch):
+        return batch.get("attention_mask") if isinstance(batch, dict) else None
+
     def logits(self, model, batch) -> torch.Tensor:
         inputs, _ = self._split(batch)
-        return model(inputs)
+        return self._call(model, inputs)
 
     def logit_loss(self, logits, batch):
         _, labels = self._split(batch)
@@ -146,7 +188,7 @@ class Classification(Task):
 
     def loss(self, model, batch):
         inputs, labels = self._split(batch)
-        logits = model(inputs)
+        logits = self._call(model, inputs)
         check_labels(logits, labels)
         return F.cross_entropy(logits, labels, reduction="none")
 
@@ -159,7 +201,7 @@ class Classification(Task):
 
     def measure(self, model, batch):
         inputs, labels = self._split(batch)
-        logits = model(inputs)
+        logits = self._call(model, inputs)
         check_labels(logits, labels)
         return margin(logits, labels)
 

@@ -22,6 +22,12 @@ so ``scores[i, j] > 0`` means that including training sequence i makes test sequ
 likely. ``sampled_loss`` draws every target token from the model's own softmax (the true
 Fisher of EK-FAC / K-FAC, per token); ``logits``/``logit_loss`` give the Gauss-Newton split.
 
+Padding. ``token_mask`` (what EK-FAC / K-FAC count in their activation covariances) marks the
+positions with ``attention_mask`` 1 up to the last target of the sequence: with causal attention
+the positions after it affect no prediction, so right padding whose labels are -100 adds nothing
+to the factors even without an attention mask. -100 labels inside a sequence (a prompt) still
+count as context. Gradients need no mask: a position that affects no loss has zero gradient.
+
 TRAK's out-to-loss weight: TRAK weights each training example by |d loss / d measure| at the
 measurement (for classification 1 - p of the margin). Here the measurement is exactly -loss,
 so the weight is 1 for every sequence (``out_to_loss`` returns ones): no per-sequence
@@ -34,6 +40,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ExampleError
 from .base import Task
 
 IGNORE = -100
@@ -93,9 +100,9 @@ class LanguageModeling(Task):
                              f"vocabulary [0, {vocab}) (use -100 for positions to ignore)")
         empty = ((y != IGNORE).sum(1) == 0).nonzero().flatten()
         if empty.numel():
-            raise ValueError(f"sequences {empty.tolist()[:10]} of the batch have no target token (every "
-                             "label after the first position is -100 or padding): they have no loss "
-                             "or likelihood; drop them from the data")
+            raise ExampleError("sequences with no target token (every label after the first position is -100 "
+                               "or padding)", empty.tolist(),
+                               fix="they have no loss or likelihood; drop them from the data")
         return y
 
     # -- the model -----------------------------------------------------------------------------
@@ -145,6 +152,16 @@ class LanguageModeling(Task):
     def out_to_loss(self, model, batch) -> torch.Tensor:
         # measure = -loss exactly, so |d loss / d measure| = 1 for every sequence.
         return torch.ones(self.batch_size(batch), device=self._parts(batch)[0].device)
+
+    def token_mask(self, batch) -> torch.Tensor:
+        """[B, T] float: 1 at positions with attention_mask 1 at or before the last target of
+        the sequence (see the module docstring), 0 elsewhere."""
+        ids, mask, labels = self._parts(batch)
+        T = ids.shape[1]
+        has_target = torch.cat([torch.zeros_like(labels[:, :1], dtype=torch.bool), labels[:, 1:] != IGNORE], 1)
+        last = torch.where(has_target, torch.arange(T, device=ids.device), -1).amax(1, keepdim=True)
+        keep = torch.arange(T, device=ids.device) <= last
+        return (keep if mask is None else keep & (mask != 0)).to(torch.float32)
 
     def sampled_loss(self, model, batch, generator) -> torch.Tensor:
         # Every target token drawn from softmax of the model's prediction at its position

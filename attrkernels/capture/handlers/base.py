@@ -51,6 +51,13 @@ class Handler:
     def __init__(self, module: nn.Module):
         self.module = module
         self.records: list[Record] = []
+        # The task's token mask of the batch ([B, T], 1 = a token, 0 = padding; None: every
+        # position counts): only the covariances read it, each handler applies it to the records
+        # whose positions it describes (``token_weights``).
+        self.mask: torch.Tensor | None = None
+        # The handlers of the other modules that use this module's weight (a tied weight, e.g.
+        # GPT-2's lm_head and wte): set by the capture, read by EK-FAC / K-FAC (``kron``).
+        self.tied: list = []
 
     @classmethod
     def check(cls, name: str, module: nn.Module) -> None:
@@ -75,6 +82,17 @@ class Handler:
         """(A [B, T, d_in], D [B, T, d_out]) such that grad W_b = sum_t D_bt A_bt^T, or None.
 
         ``examples`` selects a range of the batch (unfolding only those examples)."""
+        return None
+
+    def storage_pairs(self, examples: slice = slice(None)):
+        """(U [B, T, rows], V [B, T, cols]) with this module's use of its weight giving
+        grad weight_b.reshape(rows, cols) = sum_t U_bt V_bt^T (rows = weight.shape[0], the
+        storage order), or None: how a tied weight's other uses join EK-FAC's factors."""
+        return None
+
+    def token_weights(self, examples: slice = slice(None)):
+        """[B, T] float32: 1 where a position of ``kron`` / ``storage_pairs`` is a token of the
+        task's mask, 0 at padding; None when every position counts."""
         return None
 
 

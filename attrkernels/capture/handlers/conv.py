@@ -98,7 +98,7 @@ class ConvHandler(KroneckerHandler):
     def formed_chunks(self, bases, bias, budget):
         """Per-example (rotated) gradients from grouped weight-gradient convolutions, for a
         supported convolution whose input side is rotated after the product (or not at all)."""
-        if not conv_grad.supported(self.module):
+        if self.tied or not conv_grad.supported(self.module):
             return None
         if bases is not None and rotation_plan(self.positions(), *bases)[0]:
             return None
@@ -115,7 +115,7 @@ class ConvHandler(KroneckerHandler):
                                                        self.module, bias, *(bases or (None, None)))
 
     def covariances(self, sums, bias, budget):
-        if not conv_covariance_preferred(self.module, self.records[0].inputs.shape):
+        if self.tied or not conv_covariance_preferred(self.module, self.records[0].inputs.shape):
             return super().covariances(sums, bias, budget)
         for r in self.records:  # stride-1 convolutions: the activation factor without unfolding
             sums.A = conv_covariance(r.inputs, self.module, bias, out=sums.A, memory_budget=budget)

@@ -3,7 +3,10 @@
 Per-example gradients live on the rows of the looked-up indices (``sparse_rows``); the padding
 row receives none. For EK-FAC / K-FAC the input is the one-hot vector of the index, so the
 activation factor is diagonal (the token counts) with the identity basis: only the d side is
-rotated, and every operation works on the looked-up rows.
+rotated, and every operation works on the looked-up rows. The task's token mask leaves padded
+positions out of the counts. As one use of a tied weight (``kron``'s docstring) the positions
+are (a, d) = (delta_t, one-hot(idx_t)) in the other use's [V, d] layout; the layer is then the
+other use (an Embedding is never ``tie_primary``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from .kron import KroneckerHandler, Query
 
 
 class EmbeddingHandler(KroneckerHandler):
+    tie_primary = False
+
     @classmethod
     def check(cls, name, module):
         if module.scale_grad_by_freq:
@@ -32,15 +37,26 @@ class EmbeddingHandler(KroneckerHandler):
     def kron(self, examples: slice = slice(None)):
         return None
 
-    def tokens(self):
+    def tokens(self, examples: slice = slice(None)):
         """(indices [B, T], D [B, T, d] float32, zero at padding positions)."""
         m = self.module
-        B = self.records[0].inputs.shape[0]
-        idx = torch.cat([r.inputs.reshape(B, -1) for r in self.records], 1)
-        D = torch.cat([r.grad_out.reshape(B, -1, r.grad_out.shape[-1]) for r in self.records], 1).to(torch.float32)
+        idx = torch.cat([r.inputs[examples].reshape(r.inputs[examples].shape[0], -1) for r in self.records], 1)
+        D = torch.cat([r.grad_out[examples].reshape(idx.shape[0], -1, r.grad_out.shape[-1]) for r in self.records],
+                      1).to(torch.float32)
         if m.padding_idx is not None:
             D = D * (idx != m.padding_idx).unsqueeze(-1)
         return idx, D
+
+    def storage_pairs(self, examples: slice = slice(None)):
+        idx, D = self.tokens(examples)
+        return torch.nn.functional.one_hot(idx, self.module.num_embeddings).to(torch.float32), D
+
+    def token_weights(self, examples: slice = slice(None)):
+        mask = self.mask
+        if mask is None or not any(r.inputs.shape == mask.shape for r in self.records):
+            return None
+        return torch.cat([(mask[examples] if r.inputs.shape == mask.shape else torch.ones_like(r.inputs[examples]))
+                          .reshape(mask[examples].shape[0], -1).to(torch.float32) for r in self.records], 1)
 
     def sparse_rows(self):
         """(rows [U] sorted unique indices, R [B, U, d]): row rows[u] of W_b is R[b, u]."""
@@ -66,6 +82,9 @@ class EmbeddingHandler(KroneckerHandler):
     # ----------------------------------------------------------------------------- EK-FAC
     def covariances(self, sums, bias, budget):
         idx, D = self.tokens()
+        w = self.token_weights()
+        if w is not None:
+            idx = idx[w.bool()]
         pad = self.module.padding_idx
         sums.A = token_counts(idx, self.module.num_embeddings, pad, out=sums.A)
         sums.positions += int(idx.numel() if pad is None else (idx != pad).sum())

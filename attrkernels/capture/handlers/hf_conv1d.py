@@ -26,6 +26,17 @@ class Conv1DHandler(LinearHandler):
         d_in, d_out = module.weight.shape
         return d_in + bias, d_out
 
+    @classmethod
+    def from_storage(cls, U, V):
+        return U, V  # stored [d_in, d_out]: U on d_in
+
+    @classmethod
+    def to_storage(cls, G):
+        return G.transpose(-1, -2)
+
+    def storage_pairs(self, examples=slice(None)):
+        return self.kron(examples)
+
     def blocks(self, tracked, budget):
         A, D = self.kron()
         m = self.module

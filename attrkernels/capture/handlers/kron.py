@@ -16,6 +16,18 @@ EK-FAC / K-FAC (``attrkernels.methods.ekfac``) need of a layer, calling the kern
   eigenvalues applied to queries in an eigenbasis, queries moved from one basis to another,
   and each example's inner product with its own query.
 
+Tied weights (one Parameter used by several modules, e.g. GPT-2's lm_head = wte): the layer is
+the use whose handler forms dense factors (``tie_primary``), and every other use joins it as
+more positions of the same weight (K-FAC-expand over uses, Eschenhagen et al., 2023): a use with
+grad W_b = sum_t U_bt V_bt^T in the weight's storage order (``storage_pairs``; an Embedding's U
+is the one-hot index, V its output-gradient) adds positions (a, d) = ``from_storage(U, V)``. So
+G_b = D_b^T A_b is the whole per-example gradient of the parameter, counted once, and A, S sum
+the positions of every use.
+
+Padding: the task's token mask (``Handler.mask``) leaves the positions it marks 0 out of both
+factors and out of A's count of positions; the gradients (and so Lambda and the scores) need no
+mask, as a padded position receives no output-gradient.
+
 Per-example tensors exist only in chunks of examples under ``budget`` bytes. A subclass
 implements ``kron`` (and ``dims`` when its weight is not [d_out, d_in, ...]); it may override
 ``formed_chunks`` to form the (rotated) per-example gradients itself when that is cheaper than
@@ -31,7 +43,7 @@ import torch.nn as nn
 from ...kernels.kfac import (add_squares, covariance, ekfac_correction, example_chunk, homogeneous,
                              rotated_gradients, rotation_cost)
 from ...kernels.kron_score import gradient_inner, gradient_self_inner, kron_inner, kron_self_inner
-from .base import Block, Handler, outer_blocks
+from .base import Block, Handler, cat, outer_blocks
 
 
 @dataclass
@@ -58,6 +70,8 @@ class KroneckerHandler(Handler):
     """Base of the handlers whose weight EK-FAC / K-FAC factor; see the module docstring."""
 
     kronecker = True
+    # Whether the layer of a tied weight may be this use (its factors dense; see the docstring).
+    tie_primary = True
 
     @classmethod
     def why_not_kronecker(cls, module: nn.Module) -> str | None:
@@ -75,6 +89,21 @@ class KroneckerHandler(Handler):
     def kron(self, examples: slice = slice(None)):
         raise NotImplementedError
 
+    @classmethod
+    def from_storage(cls, U: torch.Tensor, V: torch.Tensor) -> tuple:
+        """(A, D) positions of this layer's factors from a use's ``storage_pairs`` (U on the
+        weight's first dimension): the weight is stored [d_out, d_in], so A = V, D = U."""
+        return V, U
+
+    @classmethod
+    def to_storage(cls, G: torch.Tensor) -> torch.Tensor:
+        """G [..., d_out, d_in] (factor layout, no bias column) in the weight's storage order."""
+        return G
+
+    def storage_pairs(self, examples: slice = slice(None)):
+        pairs = self.kron(examples)
+        return None if pairs is None else (pairs[1], pairs[0])
+
     # ----------------------------------------------------------------------------- featurizer
     def blocks(self, tracked, budget):
         A, D = self.kron()
@@ -90,18 +119,39 @@ class KroneckerHandler(Handler):
         return self.records[0].grad_out.shape[0]
 
     def positions(self) -> int:
-        """T: output positions per example, over all calls of the layer."""
+        """T: output positions per example, over all calls of the layer and the other uses of a
+        tied weight."""
+        return self.own_positions() + sum(h.own_positions() for h in self.tied)
+
+    def own_positions(self) -> int:
         return sum(r.grad_out[0].numel() for r in self.records) // self.dims(self.module, False)[1]
 
-    def kron_chunks(self, bias: bool, budget: int):
+    def kron_chunks(self, bias: bool, budget: int, weights: bool = False):
         """(first example, A, D) for chunks of the batch whose factors fit in ``budget`` bytes
-        (A homogeneous when ``bias``); the kernels bound the per-example gradients they form."""
+        (A homogeneous when ``bias``; the positions of a tied weight's other uses follow this
+        module's, with bias input 0); with ``weights``, (first example, A, D, w) with the token
+        weights w [chunk, T] or None. The kernels bound the per-example gradients they form."""
         size = self.batch()
         d_in, d_out = self.dims(self.module, bias)
         step = example_chunk(size, 4 * self.positions() * (d_in + d_out), budget)
         for b0 in range(0, size, step):
-            A, D = self.kron(slice(b0, b0 + step))
-            yield b0, (homogeneous(A) if bias else A.to(torch.float32)), D.to(torch.float32)
+            rows = slice(b0, b0 + step)
+            A, D = self.kron(rows)
+            parts = [((homogeneous(A) if bias else A.to(torch.float32)), D.to(torch.float32),
+                      self.token_weights(rows) if weights else None)]
+            for use in self.tied:
+                a, d = self.from_storage(*use.storage_pairs(rows))
+                a = a.to(torch.float32)
+                parts.append((torch.nn.functional.pad(a, (0, 1)) if bias else a, d.to(torch.float32),
+                              use.token_weights(rows) if weights else None))
+            A, D = cat([p[0] for p in parts], 1), cat([p[1] for p in parts], 1)
+            if not weights:
+                yield b0, A, D
+                continue
+            w = None
+            if any(p[2] is not None for p in parts):
+                w = cat([p[2] if p[2] is not None else p[0].new_ones(p[0].shape[:2]) for p in parts], 1)
+            yield b0, A, D, w
 
     def formed_chunks(self, bases, bias: bool, budget: int):
         """None, or (first example, Q_S^T G_b Q_A [chunk, d_out, d_in]) chunks (G_b without
@@ -123,12 +173,14 @@ class KroneckerHandler(Handler):
 
     # ----------------------------------------------------------------------------- factors
     def covariances(self, sums: CovarianceSums, bias: bool, budget: int) -> CovarianceSums:
-        """Add the batch's sum_{b,t} a a^T to ``sums.A``, its sum of delta delta^T to ``sums.S``
-        (float32 [d, d]) and its number of positions to ``sums.positions``."""
-        for _, A, D in self.kron_chunks(bias, budget):
-            sums.A = covariance(A, out=sums.A)
-            sums.S = covariance(D, out=sums.S)
-            sums.positions += A.shape[0] * A.shape[1]
+        """Add the batch's sum_{b,t} w_bt a a^T to ``sums.A`` (w: the token weights, 1 without a
+        mask), its sum of w_bt delta delta^T to ``sums.S`` (float32 [d, d]) and its number of
+        counted positions to ``sums.positions``. (A padded position has delta = 0 at a layer's
+        own positions; at a tied Embedding's, d is the one-hot token, which the mask removes.)"""
+        for _, A, D, w in self.kron_chunks(bias, budget, weights=True):
+            sums.A = covariance(A if w is None else A * w.unsqueeze(-1), out=sums.A)
+            sums.S = covariance(D if w is None else D * w.unsqueeze(-1), out=sums.S)
+            sums.positions += A.shape[0] * A.shape[1] if w is None else int(w.sum())
         return sums
 
     def correction(self, out: torch.Tensor, bases, bias: bool, budget: int) -> torch.Tensor:

@@ -39,8 +39,13 @@ Linear with any leading dims, Conv1d / Conv2d with groups = 1 (T = output positi
 (activation factor = token counts, diagonal, identity basis), and any type added with
 ``register_handler``). A bias is the homogeneous last input column. ``params=None`` tracks every
 trainable weight (and its bias) of those layers and leaves out other parameters (norms, grouped
-convolutions, parameters used functionally), listed in ``skipped``; naming such a parameter in
-``params`` raises. The handlers compute every layer-specific statistic; this package only
+convolutions, parameters used functionally such as MultiheadAttention's, and layers that the
+first training batch shows called without the batch dimension such as GPT-2's ``wpe``), listed
+in ``skipped``; naming such a parameter in ``params`` raises. A tied weight (GPT-2's lm_head =
+wte) is one layer whose other uses add positions to its factors (``selection``), so its
+gradient is counted once; a weight also used where no hook sees it is refused (the first batch
+is checked against autograd). A task's ``token_mask`` (``LanguageModeling``; a dict batch's
+``attention_mask`` for ``Classification``) leaves padding out of the factors. The handlers compute every layer-specific statistic; this package only
 orchestrates.
 
 Cost. ``fit`` makes two passes over the training data per checkpoint for EK-FAC (covariances,

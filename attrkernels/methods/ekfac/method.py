@@ -18,7 +18,7 @@ from ..scores import ScoreOutput
 from . import precondition
 from .factors import STAGES, LayerFactors, eigen
 from .passes import Passes, Recorded
-from .selection import select_layers
+from .selection import probe_layers, select_layers
 from .storage import FactorStore, dataset_len, store_meta
 
 FISHERS = ("true", "empirical")
@@ -67,6 +67,8 @@ class EKFAC(AttributionMethod):
         self.layers, self.skipped = select_layers(model, params)
         self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
         self.plan = self.passes.plan
+        self._leave_out = params is None  # the first batch settles the layers (``_probe``)
+        self._probed = False
         self.fitted: list[_Fitted] = []
         self.train = None  # the loader given to fit
         self.data = Recorded()  # the examples of the training data the factors were fitted on
@@ -87,6 +89,7 @@ class EKFAC(AttributionMethod):
         """
         check_loader(train, "train")
         checkpoints = as_checkpoints(self.model, checkpoints)
+        self._probe(train)
         store = self._open_store()
         data = Recorded(store)
         # Factors loaded from the store: a quick look at the first batch now, every example at
@@ -176,6 +179,23 @@ class EKFAC(AttributionMethod):
     def _inverses(self, factors: dict) -> dict:
         return precondition.inverses(self.layers, factors, self.damping, self._eigenvalues)
 
+    def _probe(self, train) -> None:
+        """Once, on the first training batch (``selection.probe_layers``): params=None leaves out
+        the layers called without the batch dimension (into ``skipped``); a weight also used
+        where no hook sees it raises."""
+        if self._probed:
+            return
+        layers, self.skipped = probe_layers(self.model, self.layers, self.skipped, self.task, train,
+                                            leave_out=self._leave_out)
+        self._probed = True
+        if len(layers) != len(self.layers):
+            if not layers:
+                raise ValueError("every layer EK-FAC/K-FAC can factor is called without the batch dimension; "
+                                 "feed the model batch-first inputs [B, ..., d]")
+            self.layers = layers
+            self.passes = Passes(self.model, self.task, layers, self.memory_budget, self.passes.verbose)
+            self.plan = self.passes.plan
+
     def _open_store(self) -> FactorStore | None:
         if self.store_path is None:
             return None
@@ -216,6 +236,7 @@ class EKFAC(AttributionMethod):
             return self.fitted
         if self.store_path is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before scoring")
+        self._probe(train)
         store = self._open_store()
         state = as_checkpoints(self.model, None)[0]
         fp = fingerprint(state)

@@ -24,6 +24,7 @@ from ...capture.handlers import CovarianceSums
 from ...capture.hooks import unbatched_modules
 from ...kernels.philox import derive_seed
 from ...store import DataMismatch, StoreMismatch
+from ...tasks.base import token_mask
 from ...utils.batches import one_example
 from ...utils.errors import ExampleError
 from ..base import call_task
@@ -165,9 +166,10 @@ class Passes:
         if what not in self._probed:
             self._probed.add(what)
             self._probe(batch, fn, what)
-        hooks = [layer.module.register_forward_hook(keep) for layer in self.layers]
+        # every hooked module: the layers and the other uses of their tied weights
+        hooks = [module.register_forward_hook(keep) for module, _ in self.plan.hooked.values()]
         try:
-            with Capture(self.plan) as cap, torch.enable_grad():
+            with Capture(self.plan, mask=token_mask(self.task, batch)) as cap, torch.enable_grad():
                 try:
                     out = call_task(fn, self.model, batch, size, what)
                 except TypeError as err:  # call_task wraps what the task raised; keep ExampleErrors
