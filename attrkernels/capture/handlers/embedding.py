@@ -16,6 +16,8 @@ from .kron import KroneckerHandler, Query
 
 
 class EmbeddingHandler(KroneckerHandler):
+    diagonal_activation = True
+
     @classmethod
     def check(cls, name, module):
         if module.scale_grad_by_freq:

@@ -55,6 +55,7 @@ class KroneckerHandler(Handler):
     """Base of the handlers whose weight EK-FAC / K-FAC factor; see the module docstring."""
 
     kronecker = True
+    diagonal_activation = False  # the activation factor A is a [d_in] diagonal (Embedding), not [d_in, d_in]
 
     @classmethod
     def why_not_kronecker(cls, module: nn.Module) -> str | None:

@@ -1,0 +1,115 @@
+"""The stages of one checkpoint's factors: each loaded from the store, merged from shards'
+partial sums, or computed over this process's part of the training set and summed across the
+process group (see ``sharding`` for the three ways to run and ``partials`` for the files).
+
+Per checkpoint, every rank of a group makes the same collectives in the same order: one
+agreement on which stage files the store holds, then per computed stage one ``all_reduce_sum``
+of its sums (with the covariance stage, the digests of every rank's examples, so that every rank
+knows the fingerprint of the whole training set), and one for the eigendecompositions. Only
+rank 0 writes the store's merged files; it issues no collective of its own.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...distributed import all_reduce_sum
+from ...store import DataMismatch
+from ..checkpoints import model_device
+from .factors import covariance_factors, eigen, set_lambda
+from .partials import MissingShards, Partials, basis_digest
+from .sharding import Split, agree
+from .storage import DATA_FILE, FactorStore, dataset_len
+
+
+def factors_of(method, train, k: int, fp: str, store: FactorStore | None, data, split: Split) -> dict | None:
+    """The factors of checkpoint k; None when this process ran a shard (``split.offline``)
+    whose stage cannot be merged yet (other shards' partial sums are missing)."""
+    stages, layers, device = method.stages, method.layers, model_device(method.model)
+    present = dict(zip(stages, agree([store is not None and store.exists(s, fp) for s in stages], split.group,
+                                     f"which factor files of checkpoint {fp} the store holds")))
+    if present["covariance"]:
+        store.check_data(fp, data.digests)
+    if all(present.values()):
+        return store.load(stages, fp, layers, device)
+    if present["covariance"]:
+        factors = store.load(("covariance",), fp, layers, device)
+    else:
+        sums = stage_sums(method, "covariance", train, k, fp, store, data, split)
+        if sums is None:
+            return None
+        factors = covariance_factors(layers, sums)
+        if store is not None and split.writer:
+            store.save("covariance", fp, factors, int(sums["examples"]), data.digests)
+    if present["eigen"]:
+        store.load(("eigen",), fp, layers, device, factors)
+    else:
+        eigen(layers, factors, method.block_width, split.group)
+        if store is not None and split.writer:
+            store.save("eigen", fp, factors)
+            if split.offline:  # shards running at once: use the basis on file, whichever wrote it last
+                store.load(("eigen",), fp, layers, device, factors)
+    if "lambda" in stages:
+        sums = stage_sums(method, "lambda", train, k, fp, store, data, split, factors)
+        if sums is None:
+            return None
+        set_lambda(layers, factors, sums)
+        if store is not None and split.writer:
+            store.save("lambda", fp, factors)
+    return factors
+
+
+def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: Split, factors=None) -> dict | None:
+    """The sums of ``stage`` over every training example (float64 / int64, on the model's device),
+    or None for an offline shard whose stage cannot be merged yet."""
+    passes, device = method.passes, model_device(method.model)
+
+    def compute(shard):
+        if stage == "covariance":
+            return passes.covariances(train, k, method.fisher, method.seed, data, shard)
+        return passes.correction(train, k, factors, method.fisher, method.seed, data, shard)
+
+    partials = None if store is None else Partials(store)
+    basis = basis_digest(factors) if stage == "lambda" and partials is not None else ""
+    n = dataset_len(train)
+
+    def merged():
+        sums, digests = partials.merge(stage, fp, n, lambda shard, d: _check_shard(method, train, data, shard, d),
+                                       basis)
+        data.recorded(digests)
+        return {key: v.to(device) for key, v in sums.items()}
+
+    if split.offline:
+        shard = split.shard
+        if not partials.exists(stage, fp, shard):
+            sums = compute(shard)
+            seen = data.seen if len(shard) else np.zeros(0, dtype=np.uint64)
+            partials.save(stage, fp, shard, sums, seen, basis)
+        try:
+            return merged()
+        except MissingShards:
+            return None
+    group = split.group
+    if partials is not None and agree([bool(partials.ranges(stage, fp))], group,
+                                      f"whether the store holds partial {stage} sums")[0]:
+        return merged()
+    sums = compute(split.shard)
+    if group.distributed:
+        tensors = list(sums.values())
+        if stage == "covariance":  # the digests of every rank's examples, each in its range
+            digests = torch.zeros(n, dtype=torch.int64)
+            if len(split.shard):
+                digests[split.shard.start:split.shard.stop] = torch.from_numpy(data.seen.view(np.int64))
+            tensors.append(digests)
+        all_reduce_sum(tensors, what=f"{stage} sums of checkpoint {k}")
+        if stage == "covariance":
+            data.recorded(digests.numpy().view(np.uint64))
+    return sums
+
+
+def _check_shard(method, train, data, shard, digests) -> None:
+    """DataMismatch when a shard's recorded examples are not the train loader's there (the
+    first batch; every example against the store's record when it has one)."""
+    if data.digests is not None and not np.array_equal(data.expected(shard), digests):
+        raise DataMismatch(f"its examples differ from those the store's {DATA_FILE} records")
+    method.passes.check_shard(train, shard, digests)
