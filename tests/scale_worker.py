@@ -30,6 +30,20 @@ class Net(nn.Module):
         return self.head(self.hidden(self.emb(tokens).mean(1)).tanh())
 
 
+def mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def mlp_loaders(n: int, batch_size: int = 4, n_test: int = 5):
+    """Float inputs [n, 5] with 3 classes, and 5 test examples."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n + n_test, 5, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    return (DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch_size),
+            DataLoader(TensorDataset(x[n:], y[n:]), batch_size=batch_size))
+
+
 def data(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 7, (n, 3), generator=g)

@@ -68,39 +68,45 @@ def assert_scores_close(got, want):
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
-def _group_worker(rank, world, port, root, n, with_store, results):
+CASES = ((11, True), (1, False))  # uneven shards with a store; fewer examples than ranks without
+
+
+def _group_worker(rank, world, port, root, results):
     W.init(rank, world, port)
     try:
-        train, test = W.loaders(n)
         out = {}
-        for strategy in ("ekfac", "kfac"):
-            m = _method(strategy, Path(root) / f"store-{strategy}" if with_store else None).fit(train)
-            scores = m.score(test, out=Path(root) / f"scores-{strategy}.npy")
-            self_inf = m.self_influence(out=Path(root) / f"self-{strategy}.npy")
-            out[strategy] = (W.factor_tensors(m), scores.clone(), self_inf.clone())
+        for n, with_store in CASES:
+            train, test = W.loaders(n)
+            for strategy in ("ekfac", "kfac"):
+                m = _method(strategy, Path(root) / f"store-{strategy}-{n}" if with_store else None).fit(train)
+                scores = m.score(test, out=Path(root) / f"scores-{strategy}-{n}.npy")
+                self_inf = m.self_influence(out=Path(root) / f"self-{strategy}-{n}.npy")
+                out[n, strategy] = (W.factor_tensors(m), scores.clone(), self_inf.clone())
         results[rank] = out
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("n, with_store", [(11, True), (1, False)])  # uneven shards; fewer examples than ranks
-def test_two_gloo_processes_match_one_process(tmp_path, n, with_store):
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """One spawn for both cases: starting a process that imports torch takes seconds."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_group_worker, args=(2, W.free_port(), str(tmp_path), n, with_store, results), nprocs=2)
+        mp.spawn(_group_worker, args=(2, W.free_port(), str(tmp_path), results), nprocs=2)
         results = dict(results)
-    for strategy in ("ekfac", "kfac"):
-        factors, scores, self_inf = _one_process(strategy, n)
-        for rank in (0, 1):
-            got_factors, got_scores, got_self = results[rank][strategy]
-            assert_factors_close(got_factors, factors)
-            assert_scores_close(got_scores, scores)
-            assert_scores_close(got_self, self_inf)
-        assert (tmp_path / f"scores-{strategy}.npy").exists() and not list(tmp_path.glob("*.tmp.*"))
-    if with_store:  # the group's store is whole: a one-process run loads it and scores the same
-        train, test = W.loaders(n)
-        loaded = _method("ekfac", tmp_path / "store-ekfac")
-        assert_scores_close(loaded.score(test, train=train), _one_process("ekfac", n)[1])
+    for n, with_store in CASES:
+        for strategy in ("ekfac", "kfac"):
+            factors, scores, self_inf = _one_process(strategy, n)
+            for rank in (0, 1):
+                got_factors, got_scores, got_self = results[rank][n, strategy]
+                assert_factors_close(got_factors, factors)
+                assert_scores_close(got_scores, scores)
+                assert_scores_close(got_self, self_inf)
+            assert (tmp_path / f"scores-{strategy}-{n}.npy").exists()
+        if with_store:  # the group's store is whole: a one-process run loads it and scores the same
+            train, test = W.loaders(n)
+            loaded = _method("ekfac", tmp_path / f"store-ekfac-{n}")
+            assert_scores_close(loaded.score(test, train=train), _one_process("ekfac", n)[1])
+    assert not list(tmp_path.glob("*.tmp.*"))
 
 
 def _offline_shards(store, count, train, strategy="ekfac"):

@@ -9,11 +9,12 @@ methods issue when a ``torch.distributed`` process group is running.
   library never initialises one and never chooses a backend) and ``all_reduce_sum`` adds tensors
   across ranks in buckets, refusing ranks whose tensors differ in shape or dtype.
 * ``rows``: ``SharedRows``, the training rows of a score matrix split across ranks, each rank
-  writing its rows into one shared ``.npy`` file (never a gather of the whole matrix).
+  writing its rows into one shared ``.npy`` file (never a gather of the whole matrix);
+  ``rank_shard(loader)`` this rank's shard of a loader, ``write_rows`` its rows at once.
 """
 from .collectives import Group, all_reduce_sum, process_group
 from .loaders import shard_loader
-from .rows import SharedRows
+from .rows import SharedRows, rank_shard, write_rows
 from .shards import Shard, shard_of
 
-__all__ = ["Shard", "shard_of", "shard_loader", "Group", "process_group", "all_reduce_sum", "SharedRows"]
+__all__ = ["Shard", "shard_of", "shard_loader", "Group", "process_group", "all_reduce_sum", "SharedRows", "rank_shard", "write_rows"]

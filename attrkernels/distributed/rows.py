@@ -23,7 +23,28 @@ import numpy as np
 import torch
 
 from .collectives import process_group
-from .shards import Shard
+from .shards import Shard, shard_of
+
+
+def rank_shard(loader) -> Shard | None:
+    """This rank's shard of the loader's examples under a process group (``shard_of(n, rank,
+    world size)``); None without one. The loader must have a dataset with a length."""
+    group = process_group()
+    if not group.distributed:
+        return None
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__"):
+        raise TypeError("under a process group the train loader is split into shards: pass a torch DataLoader over "
+                        f"a map-style dataset (with __len__), got {type(loader).__name__}")
+    return shard_of(len(dataset), group.rank, group.size)
+
+
+def write_rows(out, rows: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Write this rank's ``rows`` (shard.stop - shard.start of them) into the shared file ``out``
+    and return a view of the whole file (every rank calls it)."""
+    with SharedRows(out, (shard.n, *rows.shape[1:]), shard) as dest:
+        dest.write(0, rows)
+        return dest.finish()
 
 
 def _barrier() -> None:
