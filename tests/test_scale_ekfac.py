@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 
 import attrkernels as ak
 from attrkernels.distributed import Shard
-from attrkernels.methods.ekfac.partials import MissingShards
-from attrkernels.methods.ekfac.storage import StoredDataMismatch
+from attrkernels.distributed import MissingShards
+from attrkernels.store import StoreMismatch
 
 import scale_worker as W
 
@@ -80,7 +80,7 @@ def _group_worker(rank, world, port, root, results):
             for strategy in ("ekfac", "kfac"):
                 m = _method(strategy, Path(root) / f"store-{strategy}-{n}" if with_store else None).fit(train)
                 scores = m.score(test, out=Path(root) / f"scores-{strategy}-{n}.npy")
-                self_inf = m.self_influence(out=Path(root) / f"self-{strategy}-{n}.npy")
+                self_inf = m.self_influence()
                 out[n, strategy] = (W.factor_tensors(m), scores.clone(), self_inf.clone())
         results[rank] = out
     finally:
@@ -135,8 +135,8 @@ def test_partial_sums_of_two_shards_merged_by_three_processes_and_by_one(tmp_pat
     first = _method("ekfac", store).fit(train, shard=(0, 2))
     assert not first.complete and not first.fitted  # the eigenbasis needs every shard's covariances
     _offline_shards(store, 2, train)
-    assert sorted(p.name.rsplit("_", 1)[1] for p in (store / "partial").glob("covariance_*")) == [
-        "000000000000-000000000008.safetensors", "000000000008-000000000013.safetensors"]
+    assert sorted(p.parent.name for p in store.glob("partial/covariance_*/shards/*/manifest.json")) == [
+        "000000000000-000000000008", "000000000008-000000000013"]
     for merged in store.glob("*.safetensors"):  # keep the partial sums only: the runs below merge them
         merged.unlink()
     (store / "train_data.npz").unlink()
@@ -156,12 +156,16 @@ def test_missing_shard_is_named_and_other_data_refused(tmp_path):
     train, _ = W.loaders(12)
     store = tmp_path / "store"
     _method("kfac", store).fit(train, shard=(1, 3))
-    with pytest.raises(MissingShards, match=r"\[0, 4\), \[8, 12\) of 12"):
+    with pytest.raises(MissingShards, match=r"examples \[0, 4\) \(missing: shard 0 of 3 \[0, 4\)\).*"
+                                            r"examples \[8, 12\) \(missing: shard 2 of 3"):
         _method("kfac", store).fit(train)
     other, _ = W.loaders(12, seed=5)  # same size and batch size, other examples
-    with pytest.raises(StoredDataMismatch, match=r"000000000004-000000000008.*shard \[4, 8\), data fingerprint [0-9a-f]{32}"):
+    with pytest.raises(StoreMismatch, match=r"000000000004-000000000008 \(examples \[4, 8\)\) was computed from "
+                                            r"other training data.*fingerprint is [0-9a-f]{32}"):
         for i in (0, 2):
             _method("kfac", store).fit(other, shard=(i, 3))
+    with pytest.raises(StoreMismatch, match="other settings"):  # the same shards, other batch size
+        _method("kfac", store).fit(W.loaders(12, batch_size=2)[0])
     with pytest.raises(ValueError, match="batch boundary"):
         _method("ekfac", tmp_path / "s2").fit(train, shard=Shard(2, 6, n=12))
     with pytest.raises(ValueError, match="store="):
@@ -183,10 +187,10 @@ def test_shard_killed_mid_pass_resumes_to_the_identical_result(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 6 <= int(progress.read_text()) < 20, "the shard was not killed mid-pass"
-    assert not list((store / "partial").glob("*")) if (store / "partial").exists() else True
+    assert not list(store.glob("partial/*/shards/*/manifest.json")), "the killed shard left a finished shard"
     resumed = _offline_shards(store, 2, train)
     for key, value in W.factor_tensors(fresh).items():
         assert torch.equal(W.factor_tensors(resumed)[key], value), key
-    before = {p: p.stat().st_mtime_ns for p in (store / "partial").glob("*")}
+    before = {p: p.stat().st_mtime_ns for p in (store / "partial").rglob("*")}
     _method("ekfac", store).fit(train, shard=(1, 2))  # a finished shard: nothing recomputed or rewritten
-    assert before == {p: p.stat().st_mtime_ns for p in (store / "partial").glob("*")}
+    assert before == {p: p.stat().st_mtime_ns for p in (store / "partial").rglob("*")}

@@ -4,17 +4,23 @@ methods issue when a ``torch.distributed`` process group is running.
 * ``shards``: ``Shard`` (a contiguous range of training examples, shard i of n) and
   ``shard_of(n, index, count)``, the one split used everywhere (job arrays, torchrun ranks,
   offline merges), so a shard written by any launcher is found by any other;
-  ``shard_loader(train, shard)`` the loader of its examples.
+  ``shard_loader(train, shard)`` the loader of its examples; ``batch_shard(n, batch, i, count)``
+  the same split at batch boundaries (a shard's batches are the full loader's).
+* ``manifest``: per-shard manifests (settings hash, data fingerprint of the shard's examples) and
+  the pure merge of finished shards from any number of processes (``cover``, ``check_settings``,
+  ``check_data``), with ``MissingShards`` naming what is missing.
+* ``ranks``: ``rank_shard(loader)``, this rank's shard of a loader under a process group.
 * ``collectives``: ``process_group()`` reads (rank, world size) from an initialised group (the
   library never initialises one and never chooses a backend) and ``all_reduce_sum`` adds tensors
   across ranks in buckets, refusing ranks whose tensors differ in shape or dtype.
-* ``rows``: ``SharedRows``, the training rows of a score matrix split across ranks, each rank
-  writing its rows into one shared ``.npy`` file (never a gather of the whole matrix);
-  ``rank_shard(loader)`` this rank's shard of a loader, ``write_rows`` its rows at once.
 """
-from .collectives import Group, all_reduce_sum, process_group
+from .collectives import Group, all_reduce_sum, barrier, process_group
 from .loaders import shard_loader
-from .rows import SharedRows, rank_shard, write_rows
-from .shards import Shard, shard_of
+from .manifest import (MissingShards, Piece, ShardManifest, check_data, check_settings, cover, merged_fingerprint,
+                       read_manifest, settings_hash, shard_directory, shard_manifests, write_manifest)
+from .ranks import rank_shard
+from .shards import Shard, batch_shard, shard_of
 
-__all__ = ["Shard", "shard_of", "shard_loader", "Group", "process_group", "all_reduce_sum", "SharedRows", "rank_shard", "write_rows"]
+__all__ = ["Shard", "shard_of", "batch_shard", "shard_loader", "Group", "process_group", "all_reduce_sum", "barrier",
+           "MissingShards", "Piece", "ShardManifest", "check_data", "check_settings", "cover", "merged_fingerprint",
+           "read_manifest", "settings_hash", "shard_directory", "shard_manifests", "write_manifest", "rank_shard"]

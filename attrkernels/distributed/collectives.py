@@ -85,6 +85,12 @@ def all_reduce_sum(tensors: list[torch.Tensor], *, what: str = "tensors",
                 offset += b.numel()
 
 
+def barrier() -> None:
+    """Wait for every rank of the process group (nothing without one)."""
+    if process_group().distributed:
+        torch.distributed.barrier()
+
+
 def _buckets(tensors: list[torch.Tensor], per_bucket: int):
     """Consecutive groups of tensors of at most ``per_bucket`` elements (a larger tensor alone)."""
     bucket, filled = [], 0

@@ -50,3 +50,14 @@ def shard_of(n: int, index: int = 0, count: int = 1) -> Shard:
     base, extra = divmod(n, count)
     start = index * base + min(index, extra)
     return Shard(start, start + base + (index < extra), index, count, n)
+
+
+def batch_shard(n: int, batch: int, index: int = 0, count: int = 1) -> Shard:
+    """Shard ``index`` of ``count`` of n examples split at multiples of ``batch``: the balanced
+    split (``shard_of``) of the ceil(n / batch) batches, in examples. Every shard then starts a
+    batch of the full loader, so a shard's batches are the full run's batches (bit-identical
+    features)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    b = shard_of(-(-n // batch), index, count)
+    return Shard(min(b.start * batch, n), min(b.stop * batch, n), index, count, n)

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import Gradients, make_plan
-from ..distributed import process_group, rank_shard, shard_loader, write_rows
+from ..distributed import process_group, rank_shard, shard_loader
 from ..kernels.cg import block_cg
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
@@ -128,7 +128,7 @@ class _Influence(AttributionMethod):
 
         ``out``: None (a new tensor), a path (a float32 .npy file) or an array to fill
         (``methods.scores.ScoreOutput``); under a process group a path every rank sees, into
-        which each rank writes the rows of its shard (``distributed.SharedRows``)."""
+        which each rank writes the rows of its shard (``methods.scores.ScoreOutput``)."""
         if self.checkpoints is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
         scores = None
@@ -141,13 +141,12 @@ class _Influence(AttributionMethod):
                 part = self._stream_train(X, index)
                 scores = part if scores is None else scores + part
         scores = (scores / len(self.checkpoints)).to(torch.float32)
-        if self.shard is not None:
-            return write_rows(out, scores, self.shard)
-        if out is None:
+        if out is None and self.shard is None:
             return scores
-        with ScoreOutput(out, scores.shape[1], n_train=scores.shape[0]) as dest:
-            dest.write(0, scores)
-            return dest.finish(rows=scores.shape[0])
+        n = scores.shape[0] if self.shard is None else self.shard.n
+        with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
+            dest.write(0 if self.shard is None else self.shard.start, scores)
+            return dest.finish(rows=n)
 
     def _stream_train(self, X: torch.Tensor, index: int = 0) -> torch.Tensor:
         """-G_train^T X over the train loader (this rank's shard), [rows, n_test] float64."""

@@ -15,7 +15,7 @@ seed ``derive_seed(seed, c)``.
 
 Under a ``torch.distributed`` process group, each rank passes over its shard of the training set
 (``distributed.rank_shard``; the test side is computed by every rank) and writes its rows of the
-scores into ``score(..., out=path)``, a file every rank sees (``distributed.SharedRows``): no
+scores into ``score(..., out=path)``, a file every rank sees (``methods.scores.ScoreOutput``): no
 collective but the file's barriers, and no rank holds more than its rows.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from ..capture import Featurizer, Gradients, make_plan
 from ..capture.featurizer import MODES
-from ..distributed import rank_shard, shard_loader, write_rows
+from ..distributed import process_group, rank_shard, shard_loader
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..utils.checks import check_number, check_seed
@@ -118,13 +118,12 @@ class TracIn(AttributionMethod):
                 part = torch.cat(rows) if rows else torch.zeros(0, test_side.shape[1], dtype=torch.float64)
                 scores = part if scores is None else scores + part
         scores = scores.to(torch.float32)
-        if self.shard is not None:
-            return write_rows(out, scores, self.shard)
-        if out is None:
+        if out is None and self.shard is None:
             return scores
-        with ScoreOutput(out, scores.shape[1], n_train=scores.shape[0]) as dest:
-            dest.write(0, scores)
-            return dest.finish(rows=scores.shape[0])
+        n = scores.shape[0] if self.shard is None else self.shard.n
+        with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
+            dest.write(0 if self.shard is None else self.shard.start, scores)
+            return dest.finish(rows=n)
 
     def _train_rows(self, test_side, index: int) -> list:
         """-eta grad l_i^T grad f over one checked pass of the train loader (this rank's shard),

@@ -1,4 +1,5 @@
-"""TRAK (Park et al., 2023) on the engine's featurizer, with a resumable on-disk store.
+"""TRAK (Park et al., 2023) on the engine's featurizer, with a resumable on-disk store that can be
+written by shards of the training set in any number of processes.
 
 For checkpoints m = 1..M (each with projection seed s_m = derive_seed(seed, m - 1)):
 
@@ -24,16 +25,29 @@ influence-function scores -grad f_test^T H^{-1} grad loss_train of the linearise
 H ~ Phi^T Phi: positive = including training example i raises the test margin.
 
 Store layout (``store=`` directory; a temporary one when None):
-    meta.json                settings (k, kind, seed, mode, damping, n_train, chunk, checkpoints)
+    meta.json                settings (k, kind, seed, mode, damping, dtype, n_train, chunk, checkpoints)
     train_<m>.f32 (+ .done)  [n_train, k + 1]: Phi_m | Q_m, one chunk per train batch, resumable
-    kernel_<m>.npz           K_m, lambda_m, Cholesky factor of K_m + lambda_m I
-Scoring streams tiles of training rows, so memory is bounded for any n_train x n_test, and can
-write the scores into a memory map (``out=path``) or an array (``methods.scores.ScoreOutput``).
+                             (``.f16`` / ``.bf16`` with ``dtype=``: ``methods.trak_store``)
+    kernel_<m>.npz           K_m, lambda_m, Cholesky factor of K_m + lambda_m I, the features' signature
+    shards/<start>-<stop>/   a shard's train_<m>.*, gram_<m>.npz (its Phi^T Phi) and manifest
+                             (``distributed.manifest``: settings hash, model fingerprints, dtype,
+                             the data fingerprint of its examples), written by ``fit(..., shard=)``
+
+Scale-out: ``fit(train, checkpoints, shard=(i, n))`` featurises only shard i of n (split at
+train-batch boundaries, so its features are bit-identical to a one-process run's) into its own
+directory; rerunning a finished shard does nothing. Under an initialised ``torch.distributed``
+group, shard = (rank, world size) with no code change, and the kernels K_m are summed across ranks
+(one ``all_reduce_sum`` of every partial Phi^T Phi and the example digests, then two barriers).
+Without a group (a job array) a final ``fit(train, checkpoints)`` without ``shard`` merges:
+it checks every shard's settings and data against the loader (one hashing pass, no features) and
+adds the shards' partial kernels. Opening a store is a pure function of the finished shards, for
+any world size: ranks of a later run (of any size) read their rows from whichever shards cover
+them. ``score`` splits the training rows over the ranks, each writing its rows of ``out=``.
+Scoring streams tiles of features (``methods.trak_score``), so memory is bounded for any
+n_train x n_test.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,15 +58,20 @@ from tqdm.auto import tqdm
 
 from ..capture import Featurizer, make_plan
 from ..capture.featurizer import DEFAULT_MEMORY_BUDGET, MODES
+from ..distributed import (Shard, all_reduce_sum, batch_shard, check_settings, process_group, shard_directory,
+                           shard_manifests, shard_of)
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..store import Store, damaged
 from ..utils.checks import check_damping, check_memory_budget, check_number, check_positive_int, check_seed
-from ..utils.errors import NotPositiveDefiniteError
 from .base import AttributionMethod, call_task
 from .checkpoints import checked_checkpoints, checkpoint_loop, fingerprint
 from .passes import checked, chunk_digest, iterate
 from .scores import ScoreOutput
+from .trak_shards import ShardedFit
+from .trak_score import column_block, score_rows, self_influence_rows
+from .trak_store import (Features, Part, check_dtype, check_sizes, cho_solve, cholesky, encode, feature_array,
+                         feature_file)
 
 DEFAULT_DAMPING_RATIO = 2.0
 
@@ -65,34 +84,6 @@ def _loader_size(loader, task):
     return sum(size for _, _, size in iterate(loader, task, "train"))
 
 
-def _free_memory() -> int | None:
-    """Bytes of memory available now (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _free_disk(path: Path) -> int | None:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB"
-
-
 def _chunk_size(loader, task):
     size = getattr(loader, "batch_size", None)
     if size:
@@ -101,7 +92,7 @@ def _chunk_size(loader, task):
         return size
 
 
-class TRAK(AttributionMethod):
+class TRAK(ShardedFit, AttributionMethod):
     """TRAK with the shared interface: ``fit(train, checkpoints)``, ``score(test)``.
 
     Args:
@@ -113,17 +104,20 @@ class TRAK(AttributionMethod):
         damping: lambda added to Phi^T Phi; None = damping_ratio * trace(Phi^T Phi) / min(k, n_train).
         damping_ratio: alpha of the default damping (default 2).
         store: directory for features and kernels (resumable); None = a temporary directory.
+        dtype: storage of the training features, "float32" (default), "float16" or "bfloat16"
+            (half the disk; scores are still computed in float32).
         params: names of the parameters to differentiate (default: all trainable).
         backend, memory_budget: passed to the Featurizer.
         verbose: progress bars.
 
-    ``fit(train, checkpoints=None)``; ``score(test, *, out=None, tile=4096)`` -> [n_train, n_test].
-    A kernel K_m + lambda_m I that is not positive definite raises
-    ``attrkernels.utils.errors.NotPositiveDefiniteError`` with the damping that would fix it.
+    ``fit(train, checkpoints=None, *, shard=None)``; ``score(test, *, out=None, tile=4096)`` ->
+    [n_train, n_test]; ``self_influence(*, tile=4096)`` -> [n_train]. A kernel K_m + lambda_m I that
+    is not positive definite raises ``attrkernels.utils.errors.NotPositiveDefiniteError`` with the
+    damping that would fix it.
     """
 
     def __init__(self, model, task, *, k=2048, seed=0, kind="rademacher", mode="dense",
-                 damping=None, damping_ratio=DEFAULT_DAMPING_RATIO, store=None, params=None,
+                 damping=None, damping_ratio=DEFAULT_DAMPING_RATIO, store=None, dtype="float32", params=None,
                  backend="auto", memory_budget=DEFAULT_MEMORY_BUDGET, verbose=True):
         super().__init__(model, task, verbose=verbose)
         check_damping(damping, optional=True)
@@ -134,12 +128,12 @@ class TRAK(AttributionMethod):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.k, self.seed, self.kind, self.mode = check_k(k), check_seed(seed), check_kind(kind), mode
-        self.damping, self.damping_ratio = damping, damping_ratio
+        self.damping, self.damping_ratio, self.dtype = damping, damping_ratio, check_dtype(dtype)
         self.params, self.backend, self.memory_budget = params, backend, check_memory_budget(memory_budget)
         make_plan(model, params)
         self._tmp = None if store is not None else tempfile.TemporaryDirectory(prefix="attrkernels-trak-")
         self.store_path = Path(store if store is not None else self._tmp.name)
-        self.store = None
+        self.store, self._features, self._checkpoints = None, None, None
 
     def _featurizer(self, m):
         return Featurizer(self.model, checked(self.task.measure, "measure"), self.k, seed=derive_seed(self.seed, m),
@@ -147,70 +141,91 @@ class TRAK(AttributionMethod):
                           backend=self.backend, memory_budget=self.memory_budget)
 
     # -----------------------------------------------------------------------------------------
-    def fit(self, train, checkpoints=None):
+    def fit(self, train, checkpoints=None, *, shard=None):
         """Featurise the training set at every checkpoint and factor the kernels (resumable).
+
+        ``shard``: None (the whole set; under a process group, shard = (rank, world size)),
+        ``(i, n)`` (shard i of n, split at batch boundaries: ``distributed.batch_shard``) or a
+        ``distributed.Shard`` starting at a batch boundary. With an explicit shard and no process
+        group only the shard's features are written; a later ``fit`` without ``shard`` merges.
 
         What is verified (see the README, "What is verified"): the loader (``DataPasses``: no
         shuffling, no drop_last, re-iterable; every pass yields the examples of the first);
         each stored chunk of features was computed from the examples the loader yields now
-        (else ``StoreMismatch``); the stored features' checksums (a damaged chunk is recomputed,
-        with a warning); each kernel against the checksum of the features it was computed from
-        (recomputed when they differ); the sizes of the features (disk) and kernel (memory)
-        before anything is written. One process at a time writes a checkpoint's features.
+        (else ``StoreMismatch``); every shard's settings and the fingerprint of its examples
+        (``distributed.manifest``); the stored features' checksums (a damaged chunk is
+        recomputed, with a warning); each kernel against the signature of the features it was
+        computed from (recomputed when they differ); the sizes of the features (disk) and kernel
+        (memory) before anything is written. One process at a time writes a file of features.
         The model's own weights are restored afterwards.
         """
         checkpoints = checked_checkpoints(self.model, checkpoints)  # mismatches refused before any work
-        passes = self._passes(train, "train")
+        group = process_group()
+        passes = self._passes(train, "train")  # bad loaders refused before any work
         n_train = _loader_size(train, self.task)
         if n_train < 1:
             raise ValueError("the train loader yielded no examples")
         chunk = _chunk_size(train, self.task)
-        self._check_sizes(n_train, len(checkpoints))
+        shard = self._shard(shard, group, n_train, chunk)
+        rows = n_train if shard is None else len(shard)
+        check_sizes(self.k, self.dtype, rows, len(checkpoints), self.store_path if shard is None else
+                    shard_directory(self.store_path, shard))
         self.store = Store(self.store_path, {
             "method": "TRAK", "k": self.k, "seed": self.seed, "kind": self.kind, "mode": self.mode,
             "damping": self.damping, "damping_ratio": self.damping_ratio, "params": self.params,
             "n_train": n_train, "chunk": chunk, "checkpoints": [fingerprint(c) for c in checkpoints],
+            **({} if self.dtype == "float32" else {"dtype": self.dtype}),
         })
-        self.num_checkpoints, self.n_train = len(checkpoints), n_train
-        self._checkpoints = None
+        self.num_checkpoints, self.n_train, self._chunk = len(checkpoints), n_train, chunk
+        self._checkpoints = self._features = None
+        found = shard_manifests(self.store_path)
+        check_settings(found, self.store.meta)
+        if shard is not None:
+            self._fit_shard(train, checkpoints, shard, group, found)
+        elif found and self._covers(found):
+            self._merge(passes, found)
+        else:
+            self._fit_whole(passes, checkpoints)
+        if group.distributed or shard is None:
+            self._checkpoints = checkpoints
+        return self
+
+    def _shard(self, shard, group, n_train, chunk) -> Shard | None:
+        if shard is None:
+            return batch_shard(n_train, chunk, group.rank, group.size) if group.distributed else None
+        if group.distributed:
+            raise ValueError("shard= is taken from (rank, world size) under a process group; pass shard=None")
+        if isinstance(shard, tuple) and len(shard) == 2:
+            return batch_shard(n_train, chunk, *shard)
+        if not isinstance(shard, Shard):
+            raise TypeError(f"shard must be None, (index, count) or a distributed.Shard, got {shard!r}")
+        if shard.stop > n_train or shard.start % chunk or (shard.stop % chunk and shard.stop != n_train):
+            raise ValueError(f"shard [{shard.start}, {shard.stop}) must lie in the {n_train} training examples and "
+                             f"start and stop at multiples of the batch size {chunk} (or at n_train): use "
+                             "shard=(index, count) or distributed.batch_shard")
+        return Shard(shard.start, shard.stop, shard.index, shard.count, n_train)
+
+    # -- the three ways of fitting: the whole set in one process, one shard, a merge of shards ----
+    def _fit_whole(self, passes, checkpoints):
+        n, chunk = self.n_train, self._chunk
+        self._features = []
         with checkpoint_loop(self.model, checkpoints) as loop:
             for m, _ in loop:
-                arr = self.store.chunked(f"train_{m}.f32", n_train, self.k + 1, chunk)
+                arr = feature_array(self.store.file(feature_file(m, self.dtype)), n, self.k, chunk, self.dtype)
                 arr.lock()  # one writer at a time; a second process waits, then checks what the first wrote
                 try:
                     arr.verify(repair=True)  # flipped bits: those chunks are recomputed
-                    self._featurize_train(m, arr, passes, n_train, chunk)
-                    self._factor_kernel(m, arr, n_train)
+                    self._featurize_train(m, arr, passes, n, chunk)
+                    features = Features([Part(arr, 0, 0, n)], self.k, self.dtype)
+                    if not self._kernel_current(m, features):
+                        self._factor(m, features.gram(0, n), features)
                 finally:
                     arr.unlock()
+                self._features.append(features)
         if passes.digests is not None:
             self.store.write_json("data.json", passes.fingerprint())
-        self._checkpoints = checkpoints
-        return self
 
-    def _check_sizes(self, n_train: int, num_checkpoints: int) -> None:
-        """Refuse, before anything is written, features that do not fit on the store's disk and
-        kernels that do not fit in memory (with the numbers and the fix)."""
-        kernel = 3 * 8 * self.k * self.k  # K, K + lambda I and its Cholesky factor, float64
-        memory = _free_memory()
-        if memory is not None and kernel > memory:
-            raise MemoryError(
-                f"TRAK with k = {self.k} needs {_gb(kernel)} of memory for the {self.k} x {self.k} float64 kernel "
-                f"and its Cholesky factor, but {_gb(memory)} is available; reduce k (k = 2048 to 8192 is usual)")
-        features = 4 * n_train * (self.k + 1)
-        need = 0
-        for m in range(num_checkpoints):
-            path = self.store_path / f"train_{m}.f32"
-            have = path.stat().st_size if path.exists() else 0
-            need += max(features - have, 0)
-        free = _free_disk(self.store_path)
-        if free is not None and need > free:
-            raise MemoryError(
-                f"TRAK with k = {self.k} writes {_gb(features)} of features per checkpoint ({n_train} x {self.k + 1} "
-                f"float32; {_gb(need)} still to write for {num_checkpoints} checkpoint(s)) to {self.store_path}, "
-                f"whose disk has {_gb(free)} free; reduce k, pass store= on a larger disk, or use fewer checkpoints")
-
-    def _featurize_train(self, m, arr, passes, n_train, chunk):
+    def _featurize_train(self, m, arr, passes, n_rows, chunk):
         """Featurise the chunks of checkpoint m that are missing; check that the done ones were
         computed from the examples the loader yields now."""
         missing = set(arr.missing())
@@ -226,14 +241,14 @@ class TRAK(AttributionMethod):
                     if start % chunk == 0 and start // chunk < arr.num_chunks:
                         arr.check_data(start // chunk, chunk_digest(passes.batch_digests))
         featurizer = self._featurizer(m) if missing else None
-        bar = tqdm(total=n_train, desc=f"TRAK featurize checkpoint {m}", disable=not self.verbose or not missing,
+        bar = tqdm(total=n_rows, desc=f"TRAK featurize checkpoint {m}", disable=not self.verbose or not missing,
                    unit="ex")
         with passes.over(f"checkpoint {m}") as batches:
             for start, batch, size in batches:
                 i = start // chunk
-                if start % chunk or (size != chunk and start + size != n_train) or start + size > n_train:
+                if start % chunk or (size != chunk and start + size != n_rows) or start + size > n_rows:
                     raise ValueError(f"train batches must all have {chunk} examples except the last "
-                                     f"(batch at example {start} has {size}; n_train = {n_train})")
+                                     f"(batch at example {start} has {size}; n_train = {n_rows})")
                 data = chunk_digest(passes.batch_digests)
                 if i not in missing:
                     arr.check_data(i, data)
@@ -241,114 +256,103 @@ class TRAK(AttributionMethod):
                     continue
                 with torch.no_grad():  # first: it names non-finite examples and bad labels clearly
                     q = call_task(self.task.out_to_loss, self.model, batch, size, "train")
-                phi = featurizer(batch)
-                arr.write(i, torch.cat([phi.cpu(), q.detach().cpu().reshape(-1, 1).float()], 1).numpy(), data=data)
+                arr.write(i, encode(featurizer(batch), q, self.dtype), data=data)
                 bar.update(size)
         bar.close()
         if not arr.complete:
-            raise ValueError(f"the train loader yielded fewer than the {n_train} examples of its dataset")
+            raise ValueError(f"the train loader yielded fewer than the {n_rows} examples of its dataset")
 
-    def _factor_kernel(self, m, arr, n_train):
-        """Factor K_m + lambda_m I, unless kernel_<m>.npz already holds the factor of exactly
-        these features (it records their checksum)."""
+    def _kernel_current(self, m, features) -> bool:
+        """Whether kernel_<m>.npz holds the factor of exactly these features (warns when not)."""
         name = f"kernel_{m}.npz"
-        if self.store.exists(name):
-            saved = self.store.load_arrays(name)
-            if "features" in saved and str(saved["features"]) == arr.checksum():
-                return
-            warnings.warn(f"store file {self.store.file(name)} was computed from other features than "
-                          f"{arr.path} holds now; it is recomputed", stacklevel=3)
-        data = arr.read()
-        K = np.zeros((self.k, self.k))
-        for r0 in range(0, n_train, 8192):
-            phi = np.asarray(data[r0:r0 + 8192, :self.k], dtype=np.float64)
-            K += phi.T @ phi
-        lam = self.damping if self.damping is not None else \
-            self.damping_ratio * np.trace(K) / min(self.k, n_train)
-        L = _cholesky(K, lam, self.k, n_train)
-        self.store.save_arrays(name, K=K, damping=np.float64(lam), L=L, features=np.array(arr.checksum()))
+        if not self.store.exists(name):
+            return False
+        saved = self.store.load_arrays(name)
+        if "features" in saved and str(saved["features"]) == features.signature():
+            return True
+        warnings.warn(f"store file {self.store.file(name)} was computed from other features than the feature "
+                      "files hold now; it is recomputed", stacklevel=4)
+        return False
 
-    def _verified(self, m):
-        """The features of checkpoint m and the Cholesky factor of its kernel, checked against
-        their checksums (``StoreDamaged`` naming the file and the fix otherwise)."""
-        n, k = self.n_train, self.k
-        arr = self.store.chunked(f"train_{m}.f32", n, k + 1, self.store.meta["chunk"])
-        if not arr.complete:
-            raise damaged(arr.path, f"chunks {arr.missing()[:10]} are missing",
-                          "run fit(...) again with the same data to recompute them")
-        arr.verify(repair=False)
-        saved = self.store.load_arrays(f"kernel_{m}.npz")
-        if "L" not in saved or "features" not in saved or str(saved["features"]) != arr.checksum():
-            raise damaged(self.store.file(f"kernel_{m}.npz"), f"it was not computed from the features {arr.path} "
-                          "holds", "run fit(...) again to recompute it")
-        return arr.read(), saved["L"]
+    def _factor(self, m, K, features) -> None:
+        """Factor K_m + lambda_m I and save it with the signature of the features it came from."""
+        n = self.n_train
+        lam = self.damping if self.damping is not None else self.damping_ratio * np.trace(K) / min(self.k, n)
+        L = cholesky(K, lam, self.k, n, DEFAULT_DAMPING_RATIO)
+        self.store.save_arrays(f"kernel_{m}.npz", K=K, damping=np.float64(lam), L=L,
+                               features=np.array(features.signature()))
+
+    def _factors(self, rows: Shard) -> list[np.ndarray]:
+        """The Cholesky factor of every kernel, checked against the features it was computed
+        from; the features of ``rows`` checked against their checksums (``StoreDamaged`` naming
+        the file and the fix otherwise)."""
+        factors = []
+        for m, features in enumerate(self._features):
+            for p in features.parts:
+                if p.start < rows.stop and rows.start < p.stop:
+                    if not p.array.complete:
+                        raise damaged(p.array.path, f"chunks {p.array.missing()[:10]} are missing",
+                                      "run fit(...) again with the same data to recompute them")
+                    p.array.verify(repair=False)
+            saved = self.store.load_arrays(f"kernel_{m}.npz")
+            if "L" not in saved or "features" not in saved or str(saved["features"]) != features.signature():
+                raise damaged(self.store.file(f"kernel_{m}.npz"), "it was not computed from the features the "
+                              "store holds", "run fit(...) again to recompute it")
+            factors.append(saved["L"])
+        return factors
+
+    def _rows(self) -> tuple[Shard, object]:
+        if self._checkpoints is None:
+            raise RuntimeError("call fit(train, checkpoints) before score() (after fit(..., shard=) on every "
+                               "shard, once more without shard= to merge them)")
+        group = process_group()
+        return shard_of(self.n_train, group.rank, group.size), group
 
     # -----------------------------------------------------------------------------------------
-    def _test_features(self, m, passes):
-        featurizer = self._featurizer(m)
-        with passes.over(f"checkpoint {m}") as batches:
-            feats = [featurizer(batch).cpu() for _, batch, _ in
-                     tqdm(batches, desc=f"TRAK test features {m}", disable=not self.verbose)]
-        return torch.cat(feats).double().numpy()
+    def _test_solves(self, test, factors) -> list[np.ndarray]:
+        """X_m = phi_m (K_m + lambda_m I)^{-1} [n_test, k] float32 for every checkpoint, solved a
+        test batch at a time."""
+        passes, solves = self._passes(test, "test"), []
+        with checkpoint_loop(self.model, self._checkpoints) as loop:
+            for m, _ in loop:
+                featurizer = self._featurizer(m)
+                with passes.over(f"checkpoint {m}") as batches:
+                    parts = [cho_solve(factors[m], featurizer(batch).cpu().double().numpy().T).T.astype(np.float32)
+                             for _, batch, _ in tqdm(batches, desc=f"TRAK test features {m}",
+                                                     disable=not self.verbose)]
+                solves.append(np.concatenate(parts))
+        return solves
 
     def score(self, test, *, out=None, tile=4096) -> torch.Tensor:
         """Scores [n_train, n_test] (float32), streaming ``tile`` training rows at a time.
 
-        ``out``: None (a new tensor), a path (written as a float32 .npy memory map and returned as
-        a tensor over it) or an [n_train, n_test] tensor or array filled in place and returned
-        (``methods.scores.ScoreOutput``).
+        ``out``: None (a new tensor), a path (a float32 .npy file, returned as a tensor over its
+        memory map) or an [n_train, n_test] tensor or array filled in place and returned
+        (``methods.scores.ScoreOutput``). Under a process group each rank scores its rows
+        (``shard_of(n_train, rank, world size)``, whatever the world size of ``fit``) into ``out``
+        (a path every rank sees, or each rank's memory map of one shared file).
         """
-        if getattr(self, "_checkpoints", None) is None:
-            raise RuntimeError("call fit(train, checkpoints) before score()")
         check_positive_int("tile", tile)
-        M, n, k = self.num_checkpoints, self.n_train, self.k
-        solves, qbar, arrays = [], np.zeros(n), []
-        test_passes = self._passes(test, "test")
-        with checkpoint_loop(self.model, self._checkpoints) as loop:
-            for m, _ in loop:
-                data, L = self._verified(m)
-                phi_test = self._test_features(m, test_passes)
-                X = _cho_solve(L, phi_test.T)  # [k, n_test] = (K + lambda I)^{-1} phi^T
-                solves.append(torch.from_numpy(X.astype(np.float32)))
-                qbar += np.asarray(data[:, k], dtype=np.float64) / M
-                arrays.append(data)
-        n_test = solves[0].shape[1]
-        with ScoreOutput(out, n_test, n_train=n) as result:
-            for r0 in tqdm(range(0, n, tile), desc="TRAK score", disable=not self.verbose):
-                r1 = min(n, r0 + tile)
-                acc = torch.zeros(r1 - r0, n_test)
-                for m in range(M):
-                    acc += torch.from_numpy(np.array(arrays[m][r0:r1, :k], dtype=np.float32)) @ solves[m]
-                acc *= torch.from_numpy((qbar[r0:r1] / M).astype(np.float32)).reshape(-1, 1)
-                result.write(r0, acc)
-            return result.finish(rows=n)
+        rows, group = self._rows()
+        factors = self._factors(rows)
+        solves = self._test_solves(test, factors)
+        n_test = solves[0].shape[0]
+        cols = column_block(n_test, self.k, self.num_checkpoints)
+        bar = tqdm(total=len(rows) * n_test, desc="TRAK score", disable=not self.verbose, unit="score")
+        with ScoreOutput(out, n_test, n_train=self.n_train, group=group) as result:
+            score_rows(self._features, solves, rows.start, rows.stop,
+                       lambda r, c, values: result.write(r, values, col=c), tile=tile, cols=cols, progress=bar.update)
+            bar.close()
+            return result.finish(rows=self.n_train)
 
-
-def _cholesky(K, lam, k, n_train):
-    """Cholesky factor of K + lam I; raises when it fails or the matrix is numerically singular
-    (a pivot below 1e-10 of the largest, where float64 solves lose all accuracy)."""
-    A = K + lam * np.eye(k)
-    try:
-        L = np.linalg.cholesky(A)
-        pivots = np.diag(L) ** 2
-        if not pivots.min() > 1e-10 * pivots.max():
-            raise np.linalg.LinAlgError("numerically singular")
-        return L
-    except np.linalg.LinAlgError:
-        mean_eig = np.trace(K) / min(k, n_train)
-        hint = f"; k = {k} exceeds n_train = {n_train}, so Phi^T Phi has rank < k" if k > n_train else ""
-        raise NotPositiveDefiniteError(
-            f"the TRAK kernel Phi^T Phi + {lam:g} I ({k} x {k}) is not positive definite{hint}. "
-            f"Pass damping > 0, e.g. damping={DEFAULT_DAMPING_RATIO * mean_eig:.3g} "
-            f"({DEFAULT_DAMPING_RATIO:g} x its mean nonzero eigenvalue, the default of damping=None)."
-        ) from None
-
-
-def _cho_solve(L, B):
-    """(L L^T)^{-1} B by two triangular solves, float64."""
-    from scipy.linalg import solve_triangular
-
-    Y = solve_triangular(L, B, lower=True)
-    return solve_triangular(L.T, Y, lower=False)
-
-
+    def self_influence(self, *, tile=4096) -> torch.Tensor:
+        """scores[i, i] with the training examples as the test set, [n_train] float32, computed a
+        tile of training rows at a time (no test pass). Under a process group each rank computes
+        its rows and one all-reduce of the [n_train] vector shares them."""
+        check_positive_int("tile", tile)
+        rows, group = self._rows()
+        out = torch.zeros(self.n_train)
+        out[rows.start:rows.stop] = torch.from_numpy(
+            self_influence_rows(self._features, self._factors(rows), rows.start, rows.stop, tile=tile))
+        all_reduce_sum([out], what="TRAK self-influence")
+        return out

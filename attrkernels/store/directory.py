@@ -79,7 +79,7 @@ def reading(path):
         raise damaged(path, f"{type(err).__name__}: {err}") from err
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
@@ -99,7 +99,7 @@ class Store:
                 old = read_json(meta_path)
                 if not isinstance(old, dict):
                     raise ValueError("not a JSON object")
-            diff = _differences(old, _jsonable(self.meta))
+            diff = differences(old, jsonable(self.meta))
             if diff:
                 raise StoreMismatch(
                     f"store {self.path} was written with other settings; use another directory or "
@@ -107,7 +107,7 @@ class Store:
                 )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(meta_path, _jsonable(self.meta))
+            write_json(meta_path, jsonable(self.meta))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -116,7 +116,7 @@ class Store:
         return ChunkedArray(self.path / name, n, k, chunk, dtype)
 
     def write_json(self, name, obj):
-        write_json(self.path / name, _jsonable(obj))
+        write_json(self.path / name, jsonable(obj))
 
     def read_json(self, name):
         with reading(self.path / name):
@@ -180,11 +180,11 @@ def _tensors_crc(tensors: dict) -> str:
     return f"{crc:08x}"
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
@@ -315,10 +315,10 @@ class ChunkedArray:
         self._staged, self._staged_since = set(), None
 
     def corrupted(self) -> list[int]:
-        """Done chunks whose bytes no longer match their CRC-32 (reads the whole array)."""
-        mm = self.read()
+        """Done chunks whose bytes no longer match their CRC-32 (reads the whole array, a chunk
+        at a time, so memory stays at one chunk)."""
         return [i for i in range(self.num_chunks) if self._done[i]
-                and zlib.crc32(np.ascontiguousarray(mm[slice(*self.rows(i))]).tobytes()) != int(self._sums[i, 0])]
+                and zlib.crc32(self.read_rows(*self.rows(i)).tobytes()) != int(self._sums[i, 0])]
 
     def verify(self, repair: bool) -> None:
         """Check every done chunk's CRC-32. ``repair``: mark damaged chunks missing (the caller
@@ -339,6 +339,17 @@ class ChunkedArray:
     def checksum(self) -> str:
         """A digest of the whole array's contents (from the per-chunk CRCs; complete arrays)."""
         return f"{zlib.crc32(self._sums[:, 0].tobytes()):08x}"
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) read into memory (a plain read, not a memory map: the pages of a
+        large array read tile by tile never accumulate in the process's resident memory)."""
+        if not 0 <= start <= stop <= self.n:
+            raise ValueError(f"rows [{start}, {stop}) lie outside the {self.n} rows of {self.path}")
+        count = (stop - start) * self.k
+        out = np.fromfile(self.path, dtype=self.dtype, count=count, offset=start * self.k * self.dtype.itemsize)
+        if out.size != count:
+            raise damaged(self.path, f"it ends before row {stop}")
+        return out.reshape(stop - start, self.k)
 
     def read(self, mode: str = "r") -> np.memmap:
         """The array as a memory map (complete or not)."""

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from ...distributed import all_reduce_sum
-from ...store import DataMismatch
 from ..checkpoints import model_device
 from .factors import covariance_factors, eigen, set_lambda
-from .partials import MissingShards, Partials, basis_digest
+from .partials import Partials, basis_digest
 from .sharding import Split, agree
-from .storage import DATA_FILE, FactorStore, dataset_len
+from .storage import FactorStore, dataset_len
 
 
 def factors_of(method, train, k: int, fp: str, store: FactorStore | None, data, split: Split) -> dict | None:
@@ -69,30 +68,28 @@ def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: S
             return passes.covariances(train, k, method.fisher, method.seed, data, shard)
         return passes.correction(train, k, factors, method.fisher, method.seed, data, shard)
 
-    partials = None if store is None else Partials(store)
-    basis = basis_digest(factors) if stage == "lambda" and partials is not None else ""
-    n = dataset_len(train)
-
-    def merged():
-        sums, digests = partials.merge(stage, fp, n, lambda shard, d: _check_shard(method, train, data, shard, d),
-                                       basis)
+    def merged(partials):
+        partials.covering()  # MissingShards naming the gaps before any work
+        digests = data.digests
+        if digests is None:  # one hashing pass (no model call) over the loader's examples
+            digests = passes.hash(train)
+        sums = partials.merge(digests)
         data.recorded(digests)
         return {key: v.to(device) for key, v in sums.items()}
 
+    n = dataset_len(train)
     if split.offline:
         shard = split.shard
-        if not partials.exists(stage, fp, shard):
+        partials = Partials(store, stage, fp, n, train.batch_size, basis_digest(factors) if factors else "")
+        if not partials.done(shard):
             sums = compute(shard)
-            seen = data.seen if len(shard) else np.zeros(0, dtype=np.uint64)
-            partials.save(stage, fp, shard, sums, seen, basis)
-        try:
-            return merged()
-        except MissingShards:
-            return None
+            partials.save(shard, sums, data.seen if len(shard) else np.zeros(0, dtype=np.uint64))
+        return merged(partials) if partials.ready() else None
     group = split.group
-    if partials is not None and agree([bool(partials.ranges(stage, fp))], group,
-                                      f"whether the store holds partial {stage} sums")[0]:
-        return merged()
+    if agree([store is not None and Partials.exist(store, stage, fp)], group,
+             f"whether the store holds partial {stage} sums")[0]:
+        return merged(Partials(store, stage, fp, n, getattr(train, "batch_size", None),
+                               basis_digest(factors) if factors else ""))
     sums = compute(split.shard)
     if group.distributed:
         tensors = list(sums.values())
@@ -105,11 +102,3 @@ def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: S
         if stage == "covariance":
             data.recorded(digests.numpy().view(np.uint64))
     return sums
-
-
-def _check_shard(method, train, data, shard, digests) -> None:
-    """DataMismatch when a shard's recorded examples are not the train loader's there (the
-    first batch; every example against the store's record when it has one)."""
-    if data.digests is not None and not np.array_equal(data.expected(shard), digests):
-        raise DataMismatch(f"its examples differ from those the store's {DATA_FILE} records")
-    method.passes.check_shard(train, shard, digests)

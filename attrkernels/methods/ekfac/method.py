@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ...distributed import SharedRows
+from ...distributed import all_reduce_sum
 from ...kernels.kfac import DEFAULT_MEMORY
 from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
@@ -125,8 +125,8 @@ class EKFAC(AttributionMethod):
         (``methods.scores.ScoreOutput``): None (a new tensor), a path (a float32 .npy memory
         map) or an existing [n_train, n_test] tensor or array, filled tile by tile. Under a
         process group each rank scores its shard of the training set into ``out``, which must
-        be a path every rank sees (``distributed.SharedRows``); the world size need not be the
-        one of ``fit``.
+        be a path every rank sees (``methods.scores.ScoreOutput``); the world size need not be
+        the one of ``fit``.
         """
         train = self._train_loader(train)
         fitted = self._ready(train)
@@ -145,31 +145,30 @@ class EKFAC(AttributionMethod):
                 queries, n_test = precondition.queries(self.passes, test, factors, inverse, n_train_hint, k, test_data)
                 self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
                 if dest is None:
-                    dest = stack.enter_context(
-                        SharedRows(out, (n_train_hint, n_test), split.shard) if split.shard is not None else
-                        ScoreOutput(out, n_test, n_train=None if out is None else n_train_hint))
+                    dest = stack.enter_context(ScoreOutput(out, n_test, group=split.group,
+                                                           n_train=None if out is None else n_train_hint))
+                offset = 0 if split.shard is None else split.shard.start
                 for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, stack):
                     handlers = self.passes.record(batch, size, self.task.loss, "train")
                     tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
                     tile.div_(-len(fitted))
-                    dest.write(start, tile, first=k == 0)
+                    dest.write(offset + start, tile, first=k == 0)
                     rows = start + size
-            return dest.finish() if split.shard is not None else dest.finish(rows=rows)
+            return dest.finish(rows=rows if split.shard is None else n_train_hint)
 
-    def self_influence(self, train=None, *, out=None) -> torch.Tensor:
+    def self_influence(self, train=None) -> torch.Tensor:
         """[n_train] g_i^T (F + damping)^{-1} g_i with g_i = grad loss_i, averaged over checkpoints.
 
         In the sign convention of ``score`` with measurement -loss_i: how much including example i
         lowers its own loss. Large values flag examples the rest of the data does not explain,
         e.g. mislabeled ones. ``train`` defaults to the loader given to ``fit``. Under a process
-        group each rank computes its shard's values into ``out``, a path every rank sees (a
-        float32 .npy file; ``distributed.SharedRows``); otherwise ``out`` is ignored.
+        group each rank computes its shard's values and one ``all_reduce_sum`` of the [n_train]
+        vector shares them.
         """
         train = self._train_loader(train)
         fitted = self._ready(train)
         check_loader(train, "train")
         split = split_of(train, None, self.fisher)
-        dest = None if split.shard is None else SharedRows(out, (dataset_len(train),), split.shard)
         total = None
         with ExitStack() as stack, checkpoint_loop(self.model, [f.checkpoint for f in fitted]) as loop:
             for k, _ in loop:
@@ -181,10 +180,12 @@ class EKFAC(AttributionMethod):
                     parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
                 total = values if total is None else total + values
-        if dest is None:
+        if split.shard is None:
             return total
-        dest.write(0, total)
-        return dest.finish()
+        every = torch.zeros(dataset_len(train))
+        every[split.shard.start:split.shard.stop] = total
+        all_reduce_sum([every], what="EK-FAC self-influence")
+        return every
 
     # -----------------------------------------------------------------------------------------
 

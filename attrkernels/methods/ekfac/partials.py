@@ -1,20 +1,19 @@
 """Partial sums of a stage over one shard of the training set, on disk, and their merge.
 
-A shard's pass (``fit(train, shard=(i, n))``) writes ``<store>/partial/<stage>_<fp>_<start>-<stop>
-.safetensors`` (``Shard.name``; atomically, so a complete file means the shard is done and a
-killed shard leaves nothing), holding the stage's unnormalised sums (``sums``: float64 sums and
-int64 counts keyed ``<layer>/<key>``, and ``examples``), the digests of the shard's examples
-(``digests``, int64 view of the uint64 ``store.fingerprint`` digests) and in its metadata the
-range, the training set's size, the shard's data fingerprint and, for ``lambda``, the checksum of
-the eigenbasis the correction was computed in. The model (checkpoint fingerprint ``fp``) is in the
-name; the settings are the store's ``meta.json``, so a shard of other settings cannot be written
-into the store at all.
+A shard's pass (``fit(train, shard=(i, n))``) writes, per stage and checkpoint, a shard directory
+of ``distributed.manifest`` (``<store>/partial/<stage>_<fp>/shards/<start>-<stop>/``): ``sums
+.safetensors`` (the stage's unnormalised sums: float64 sums and int64 counts keyed
+``<layer>/<key>``, and ``examples``), then the digests of the shard's examples and, last and
+atomically, its manifest, so a shard with a manifest is done and a killed shard is redone. The
+manifest's settings are the store's settings, the stage, the checkpoint's fingerprint, the size
+of the training set, the batch size of the split and, for ``lambda``, the digest of the
+eigenbasis the correction was computed in (``basis_digest``).
 
-``merge`` is a pure function of the files: it picks files that tile [0, n) whatever split wrote
-them (2 processes, 3, a job array), checks that they agree (size, eigenbasis) and that each
-covers the examples the caller's loader yields there (``check``), and adds them in range order.
-A gap raises naming the missing ranges; disagreeing files raise naming the shard and its
-fingerprint.
+``merge`` is a pure function of the finished shards, whatever split wrote them (2 processes, 3,
+a job array): sums cannot be cut, so it takes one split whose shards cover [0, n) (else
+``MissingShards`` names the gaps and the shards that would fill them), refuses shards of other
+settings (``check_settings``) or of other training data than the caller's (``check_data``: the
+shard and both fingerprints named), and adds the sums in range order.
 """
 from __future__ import annotations
 
@@ -23,15 +22,12 @@ import hashlib
 import numpy as np
 import torch
 
-from ...distributed import Shard
-from ...store import DataMismatch, StoreMismatch, combine
-from .storage import FactorStore, StoredDataMismatch, stage_tensors
+from ...distributed import (MissingShards, Shard, check_data, check_settings, cover, shard_directory,
+                            shard_manifests, write_manifest)
+from .storage import FactorStore, stage_tensors
 
 PARTIAL_DIR = "partial"
-
-
-class MissingShards(ValueError):
-    """The partial sums of a stage do not cover every training example yet."""
+SUMS = "sums.safetensors"
 
 
 def basis_digest(factors: dict) -> str:
@@ -44,92 +40,65 @@ def basis_digest(factors: dict) -> str:
     return h.hexdigest()
 
 
-def partial_name(stage: str, fp: str, shard: Shard) -> str:
-    return f"{PARTIAL_DIR}/{stage}_{fp}_{shard.name}.safetensors"
-
-
 class Partials:
-    """The partial-sum files of a factor store (see the module docstring)."""
+    """The partial sums of one stage and checkpoint in a factor store (see the module docstring)."""
 
-    def __init__(self, store: FactorStore):
-        self.factor_store, self.store = store, store.store
-        self.path = store.path / PARTIAL_DIR
+    def __init__(self, store: FactorStore, stage: str, fp: str, n: int, batch: int, basis: str = ""):
+        self.store, self.n, self.batch = store, n, batch
+        self.root = store.path / PARTIAL_DIR / f"{stage}_{fp}"
+        self.settings = {"store": store.store.meta, "stage": stage, "checkpoint": fp, "n": n, "batch": batch,
+                         "basis": basis}
 
-    def exists(self, stage: str, fp: str, shard: Shard) -> bool:
-        return self.store.exists(partial_name(stage, fp, shard))
+    @staticmethod
+    def exist(store: FactorStore, stage: str, fp: str) -> bool:
+        """Whether the store holds partial sums of ``stage`` for checkpoint ``fp``."""
+        return bool(shard_manifests(store.path / PARTIAL_DIR / f"{stage}_{fp}"))
 
-    def ranges(self, stage: str, fp: str) -> list[tuple[int, int]]:
-        """The (start, stop) of every partial file of ``stage`` for checkpoint ``fp``, sorted."""
-        out = []
-        for p in self.path.glob(f"{stage}_{fp}_*-*.safetensors"):
-            start, stop = p.name[:-len(".safetensors")].rsplit("_", 1)[1].split("-")
-            out.append((int(start), int(stop)))
-        return sorted(out)
+    def found(self) -> list:
+        return shard_manifests(self.root)
 
-    def save(self, stage: str, fp: str, shard: Shard, sums: dict, digests: np.ndarray, basis: str = "") -> None:
-        tensors = dict(sums)
-        tensors["digests"] = torch.from_numpy(np.ascontiguousarray(digests, dtype=np.uint64).view(np.int64))
-        meta = {"start": shard.start, "stop": shard.stop, "n": shard.n, "data": combine(digests)["digest"],
-                "basis": basis}
-        self.store.save_tensors(partial_name(stage, fp, shard), {k: v.cpu() for k, v in tensors.items()}, meta)
+    def done(self, shard: Shard) -> bool:
+        return any(m.start == shard.start and m.stop == shard.stop for m in self.found())
 
-    def tiling(self, stage: str, fp: str, n: int) -> list[Shard]:
-        """Shards whose files tile [0, n) (the widest at each step), or MissingShards naming the
-        ranges no file covers."""
-        ranges = self.ranges(stage, fp)
-        chosen, at = [], 0
-        while at < n:
-            here = [stop for start, stop in ranges if start == at and stop > at]
-            if not here:
-                break
-            chosen.append(Shard(at, max(here), n=n))
-            at = max(here)
-        if at >= n:
-            return chosen
-        covered, gaps, pos = sorted(ranges), [], 0
-        for start, stop in covered:
-            if start > pos:
-                gaps.append((pos, start))
-            pos = max(pos, stop)
-        if pos < n:
-            gaps.append((pos, n))
-        gaps = gaps or [(at, n)]
-        raise MissingShards(
-            f"the partial sums of stage {stage!r} for checkpoint {fp} in {self.path} do not cover the training "
-            f"examples {', '.join(f'[{a}, {b})' for a, b in gaps)} of {n}; run fit(train, shard=...) for the "
-            "shards holding them (e.g. the failed tasks of the job array), then fit(train) again")
+    def save(self, shard: Shard, sums: dict, digests: np.ndarray) -> None:
+        directory = shard_directory(self.root, shard)
+        name = directory.relative_to(self.store.path) / SUMS
+        self.store.store.save_tensors(str(name), {k: v.cpu() for k, v in sums.items()})
+        write_manifest(directory, shard, settings=self.settings, digests=digests, info={"batch": self.batch})
 
-    def merge(self, stage: str, fp: str, n: int, check=None, basis: str = "") -> tuple[dict, np.ndarray]:
-        """(float64 / int64 sums over every example, the [n] example digests) from files that tile
-        [0, n). ``check(shard, digests)`` raises ``DataMismatch`` when the caller's data differs
-        there; ``basis`` (lambda): the eigenbasis checksum every file must carry."""
-        total, parts = None, []
-        for shard in self.tiling(stage, fp, n):
-            name = partial_name(stage, fp, shard)
-            meta = self.store.tensors_metadata(name)
-            where = f"partial sums {self.store.path / name} (shard [{shard.start}, {shard.stop}), data fingerprint " \
-                    f"{meta.get('data')})"
-            if meta.get("n") != str(n):
-                raise StoreMismatch(f"{where} were computed on a training set of {meta.get('n')} examples, this one "
-                                    f"has {n}; delete them and rerun that shard")
-            if meta.get("basis", "") != basis:
-                raise StoreMismatch(f"{where} were computed in another eigenbasis than the store's eigen file of "
-                                    "this checkpoint; delete them and rerun that shard")
-            tensors = self.store.load_tensors(name)
-            digests = tensors.pop("digests").numpy().view(np.uint64)
-            if digests.size != len(shard) or combine(digests)["digest"] != meta.get("data"):
-                raise StoreMismatch(f"{where} hold {digests.size} example digests that do not match their metadata; "
-                                    "delete them and rerun that shard")
-            if check is not None:
-                try:
-                    check(shard, digests)
-                except DataMismatch as err:
-                    raise StoredDataMismatch(f"{where} were computed from other training data than the train "
-                                             f"loader yields: {str(err).rstrip('.')}. Delete them and rerun that "
-                                             "shard on this data") from None
-            if total is not None and set(tensors) != set(total):
-                raise StoreMismatch(f"{where} hold other layers than the other shards; delete them and rerun")
-            total = {k: v.clone() for k, v in tensors.items()} if total is None else \
-                {k: total[k] + tensors[k] for k in total}
-            parts.append(digests)
-        return total, np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+    def _split_covering(self, found: list):
+        """Pieces of the first split (by shard count) whose finished shards cover [0, n), or None."""
+        for count in sorted({m.count for m in found}):
+            try:
+                return cover([m for m in found if m.count == count], self.n)
+            except MissingShards:
+                continue
+        return None
+
+    def ready(self) -> bool:
+        """Whether one split's finished shards cover every example (``merge`` can run)."""
+        return self._split_covering(self.found()) is not None
+
+    def covering(self) -> list:
+        """The pieces ``merge`` adds (one split's whole shards: sums cannot be cut), after checking
+        the shards' settings; ``MissingShards`` naming the gaps when no split covers [0, n)."""
+        found = self.found()
+        check_settings(found, self.settings)
+        pieces = self._split_covering(found)
+        if pieces is None:
+            cover(found, self.n)  # raises MissingShards naming the gaps
+            raise MissingShards(f"the finished shards in {self.root} cover every example only by mixing splits, "
+                                "whose sums cannot be cut; run the missing shards of one split")
+        return pieces
+
+    def merge(self, digests: np.ndarray) -> dict:
+        """The float64 / int64 sums over every example, from finished shards of one split covering
+        [0, n) (``covering``), after checking their examples against ``digests`` (the caller's [n]
+        example digests)."""
+        pieces = self.covering()
+        total = None
+        for piece in pieces:
+            check_data(piece, digests[piece.start:piece.stop])
+            tensors = self.store.store.load_tensors(str(piece.manifest.path.relative_to(self.store.path) / SUMS))
+            total = tensors if total is None else {k: total[k] + tensors[k] for k in total}
+        return total

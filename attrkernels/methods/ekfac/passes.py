@@ -127,14 +127,14 @@ class Passes:
             for _ in batches:
                 break
 
-    def check_shard(self, loader, shard, digests: np.ndarray) -> None:
-        """Compare the first batch of ``shard`` of the loader with ``digests`` (a shard's record)."""
-        if not len(shard):
-            return
-        with CheckedPass(shard_loader(loader, shard), self.task, "train", expected=digests,
-                         context=f"shard [{shard.start}, {shard.stop})") as batches:
+    def hash(self, loader) -> np.ndarray:
+        """The digests of the loader's examples from one pass that only hashes them (no model
+        call): what a merge of shards checks them against."""
+        data = Recorded()
+        with self.over(loader, "train", "hashing the training data", "merge", data) as batches:
             for _ in batches:
-                break
+                pass
+        return data.digests
 
     def _probe(self, batch, fn, what) -> None:
         """Run one example: a tracked module whose input then has a leading dimension other

@@ -10,7 +10,7 @@ Three ways to run ``fit`` (the stage sums are the same either way; only who adds
   partial files covering every example adds them.
 
 The split is by batches: shard i of n holds whole batches of the train loader
-(``batch_shard``), so every batch, and with ``fisher="true"`` its sampled labels (seeded by the
+(``distributed.batch_shard``), so every batch, and with ``fisher="true"`` its sampled labels (seeded by the
 batch's first example), is the one a single process sees, and the sharded factors equal the
 one-process factors up to the rounding of the sums. An explicit ``Shard`` that does not start
 on a batch boundary is refused for the true Fisher for that reason.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...distributed import Group, Shard, all_reduce_sum, process_group, shard_loader, shard_of
+from ...distributed import Group, Shard, all_reduce_sum, batch_shard, process_group, shard_loader
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,6 @@ class Split:
         return self.group.rank == 0
 
 
-def batch_shard(n: int, batch_size: int, index: int, count: int) -> Shard:
-    """Shard ``index`` of ``count`` of n examples in batches of ``batch_size``: the balanced split
-    of the ceil(n / batch_size) batches (``distributed.shard_of``), in examples."""
-    batches = shard_of(-(-n // batch_size), index, count)
-    return Shard(min(batches.start * batch_size, n), min(batches.stop * batch_size, n), index, count, n)
-
-
 def _train_size(train) -> tuple[int, int]:
     dataset, batch_size = getattr(train, "dataset", None), getattr(train, "batch_size", None)
     if dataset is None or not hasattr(dataset, "__len__") or not batch_size:
@@ -59,7 +52,7 @@ def _train_size(train) -> tuple[int, int]:
 
 def split_of(train, shard, fisher: str) -> Split:
     """The Split for ``fit(train, shard=...)``: None takes (rank, world size) from the process
-    group (the whole loader without one), ``(i, n)`` shard i of n (``batch_shard``), a ``Shard``
+    group (the whole loader without one), ``(i, n)`` shard i of n (``distributed.batch_shard``), a ``Shard``
     its range (checked against the loader)."""
     if shard is None:
         group = process_group()
