@@ -44,3 +44,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             got = results[rank][n, k].double()
             assert got.shape == want.shape == (n, 5)
             assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (n, k, rank)
+
+
+def test_scoring_with_another_world_size_than_fit_is_refused():
+    from attrkernels.distributed import check_world
+    check_world(1, "TracIn")  # no process group: one process, as at fit
+    with pytest.raises(RuntimeError, match="fitted with 2 process.*scores with 1"):
+        check_world(2, "TracIn")

@@ -7,6 +7,15 @@ from .collectives import process_group
 from .shards import Shard, shard_of
 
 
+def check_world(fitted: int, method: str) -> None:
+    """Refuse to score with another world size than ``fit`` ran with, for methods that keep
+    their shard from ``fit`` (rows would be missing or written twice)."""
+    now = process_group().size
+    if now != fitted:
+        raise RuntimeError(f"{method} was fitted with {fitted} process(es) and scores with {now}: its training rows "
+                           "were split at fit; call fit again in this process group")
+
+
 def rank_shard(loader) -> Shard | None:
     """Shard (rank, world size) of the loader's examples, or None without a process group; the
     loader must have a dataset with a length."""

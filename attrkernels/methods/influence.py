@@ -27,6 +27,16 @@ score[batch] = -G_batch^T X, with the per-example training gradients from the sa
 * ``InfluenceLiSSA``: the stochastic Neumann recursion (``kernels.lissa``) on minibatch
   curvatures, cycling through the train loader.
 
+Under a ``torch.distributed`` process group (CG and explicit; the library never initialises one),
+rank r of W passes over shard r of the training set (``distributed.rank_shard``): every
+curvature-vector product is the sum of the ranks' shard sums (``methods.curvature``: one
+``all_reduce_sum`` per CG step or per explicit chunk), so every rank holds the same products and
+runs the same solver arithmetic on them; ``score`` writes each rank's training rows into
+``out=`` (a path every rank sees; ``methods.scores.ScoreOutput``). Fit and score must run with
+the same world size (``distributed.check_world``). ``InfluenceLiSSA`` runs in one process (its
+recursion is a sequence of minibatch products that a split does not shorten) and refuses a
+process group.
+
 A damped curvature that is not positive definite (e.g. the Hessian of a non-convex model with
 ``damping=0``) raises ``attrkernels.utils.errors.NotPositiveDefiniteError`` (a ValueError) with a
 damping estimated by Lanczos (``kernels.lanczos``).
@@ -39,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import Gradients, make_plan
-from ..distributed import process_group, rank_shard, shard_loader
+from ..distributed import check_world, process_group, rank_shard, shard_loader
 from ..kernels.cg import block_cg
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
@@ -88,7 +98,7 @@ class _Influence(AttributionMethod):
         rank solves the same system, and ``score`` splits the training rows (``out=`` a path).
         """
         self.checkpoints = checked_checkpoints(self.model, checkpoints)
-        self.shard = rank_shard(train)
+        self.shard, self._world = rank_shard(train), process_group().size
         self.train = train
         self._train_passes = self._passes(train if self.shard is None else shard_loader(train, self.shard), "train")
         with checkpoint_loop(self.model, self.checkpoints) as loop:
@@ -131,6 +141,7 @@ class _Influence(AttributionMethod):
         which each rank writes the rows of its shard (``methods.scores.ScoreOutput``)."""
         if self.checkpoints is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
+        check_world(self._world, type(self).__name__)
         scores = None
         self.info = []
         test_passes = self._passes(test, "test")

@@ -24,7 +24,7 @@ import torch
 
 from ..capture import Featurizer, Gradients, make_plan
 from ..capture.featurizer import MODES
-from ..distributed import process_group, rank_shard, shard_loader
+from ..distributed import check_world, process_group, rank_shard, shard_loader
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..utils.checks import check_number, check_seed
@@ -80,7 +80,7 @@ class TracIn(AttributionMethod):
         rates = learning_rates_of(checkpoints, learning_rates)
         self.checkpoints = checked_checkpoints(self.model, checkpoints)
         self.learning_rates, self.train = rates, train
-        self.shard = rank_shard(train)
+        self.shard, self._world = rank_shard(train), process_group().size
         self._train_passes = self._passes(train if self.shard is None else shard_loader(train, self.shard), "train")
         return self
 
@@ -108,6 +108,7 @@ class TracIn(AttributionMethod):
         module docstring)."""
         if self.checkpoints is None:
             raise RuntimeError("call TracIn.fit(train, checkpoints, learning_rates) before score()")
+        check_world(self._world, "TracIn")
         scores = None
         test_passes = self._passes(test, "test")
         with checkpoint_loop(self.model, self.checkpoints, desc="TracIn", verbose=self.verbose) as loop:
