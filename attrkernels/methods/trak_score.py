@@ -23,8 +23,9 @@ from .trak_store import Features, cho_solve
 DEFAULT_SOLVE_BUDGET = 1 << 30  # bytes of X_m columns held per block of test columns
 
 
-def column_block(n_test: int, k: int, num_checkpoints: int, budget: int = DEFAULT_SOLVE_BUDGET) -> int:
-    """How many test columns of every X_m fit in ``budget`` bytes (at least one)."""
+def column_block(n_test: int, k: int, num_checkpoints: int, budget: int | None = None) -> int:
+    """How many test columns of every X_m fit in ``budget`` bytes (default DEFAULT_SOLVE_BUDGET; at least one)."""
+    budget = DEFAULT_SOLVE_BUDGET if budget is None else budget
     return max(1, min(n_test, budget // (4 * k * num_checkpoints)))
 
 

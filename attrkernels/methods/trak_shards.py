@@ -64,6 +64,7 @@ class ShardedFit:
 
     def _featurize_shard(self, train, checkpoints, shard):
         directory = shard_directory(self.store_path, shard)
+        directory.mkdir(parents=True, exist_ok=True)
         loader = shard_loader(train, shard)
         passes = self._passes(loader, "train")
         with checkpoint_loop(self.model, checkpoints) as loop:
@@ -99,13 +100,6 @@ class ShardedFit:
                 self._factor(m, sum(self._piece_gram(m, p) for p in pieces), features)
             self._features.append(features)
         self.store.write_json("data.json", passes.fingerprint())
-
-    def _covers(self, found) -> bool:
-        try:
-            cover(found, self.n_train)
-            return True
-        except MissingShards:
-            return False
 
     def _digests(self, loader, passes=None) -> np.ndarray:
         """The digests of every example of ``loader`` (one pass, no features)."""

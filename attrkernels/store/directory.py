@@ -205,7 +205,7 @@ class ChunkedArray:
         self.mask_path = self.path.with_name(self.path.name + ".done.npy")
         self.sums_path = self.path.with_name(self.path.name + ".sums.npy")
         self.commit_seconds = commit_seconds
-        self._staged, self._staged_since, self._mm = set(), None, None
+        self._staged, self._staged_since = set(), None
         self._lock = None
         self._load_state()
 
@@ -289,9 +289,8 @@ class ChunkedArray:
         values = np.ascontiguousarray(values, dtype=self.dtype)
         if values.shape != (r1 - r0, self.k):
             raise ValueError(f"chunk {i} must have shape {(r1 - r0, self.k)}, got {values.shape}")
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(self.n, self.k))
-        self._mm[r0:r1] = values
+        with open(self.path, "r+b") as f:  # a positioned write: no mapped pages stay resident
+            os.pwrite(f.fileno(), values.tobytes(), r0 * self.k * self.dtype.itemsize)
         self._sums[i] = (zlib.crc32(values.tobytes()), int(data))
         if not self._done[i] and i not in self._staged:
             self._written += 1
@@ -306,7 +305,6 @@ class ChunkedArray:
         (atomic replacements, in that order)."""
         if not self._staged:
             return
-        self._mm.flush()
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
         write_npy(self.sums_path, self._sums)
