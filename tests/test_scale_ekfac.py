@@ -69,6 +69,7 @@ def assert_scores_close(got, want):
 
 
 CASES = ((11, True), (1, False))  # uneven shards with a store; fewer examples than ranks without
+OFFLINE_N = 13
 
 
 def _group_worker(rank, world, port, root, results):
@@ -82,13 +83,18 @@ def _group_worker(rank, world, port, root, results):
                 scores = m.score(test, out=Path(root) / f"scores-{strategy}-{n}.npy")
                 self_inf = m.self_influence()
                 out[n, strategy] = (W.factor_tensors(m), scores.clone(), self_inf.clone())
+        train, _ = W.loaders(OFFLINE_N)
+        for wave in range(2):  # a job array of two shards run concurrently, twice (covariances, corrections)
+            _method("ekfac", Path(root) / "offline").fit(train, shard=(rank, world))
+            dist.barrier()
         results[rank] = out
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    """One spawn for both cases: starting a process that imports torch takes seconds."""
+    """One spawn for both cases and a two-shard job array: starting a process that imports torch
+    takes seconds."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_group_worker, args=(2, W.free_port(), str(tmp_path), results), nprocs=2)
@@ -107,6 +113,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             loaded = _method("ekfac", tmp_path / f"store-ekfac-{n}")
             assert_scores_close(loaded.score(test, train=train), _one_process("ekfac", n)[1])
     assert not list(tmp_path.glob("*.tmp.*"))
+    # the shards the two processes wrote with shard=(rank, 2), merged by one process
+    for stage in ("covariance", "lambda"):
+        assert len(list((tmp_path / "offline").glob(f"partial/{stage}_*/shards/*/manifest.json"))) == 2
+    train, _ = W.loaders(OFFLINE_N)
+    merged = _method("ekfac", tmp_path / "offline").fit(train)
+    assert_factors_close(W.factor_tensors(merged), _one_process("ekfac", OFFLINE_N)[0])
 
 
 def _offline_shards(store, count, train, strategy="ekfac"):
