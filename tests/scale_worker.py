@@ -3,6 +3,7 @@ subprocess that fits one EK-FAC shard slowly so a test can kill it mid-pass (kil
 
     python scale_worker.py <store> <index> <count> <pause> <progress file>
 """
+import datetime
 import os
 import socket
 import sys
@@ -35,10 +36,13 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
-def mlp_loaders(n: int, batch_size: int = 4, n_test: int = 5):
-    """Float inputs [n, 5] with 3 classes, and 5 test examples."""
+def mlp_loaders(n: int, batch_size: int = 4, n_test: int = 5, nan_at=None):
+    """Float inputs [n, 5] with 3 classes, and 5 test examples; ``nan_at``: a training example
+    whose inputs are NaN."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(n + n_test, 5, generator=g)
+    if nan_at is not None:
+        x[nan_at] = float("nan")
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
     return (DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch_size),
             DataLoader(TensorDataset(x[n:], y[n:]), batch_size=batch_size))
@@ -62,9 +66,20 @@ def free_port() -> int:
 
 
 def init(rank: int, world: int, port: int) -> None:
+    """A gloo group whose collectives time out after 5 minutes (a rank left waiting fails the test)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+
+
+def failure(fn) -> str:
+    """The error ``fn()`` raises, as "<type>: <message>" (for a test to compare across ranks)."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001
+        kind = "ExampleError" if isinstance(err, ak.utils.errors.ExampleError) else type(err).__name__
+        return f"{kind}: {err}"
+    return "no error"
 
 
 def factor_tensors(method) -> dict:

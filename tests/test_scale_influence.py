@@ -39,10 +39,10 @@ def _worker(rank, world, port, root, results):
                 out[n, name] = m.score(test, out=Path(root) / f"{name}-{n}.npy").clone()
                 if name == "cg":
                     out[n, "steps"] = [r.steps for r in m.info]
-        try:
-            ak.InfluenceLiSSA(W.mlp(), TASK, damping=0.01, verbose=False).fit(train)
-        except RuntimeError as err:
-            out["lissa"] = str(err)
+        out["lissa"] = W.failure(lambda: ak.InfluenceLiSSA(W.mlp(), TASK, damping=0.01, verbose=False).fit(train))
+        bad, _ = W.mlp_loaders(11, nan_at=2)  # in rank 0's shard [0, 6)
+        out["nan"] = W.failure(lambda: METHODS["cg"]().fit(bad))
+        out["nan-ekfac"] = W.failure(lambda: ak.KFAC(W.mlp(), TASK, verbose=False).fit(bad))
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -67,3 +67,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert np.array_equal(np.load(tmp_path / f"cg-{n}.npy"), results[0][n, "cg"].numpy())
     for rank in (0, 1):
         assert "InfluenceLiSSA runs in one process" in results[rank]["lissa"]
+    # a bad example in one rank's shard stops both ranks, named by the rank that met it
+    for key in ("nan", "nan-ekfac"):
+        assert "ExampleError" in results[0][key] and "examples [2]" in results[0][key], results[0][key]
+        assert results[1][key].startswith("RuntimeError") and "failed on rank(s) [0]" in results[1][key]

@@ -28,7 +28,11 @@ def _scores(n, k, out=None):
 def _worker(rank, world, port, root, results):
     W.init(rank, world, port)
     try:
-        results[rank] = {(n, k): _scores(n, k, Path(root) / f"tracin-{n}-{k}.npy").clone() for n, k in CASES}
+        out = {(n, k): _scores(n, k, Path(root) / f"tracin-{n}-{k}.npy").clone() for n, k in CASES}
+        train, test = W.mlp_loaders(11, nan_at=8)  # in rank 1's shard [6, 11)
+        m = ak.TracIn(W.mlp(), TASK, verbose=False).fit(train, learning_rates=0.1)
+        out["nan"] = W.failure(lambda: m.score(test, out=Path(root) / "nan.npy"))
+        results[rank] = out
     finally:
         dist.destroy_process_group()
 
@@ -44,6 +48,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             got = results[rank][n, k].double()
             assert got.shape == want.shape == (n, 5)
             assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (n, k, rank)
+    # a bad example in one rank's shard stops both ranks (none left waiting), named by the rank that met it
+    assert "ExampleError" in results[1]["nan"] and "examples [8]" in results[1]["nan"], results[1]["nan"]
+    assert results[0]["nan"].startswith("RuntimeError") and "failed on rank(s) [1]" in results[0]["nan"]
 
 
 def test_scoring_with_another_world_size_than_fit_is_refused():

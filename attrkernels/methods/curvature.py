@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..capture.fallback import ModelCall
-from ..distributed import all_reduce_sum, process_group
+from ..distributed import all_reduce_sum, process_group, together
 from ..kernels.hvp import hvp
 from ..kernels.lanczos import lanczos_extremes
 from ..tasks.base import implements
@@ -101,7 +101,8 @@ class Curvature:
         if self.shard is None or not process_group().distributed:
             return self.apply(P, self.train, damping)
         size = len(self.shard)
-        local = self.apply(P, self.train, 0.0).mul_(size) if size else torch.zeros_like(P)
+        with together("a curvature-vector product", self.shard):
+            local = self.apply(P, self.train, 0.0).mul_(size) if size else torch.zeros_like(P)
         all_reduce_sum([local], what="curvature-vector products")
         return local.div_(self.shard.n).add_(P, alpha=damping)
 

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import Gradients, make_plan
-from ..distributed import check_world, process_group, rank_shard, shard_loader
+from ..distributed import check_world, process_group, rank_shard, shard_loader, together
 from ..kernels.cg import block_cg
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
@@ -103,7 +103,8 @@ class _Influence(AttributionMethod):
         self._train_passes = self._passes(train if self.shard is None else shard_loader(train, self.shard), "train")
         with checkpoint_loop(self.model, self.checkpoints) as loop:
             for index, _ in loop:
-                self._check_pass(index)
+                with together(f"the check of the training data at checkpoint {index}", self.shard):
+                    self._check_pass(index)
                 self._prepare(index)
         return self
 
@@ -114,7 +115,7 @@ class _Influence(AttributionMethod):
     def _check_pass(self, index: int) -> None:
         if not self._has_rows():
             return
-        with self._train_passes.over(f"checkpoint {index}") as batches, torch.no_grad():
+        with self._train_passes.over(self._context(index)) as batches, torch.no_grad():
             for start, batch, size in batches:
                 call_task(self.task.loss, self.model, batch, size, "train")
                 if start == 0 and self.curvature == "gauss-newton":
@@ -161,12 +162,18 @@ class _Influence(AttributionMethod):
 
     def _stream_train(self, X: torch.Tensor, index: int = 0) -> torch.Tensor:
         """-G_train^T X over the train loader (this rank's shard), [rows, n_test] float64."""
-        if not self._has_rows():
-            return torch.zeros(0, X.shape[1], dtype=torch.float64)
+        rows = []
         gradients = Gradients(self.model, checked(self.task.loss, "loss"), params=self.plan.names)
-        with self._train_passes.over(f"checkpoint {index}") as batches:
-            rows = [-(gradients(batch).to(X.dtype) @ X).to(torch.float64) for _, batch, _ in batches]
-        return torch.cat(rows).cpu()
+        with together(f"the score pass of checkpoint {index}", self.shard):
+            if self._has_rows():
+                with self._train_passes.over(self._context(index)) as batches:
+                    rows = [-(gradients(batch).to(X.dtype) @ X).to(torch.float64) for _, batch, _ in batches]
+        return torch.cat(rows).cpu() if rows else torch.zeros(0, X.shape[1], dtype=torch.float64)
+
+    def _context(self, index: int) -> str:
+        """Where a pass over the training data is, for errors (a rank's shard counts from its start)."""
+        shard = "" if self.shard is None else f", shard [{self.shard.start}, {self.shard.stop})"
+        return f"checkpoint {index}{shard}"
 
 
 class InfluenceCG(_Influence):

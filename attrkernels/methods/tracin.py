@@ -24,7 +24,7 @@ import torch
 
 from ..capture import Featurizer, Gradients, make_plan
 from ..capture.featurizer import MODES
-from ..distributed import check_world, process_group, rank_shard, shard_loader
+from ..distributed import check_world, process_group, rank_shard, shard_loader, together
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..utils.checks import check_number, check_seed
@@ -129,11 +129,15 @@ class TracIn(AttributionMethod):
     def _train_rows(self, test_side, index: int) -> list:
         """-eta grad l_i^T grad f over one checked pass of the train loader (this rank's shard),
         [B, n_test] float64 rows."""
-        if self.shard is not None and not len(self.shard):
-            return []
-        compute = self._compute(self.task.loss, "loss", index)
-        with self._train_passes.over(f"checkpoint {index}") as batches:
-            return [(compute(batch) @ test_side).to(torch.float64).cpu() for _, batch, _ in batches]
+        rows = []
+        with together(f"the TracIn pass of checkpoint {index}", self.shard):
+            if self.shard is None or len(self.shard):
+                compute = self._compute(self.task.loss, "loss", index)
+                context = f"checkpoint {index}" + ("" if self.shard is None else
+                                                   f", shard [{self.shard.start}, {self.shard.stop})")
+                with self._train_passes.over(context) as batches:
+                    rows = [(compute(batch) @ test_side).to(torch.float64).cpu() for _, batch, _ in batches]
+        return rows
 
 
 __all__ = ["TracIn", "learning_rates_of"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...distributed import all_reduce_sum
+from ...distributed import all_reduce_sum, together
 from ..checkpoints import model_device
 from .factors import covariance_factors, eigen, set_lambda
 from .partials import Partials, basis_digest
@@ -82,7 +82,8 @@ def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: S
         shard = split.shard
         partials = Partials(store, stage, fp, n, train.batch_size, basis_digest(factors) if factors else "")
         if not partials.done(shard):
-            sums = compute(shard)
+            with together(f"the {stage} pass of checkpoint {k}", shard, split.group):
+                sums = compute(shard)
             partials.save(shard, sums, data.seen if len(shard) else np.zeros(0, dtype=np.uint64))
         return merged(partials) if partials.ready() else None
     group = split.group
@@ -90,7 +91,8 @@ def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: S
              f"whether the store holds partial {stage} sums")[0]:
         return merged(Partials(store, stage, fp, n, getattr(train, "batch_size", None),
                                basis_digest(factors) if factors else ""))
-    sums = compute(split.shard)
+    with together(f"the {stage} pass of checkpoint {k}", split.shard, group):
+        sums = compute(split.shard)
     if group.distributed:
         tensors = list(sums.values())
         if stage == "covariance":  # the digests of every rank's examples, each in its range

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ...distributed import all_reduce_sum
+from ...distributed import all_reduce_sum, together
 from ...kernels.kfac import DEFAULT_MEMORY
 from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
@@ -104,7 +104,8 @@ class EKFAC(AttributionMethod):
         data = Recorded(store, write=split.writer)
         # Factors loaded from the store: a quick look at the first batch now, every example at
         # the next pass over the training data (score or self_influence) rather than an extra pass.
-        self.passes.check_first_batch(train, data, shard=split.shard)
+        with together("the check of the training data's first batch", split.shard, split.group):
+            self.passes.check_first_batch(train, data, shard=split.shard)
         fitted = []
         with checkpoint_loop(self.model, checkpoints) as loop:
             for k, ckpt in loop:
@@ -148,12 +149,13 @@ class EKFAC(AttributionMethod):
                     dest = stack.enter_context(ScoreOutput(out, n_test, group=split.group,
                                                            n_train=None if out is None else n_train_hint))
                 offset = 0 if split.shard is None else split.shard.start
-                for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, stack):
-                    handlers = self.passes.record(batch, size, self.task.loss, "train")
-                    tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
-                    tile.div_(-len(fitted))
-                    dest.write(offset + start, tile, first=k == 0)
-                    rows = start + size
+                with together(f"the score pass of checkpoint {k}", split.shard, split.group), ExitStack() as inner:
+                    for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
+                        handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
+                        tile.div_(-len(fitted))
+                        dest.write(offset + start, tile, first=k == 0)
+                        rows = start + size
             return dest.finish(rows=rows if split.shard is None else n_train_hint)
 
     def self_influence(self, train=None) -> torch.Tensor:
@@ -170,14 +172,15 @@ class EKFAC(AttributionMethod):
         check_loader(train, "train")
         split = split_of(train, None, self.fisher)
         total = None
-        with ExitStack() as stack, checkpoint_loop(self.model, [f.checkpoint for f in fitted]) as loop:
+        with checkpoint_loop(self.model, [f.checkpoint for f in fitted]) as loop:
             for k, _ in loop:
                 factors = fitted[k].factors
                 inverse = self._inverses(factors)
-                parts = []
-                for _, batch, size in self._train_batches(train, f"self-influence (checkpoint {k})", k, split, stack):
-                    handlers = self.passes.record(batch, size, self.task.loss, "train")
-                    parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
+                parts, what = [], f"self-influence (checkpoint {k})"
+                with together(f"the {what} pass", split.shard, split.group), ExitStack() as inner:
+                    for _, batch, size in self._train_batches(train, what, k, split, inner):
+                        handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
                 total = values if total is None else total + values
         if split.shard is None:
