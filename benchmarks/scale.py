@@ -48,6 +48,7 @@ from .common import RESULTS, matmul_peak_gflops, peak_rss, provenance, reset_pea
 from .setup_task import checkpoints, loaders
 
 CHUNK = 65536
+ROWS = ["full", "out", "rank"]
 
 
 def build_store(path: Path, n: int, k: int, dtype: str = "float32") -> Features:
@@ -165,19 +166,27 @@ def score_rows_to_results(args, n: int, queries: int, store: Path) -> None:
     peak = matmul_peak_gflops(torch.device("cpu"), n=2048)
     bw = read_bandwidth(features.parts[0].array.path)
     info.update({"torch.mm fp32 GFLOP/s": round(peak, 1), "store read GB/s": round(bw / 1e9, 2)})
-    rows = [score_row(features, n, queries, args.k, peak, bw)]
-    with tempfile.TemporaryDirectory(dir=store) as tmp:
-        rows.append(score_row(features, n, queries // 10, args.k, peak, bw, out=Path(tmp) / "scores.npy"))
-    rows.append(score_row(features, min(n, args.rank_rows // (10 if args.quick else 1)), queries * 5, args.k,
-                          peak, bw))
+    rows = []
+    if "full" in args.rows:
+        rows.append(score_row(features, n, queries, args.k, peak, bw))
+    if "out" in args.rows:
+        with tempfile.TemporaryDirectory(dir=store) as tmp:
+            rows.append(score_row(features, n, queries // 10, args.k, peak, bw, out=Path(tmp) / "scores.npy"))
+    if "rank" in args.rows:
+        rows.append(score_row(features, min(n, args.rank_rows // (10 if args.quick else 1)), queries * 5, args.k,
+                              peak, bw))
     columns = ["n_train", "n_test", "k", "dtype", "scores", "seconds", "GFLOP/s", "peak GFLOP/s", "floor s",
                "x floor", "GB read", "GB written", "peak RSS GB", "RSS before GB"]
-    write_results(RESULTS / ("scale_score_quick" if args.quick else "scale_score"), rows, columns, info,
+    stem = "scale_score" + ("_quick" if args.quick else "") + ("" if args.rows == ROWS else "_" + "_".join(args.rows))
+    write_results(RESULTS / stem, rows, columns, info,
                   "# TRAK scoring from a feature store on disk (benchmarks/scale.py)\n\n"
-                  "Synthetic float32 features; scores in float32 tiles (4096 training rows x all test columns "
+                  "Synthetic float32 features; scores in float32 tiles (up to 4096 training rows, fewer when a tile would pass "
+                  "256 MiB, x all test columns "
                   "that fit 1 GiB of solves); peak RSS is the process high-water mark reset before each row.")
     if not args.keep:
-        features.parts[0].array.path.unlink()
+        path = features.parts[0].array.path
+        for f in path.parent.glob(path.name + "*"):  # the data, its done-mask and checksums
+            f.unlink()
 
 
 def main(argv=None):
@@ -191,6 +200,8 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the synthetic store for the next run")
     p.add_argument("--skip-fit", action="store_true")
     p.add_argument("--skip-score", action="store_true")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS,
+                   help="scoring rows to run (results of a subset go to scale_score_<rows>.md)")
     args = p.parse_args(argv)
     n, queries = (100_000, 2_000) if args.quick else (args.n_train, args.queries)
     store = Path(args.store)

@@ -215,6 +215,7 @@ def test_tiles_self_influence_and_out_path(tmp_path, monkeypatch):
     method = trak(tmp_path).fit(train_loader(45), checkpoints())
     want = method.score(queries())
     monkeypatch.setattr(trak_score, "DEFAULT_SOLVE_BUDGET", 4 * K * 2 * 3)  # 3 test columns per block
+    monkeypatch.setattr(trak_score, "TILE_BUDGET", 4 * 3 * 2)  # output tiles of 2 rows x 3 columns
     got = method.score(queries(), out=tmp_path / "s.npy", tile=7)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     train_as_test = DataLoader(TensorDataset(*(t[:45] for t in trak_worker.data())), batch_size=8)

@@ -37,7 +37,7 @@ Scale-out: ``fit(train, checkpoints, shard=(i, n))`` featurises only shard i of 
 train-batch boundaries, so its features are bit-identical to a one-process run's) into its own
 directory; rerunning a finished shard does nothing. Under an initialised ``torch.distributed``
 group, shard = (rank, world size) with no code change, and the kernels K_m are summed across ranks
-(one ``all_reduce_sum`` of every partial Phi^T Phi and the example digests, then two barriers).
+(one ``all_reduce_sum`` of every partial Phi^T Phi and the example digests, then a barrier).
 Without a group (a job array) a final ``fit(train, checkpoints)`` without ``shard`` merges:
 it checks every shard's settings and data against the loader (one hashing pass, no features) and
 adds the shards' partial kernels. Opening a store is a pure function of the finished shards, for

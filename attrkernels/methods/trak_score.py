@@ -11,7 +11,8 @@ X_m = phi_m (K_m + lambda_m I)^{-1} [n_test, k] (float32, held by the caller):
 diagonal with the training examples as the test set). Scores are computed in float32 whatever the
 storage dtype of Phi. ``score_rows`` passes over the training rows once per block of ``cols``
 test columns: memory = M cols k (the solves' block) + tile k (one tile of features per
-checkpoint, read by plain reads) + tile cols (the output tile), 4 bytes each.
+checkpoint, read by plain reads) + rows cols (the output tile, rows = ``tile`` or fewer so that
+it stays under TILE_BUDGET bytes), 4 bytes each.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from .trak_store import Features, cho_solve
 
 DEFAULT_SOLVE_BUDGET = 1 << 30  # bytes of X_m columns held per block of test columns
+TILE_BUDGET = 256 << 20  # bytes of one output tile
 
 
 def column_block(n_test: int, k: int, num_checkpoints: int, budget: int | None = None) -> int:
@@ -37,8 +39,9 @@ def score_rows(features: list[Features], solves: list[np.ndarray], r0: int, r1: 
     for c0 in range(0, n_test, cols):
         c1 = min(n_test, c0 + cols)
         X = [torch.from_numpy(np.ascontiguousarray(s[c0:c1], dtype=np.float32)) for s in solves]
-        for t0 in range(r0, r1, tile):
-            t1 = min(r1, t0 + tile)
+        step = max(1, min(tile, TILE_BUDGET // (4 * (c1 - c0))))
+        for t0 in range(r0, r1, step):
+            t1 = min(r1, t0 + step)
             acc, qsum = torch.zeros(t1 - t0, c1 - c0), np.zeros(t1 - t0, np.float64)
             for m in range(M):
                 phi, q = features[m].rows(t0, t1)
@@ -46,6 +49,7 @@ def score_rows(features: list[Features], solves: list[np.ndarray], r0: int, r1: 
                 qsum += q
             acc *= torch.from_numpy((qsum / M ** 2).astype(np.float32)).reshape(-1, 1)
             write(t0, c0, acc)
+            del acc  # before the next tile is allocated: one output tile at a time
             if progress is not None:
                 progress((t1 - t0) * (c1 - c0))
 
