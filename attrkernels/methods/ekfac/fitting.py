@@ -3,10 +3,12 @@ partial sums, or computed over this process's part of the training set and summe
 process group (see ``sharding`` for the three ways to run and ``partials`` for the files).
 
 Per checkpoint, every rank of a group makes the same collectives in the same order: one
-agreement on which stage files the store holds, then per computed stage one ``all_reduce_sum``
-of its sums (with the covariance stage, the digests of every rank's examples, so that every rank
-knows the fingerprint of the whole training set), and one for the eigendecompositions. Only
-rank 0 writes the store's merged files; it issues no collective of its own.
+agreement on which stage files the store holds, then per computed stage one flag all-reduce
+after the rank's pass (``distributed.together``: an error on one rank raises on all) and one
+``all_reduce_sum`` of its sums (with the covariance stage, the digests of every rank's
+examples, so that every rank knows the fingerprint of the whole training set), and one for the
+eigendecompositions. Only rank 0 writes the store's merged files; it issues no collective of its
+own. An offline shard (``fit(shard=...)``) issues none at all, even under a process group.
 """
 from __future__ import annotations
 

@@ -6,12 +6,12 @@ Three ways to run ``fit`` (the stage sums are the same either way; only who adds
 * under an initialised ``torch.distributed`` group (torchrun, ...): rank r of W passes over shard
   r of W, and each stage's sums are added by one bucketed ``all_reduce_sum``;
 * ``shard=(i, n)`` or a ``Shard``: this process passes over that shard alone and writes its
-  partial sums to the store (``partials``), with no collective; whichever process finds the
-  partial files covering every example adds them.
+  partial sums to the store (``partials``), with no collective (even under a process group);
+  whichever process finds the partial files covering every example adds them.
 
 The split is by batches: shard i of n holds whole batches of the train loader
-(``distributed.batch_shard``), so every batch, and with ``fisher="true"`` its sampled labels (seeded by the
-batch's first example), is the one a single process sees, and the sharded factors equal the
+(``distributed.batch_shard``), so every batch, and with ``fisher="true"`` its sampled labels
+(seeded by the batch's first example), is the one a single process sees, and the sharded factors equal the
 one-process factors up to the rounding of the sums. An explicit ``Shard`` that does not start
 on a batch boundary is refused for the true Fisher for that reason.
 """
