@@ -34,6 +34,11 @@ carries the smallest Rayleigh quotient found (``curvature``, also ``found``) and
 (``largest``). Columns not converged within ``max_iter`` steps raise a
 ``CGConvergenceWarning`` listing their residuals.
 
+Across processes: ``matvec`` may sum its product over ranks (``methods.curvature.Curvature``
+all-reduces each block); given the same B and the same products, every rank then takes the same
+steps, restarts and exits (the arithmetic is deterministic, the restart test seeded), so no
+other collective is needed.
+
 Memory: X, R [p, V], their active columns and four blocks of at most [p, V] (P, Q, the
 previous P, a temporary), in B's dtype; the w x w algebra is float64. Cost per step: one
 ``matvec`` on w <= V columns plus 8 products of a [p, w] and a [w, w] matrix (about 16 p w^2

@@ -27,141 +27,40 @@ score[batch] = -G_batch^T X, with the per-example training gradients from the sa
 * ``InfluenceLiSSA``: the stochastic Neumann recursion (``kernels.lissa``) on minibatch
   curvatures, cycling through the train loader.
 
+Under a ``torch.distributed`` process group (CG and explicit; the library never initialises one),
+rank r of W passes over shard r of the training set (``distributed.rank_shard``): every
+curvature-vector product is the sum of the ranks' shard sums (``methods.curvature``: one
+``all_reduce_sum`` per CG step or per explicit chunk), so every rank holds the same products and
+runs the same solver arithmetic on them; ``score`` writes each rank's training rows into
+``out=`` (a path every rank sees; ``methods.scores.ScoreOutput``). Fit and score must run with
+the same world size (``distributed.check_world``). ``InfluenceLiSSA`` runs in one process (its
+recursion is a sequence of minibatch products that a split does not shorten) and refuses a
+process group.
+
 A damped curvature that is not positive definite (e.g. the Hessian of a non-convex model with
 ``damping=0``) raises ``attrkernels.utils.errors.NotPositiveDefiniteError`` (a ValueError) with a
 damping estimated by Lanczos (``kernels.lanczos``).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from tqdm.auto import tqdm
 
 from ..capture import Gradients, make_plan
-from ..capture.fallback import ModelCall
+from ..distributed import check_world, process_group, rank_shard, shard_loader, together
 from ..kernels.cg import block_cg
-from ..kernels.hvp import hvp
 from ..kernels.lanczos import lanczos_extremes
 from ..kernels.lissa import lissa
 from ..kernels.packed import PackedSPD
-from ..tasks.base import implements
-from ..utils.batches import to_device
 from ..utils.checks import check_damping, check_number, check_positive_int
 from ..utils.errors import NotPositiveDefiniteError
 from .base import AttributionMethod, call_task
-from .checkpoints import as_checkpoints, checked_checkpoints, checkpoint_loop, model_device
+from .checkpoints import as_checkpoints, checked_checkpoints, checkpoint_loop
+from .curvature import CURVATURES, Curvature, check_gauss_newton, check_gauss_newton_task
 from .passes import checked
-
-CURVATURES = ("hessian", "gauss-newton")
-
-
-def nice_ceiling(x: float) -> float:
-    """The smallest of 1, 2, 5 times a power of ten that is >= x (> 0)."""
-    exponent = math.floor(math.log10(x))
-    for mantissa in (1, 2, 5, 10):
-        if mantissa * 10 ** exponent >= x * (1 - 1e-12):
-            return mantissa * 10.0 ** exponent
-    return 10.0 ** (exponent + 1)
-
-
-class Curvature:
-    """The damped curvature of the mean training loss at the model's current weights.
-
-    Parameters are the tracked ones of ``plan`` (flattened in its order, as the capture's
-    gradients); ``matvec(P)`` maps a block [p, w] to (H + damping I) P in one pass over ``train``,
-    whose batches are moved to the model's device (a loader, or ``DataPasses.batches(...)`` for
-    checked passes). The Hessian is that of ``task.loss``; the
-    Gauss-Newton matrix that of ``task.logit_loss`` through ``task.logits``.
-    """
-
-    def __init__(self, model, task, plan, train, *, damping: float, curvature: str, chunk=None):
-        self.model, self.task, self.plan, self.train = model, task, plan, train
-        self.damping, self.curvature, self.chunk = damping, curvature, chunk
-        self.p = plan.total
-        self.calls = 0
-        if curvature == "hessian":
-            self.loss, self.outputs = self._functional(task.loss), None
-        else:
-            self.loss, self.outputs = task.logit_loss, self._functional(task.logits)
-
-    def _functional(self, fn):
-        wrapper = ModelCall(self.model, fn)
-
-        def call(params, batch):
-            named = {f"model.{n}": v for n, v in params.items()}
-            return torch.func.functional_call(wrapper, named, (batch,), strict=False)
-
-        return call
-
-    def params(self) -> dict:
-        return {n: p.detach() for n, p in zip(self.plan.names, self.plan.params)}
-
-    def _split(self, P: torch.Tensor) -> dict:
-        w = P.shape[1]
-        return {n: P[off:off + p.numel()].T.reshape(w, *p.shape)
-                for n, p, off in zip(self.plan.names, self.plan.params,
-                                     (self.plan.offsets[id(p)] for p in self.plan.params))}
-
-    def _join(self, out: dict, w: int) -> torch.Tensor:
-        return torch.cat([out[n].reshape(w, -1) for n in self.plan.names], 1).T
-
-    def apply(self, P: torch.Tensor, batches, damping: float) -> torch.Tensor:
-        """(C + damping I) P over ``batches`` (C the mean curvature over them), P [p, w]."""
-        self.calls += 1
-        w = P.shape[1]
-        dtype = self.plan.params[0].dtype
-        was_training = self.model.training
-        self.model.eval()
-        device = model_device(self.model)
-        try:
-            out = hvp(self.loss, self.params(), self._split(P.to(dtype)), (to_device(b, device) for b in batches),
-                      damping=damping, outputs=self.outputs, chunk=self.chunk)
-        finally:
-            self.model.train(was_training)
-        return self._join(out, w).to(P.dtype)
-
-    def matvec(self, P: torch.Tensor) -> torch.Tensor:
-        return self.apply(P, self.train, self.damping)
-
-    def not_positive_definite(self, found: float | None = None) -> NotPositiveDefiniteError:
-        """The error to raise, suggesting a damping from Lanczos estimates of the undamped spectrum."""
-        device = self.plan.params[0].device
-        low, high = lanczos_extremes(lambda v: self.apply(v, self.train, 0.0), self.p, steps=30,
-                                     dtype=self.plan.params[0].dtype, device=device)
-        need = max(-low, 0.0)
-        suggestion = nice_ceiling(max(2 * need, 1e-3 * abs(high), 1e-8))
-        seen = f" (a direction of curvature {found:.3g} was found)" if found is not None else ""
-        gauss_newton = self.curvature == "hessian" and all(implements(self.task, n) for n in ("logits", "logit_loss"))
-        alternative = " or curvature='gauss-newton' (positive semi-definite)" if gauss_newton else ""
-        return NotPositiveDefiniteError(
-            f"the damped {self.curvature} H + damping I with damping={self.damping:g} is not positive "
-            f"definite{seen}; Lanczos estimates the {self.curvature}'s eigenvalues in "
-            f"[{low:.3g}, {high:.3g}]. Pass damping >= {suggestion:g}{alternative}.", found=found)
-
-
-def _check_gauss_newton_task(task) -> None:
-    """Gauss-Newton needs the loss as a function of the model's output: task.logits and task.logit_loss."""
-    missing = [name for name in ("logits", "logit_loss") if not implements(task, name)]
-    if missing:
-        raise ValueError("curvature='gauss-newton' needs task.logits(model, batch) and task.logit_loss(logits, "
-                         "batch), with loss = logit_loss(logits) convex in the logits (e.g. ak.tasks."
-                         f"Classification); {type(task).__name__} does not define {' and '.join(missing)}. "
-                         "Use curvature='hessian'.")
-
-
-def _check_gauss_newton(task, model, batches) -> None:
-    """Gauss-Newton needs task.loss = task.logit_loss of task.logits; check it on the first batch."""
-    for _, batch, size in batches:
-        with torch.no_grad():
-            want = call_task(task.loss, model, batch, size, "train")
-            got = task.logit_loss(task.logits(model, batch), batch)
-        if not torch.allclose(want, got, rtol=1e-4, atol=1e-6):
-            raise ValueError("curvature='gauss-newton': task.loss is not task.logit_loss of task.logits "
-                             "on the first training batch; use curvature='hessian'.")
-        return
-
+from .scores import ScoreOutput
 
 class _Influence(AttributionMethod):
     """Shared fit/score of the influence methods; subclasses implement ``_prepare`` and ``_solve``."""
@@ -173,40 +72,54 @@ class _Influence(AttributionMethod):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if curvature == "gauss-newton":
-            _check_gauss_newton_task(task)
+            check_gauss_newton_task(task)
         check_positive_int("hvp_chunk", hvp_chunk, optional=True)
         self.curvature, self.hvp_chunk = curvature, hvp_chunk
         self.plan = make_plan(model, params)
         self.checkpoints = None
-        self.train = self._train_passes = None
+        self.train = self._train_passes = self.shard = None
         self.info: list = []  # per checkpoint: the solver's diagnostics
 
     def curvature_at(self, index: int = 0) -> Curvature:
         """The damped curvature at checkpoint ``index`` (loaded in the model); each of its
         passes over the train loader is checked (``DataPasses``)."""
         return Curvature(self.model, self.task, self.plan, self._train_passes.batches(f"checkpoint {index}"),
-                         damping=self.damping, curvature=self.curvature, chunk=self.hvp_chunk)
+                         damping=self.damping, curvature=self.curvature, chunk=self.hvp_chunk, shard=self.shard)
 
     def fit(self, train, checkpoints=None):
         """Record the training loader and checkpoints (state dicts, paths or ``ak.tasks.Checkpoint``;
         snapshotted), after checking them: the loader (``DataPasses``), and at every checkpoint
         one forward pass over the training data (finite losses, labels; for Gauss-Newton that
         task.loss is task.logit_loss of task.logits), so a bad example is named before the
-        curvature's many passes."""
+        curvature's many passes.
+
+        Under a ``torch.distributed`` process group each rank passes over its shard of the
+        training set (``distributed.rank_shard``): every curvature product is all-reduced, every
+        rank solves the same system, and ``score`` splits the training rows (``out=`` a path).
+        """
         self.checkpoints = checked_checkpoints(self.model, checkpoints)
-        self.train, self._train_passes = train, self._passes(train, "train")
+        self.shard, self._world = rank_shard(train), process_group().size
+        self.train = train
+        self._train_passes = self._passes(train if self.shard is None else shard_loader(train, self.shard), "train")
         with checkpoint_loop(self.model, self.checkpoints) as loop:
             for index, _ in loop:
-                self._check_pass(index)
+                with together(f"the check of the training data at checkpoint {index}", self.shard):
+                    self._check_pass(index)
                 self._prepare(index)
         return self
 
+    def _has_rows(self) -> bool:
+        """Whether this process has training examples (a rank's shard can be empty when N < world size)."""
+        return self.shard is None or len(self.shard) > 0
+
     def _check_pass(self, index: int) -> None:
-        with self._train_passes.over(f"checkpoint {index}") as batches, torch.no_grad():
+        if not self._has_rows():
+            return
+        with self._train_passes.over(self._context(index)) as batches, torch.no_grad():
             for start, batch, size in batches:
                 call_task(self.task.loss, self.model, batch, size, "train")
                 if start == 0 and self.curvature == "gauss-newton":
-                    _check_gauss_newton(self.task, self.model, [(start, batch, size)])
+                    check_gauss_newton(self.task, self.model, [(start, batch, size)])
 
     def _prepare(self, index: int) -> None:
         """Per-checkpoint work that does not depend on the test set (model loaded)."""
@@ -221,10 +134,15 @@ class _Influence(AttributionMethod):
         with passes.over(f"checkpoint {index}") as batches:
             return [gradients(batch) for _, batch, _ in batches]
 
-    def score(self, test) -> torch.Tensor:
-        """Scores [n_train, n_test] (float32); positive = including the training example raises f."""
+    def score(self, test, *, out=None) -> torch.Tensor:
+        """Scores [n_train, n_test] (float32); positive = including the training example raises f.
+
+        ``out``: None (a new tensor), a path (a float32 .npy file) or an array to fill
+        (``methods.scores.ScoreOutput``); under a process group a path every rank sees, into
+        which each rank writes the rows of its shard (``methods.scores.ScoreOutput``)."""
         if self.checkpoints is None:
             raise RuntimeError(f"call {type(self).__name__}.fit(train, checkpoints) before score()")
+        check_world(self._world, type(self).__name__)
         scores = None
         self.info = []
         test_passes = self._passes(test, "test")
@@ -234,14 +152,28 @@ class _Influence(AttributionMethod):
                 X = self._solve(index, G.contiguous())
                 part = self._stream_train(X, index)
                 scores = part if scores is None else scores + part
-        return (scores / len(self.checkpoints)).to(torch.float32)
+        scores = (scores / len(self.checkpoints)).to(torch.float32)
+        if out is None and self.shard is None:
+            return scores
+        n = scores.shape[0] if self.shard is None else self.shard.n
+        with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
+            dest.write(0 if self.shard is None else self.shard.start, scores)
+            return dest.finish(rows=n)
 
     def _stream_train(self, X: torch.Tensor, index: int = 0) -> torch.Tensor:
-        """-G_train^T X over the train loader, [n_train, n_test] float64."""
+        """-G_train^T X over the train loader (this rank's shard), [rows, n_test] float64."""
+        rows = []
         gradients = Gradients(self.model, checked(self.task.loss, "loss"), params=self.plan.names)
-        with self._train_passes.over(f"checkpoint {index}") as batches:
-            rows = [-(gradients(batch).to(X.dtype) @ X).to(torch.float64) for _, batch, _ in batches]
-        return torch.cat(rows).cpu()
+        with together(f"the score pass of checkpoint {index}", self.shard):
+            if self._has_rows():
+                with self._train_passes.over(self._context(index)) as batches:
+                    rows = [-(gradients(batch).to(X.dtype) @ X).to(torch.float64) for _, batch, _ in batches]
+        return torch.cat(rows).cpu() if rows else torch.zeros(0, X.shape[1], dtype=torch.float64)
+
+    def _context(self, index: int) -> str:
+        """Where a pass over the training data is, for errors (a rank's shard counts from its start)."""
+        shard = "" if self.shard is None else f", shard [{self.shard.start}, {self.shard.stop})"
+        return f"checkpoint {index}{shard}"
 
 
 class InfluenceCG(_Influence):
@@ -327,7 +259,7 @@ class InfluenceExplicit(_Influence):
             stop = min(p, start + step)
             E = torch.zeros(p, stop - start, dtype=dtype, device=device)
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            packed.set_rows(start, op.apply(E, op.train, 0.0).T)
+            packed.set_rows(start, op.full(E, 0.0).T)
         packed.shift(self.damping)
         try:
             packed.factor()
@@ -372,11 +304,18 @@ class InfluenceLiSSA(_Influence):
             if empty:
                 raise ValueError("the train loader yielded no batches")
 
+    def fit(self, train, checkpoints=None):
+        if process_group().distributed:
+            raise RuntimeError("InfluenceLiSSA runs in one process: its recursion multiplies by one minibatch "
+                               "curvature after another, which a split of the training set does not shorten; under "
+                               "a process group use InfluenceCG (each curvature product all-reduced)")
+        return super().fit(train, checkpoints)
+
     def _solve(self, index, G):
         op = self.curvature_at(index)
         scale = self.scale
         if scale is None:
-            _, high = lanczos_extremes(lambda v: op.apply(v, op.train, 0.0), op.p, steps=20,
+            _, high = lanczos_extremes(lambda v: op.full(v, 0.0), op.p, steps=20,
                                        dtype=self.plan.params[0].dtype, device=G.device)
             scale = 2 * (max(high, 0.0) + self.damping)
         stream = self._minibatches(index)

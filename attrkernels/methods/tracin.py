@@ -12,6 +12,11 @@ l = ``task.loss``, f = ``task.measure``, eta_c the learning rate in effect at ch
 (``k=None``, ``capture.Gradients``), or of their sketches phi = P^T g (``k`` columns, ``Featurizer`` with ``mode``
 "dense" or "factored"), with E[phi_i^T phi_j] = g_i^T g_j. Each checkpoint c uses the projection
 seed ``derive_seed(seed, c)``.
+
+Under a ``torch.distributed`` process group, each rank passes over its shard of the training set
+(``distributed.rank_shard``; the test side is computed by every rank) and writes its rows of the
+scores into ``score(..., out=path)``, a file every rank sees (``methods.scores.ScoreOutput``): no
+collective but the file's barriers, and no rank holds more than its rows.
 """
 from __future__ import annotations
 
@@ -19,12 +24,16 @@ import torch
 
 from ..capture import Featurizer, Gradients, make_plan
 from ..capture.featurizer import MODES
+from ..distributed import check_world, process_group, rank_shard, shard_loader, together
 from ..kernels.philox import derive_seed
 from ..kernels.projection import check_k, check_kind
 from ..utils.checks import check_number, check_seed
 from .base import AttributionMethod
 from .checkpoints import Checkpoint, checked_checkpoints, checkpoint_loop
 from .passes import checked
+from .scores import ScoreOutput
+
+
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
     """One positive finite learning rate per checkpoint, from ``learning_rates`` or Checkpoint.lr."""
     items = list(checkpoints) if isinstance(checkpoints, (list, tuple)) else [checkpoints]
@@ -63,7 +72,7 @@ class TracIn(AttributionMethod):
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.k, self.seed, self.kind, self.mode = k, seed, kind, mode
-        self.checkpoints = self.learning_rates = self.train = None
+        self.checkpoints = self.learning_rates = self.train = self.shard = None
 
     def fit(self, train, checkpoints=None, learning_rates=None):
         """Record the train loader (checked: ``methods.passes.DataPasses``), the checkpoints
@@ -71,7 +80,8 @@ class TracIn(AttributionMethod):
         rates = learning_rates_of(checkpoints, learning_rates)
         self.checkpoints = checked_checkpoints(self.model, checkpoints)
         self.learning_rates, self.train = rates, train
-        self._train_passes = self._passes(train, "train")
+        self.shard, self._world = rank_shard(train), process_group().size
+        self._train_passes = self._passes(train if self.shard is None else shard_loader(train, self.shard), "train")
         return self
 
     def _compute(self, fn, name: str, index: int):
@@ -90,10 +100,15 @@ class TracIn(AttributionMethod):
         with passes.over(f"checkpoint {index}") as batches:
             return [compute(batch) for _, batch, _ in batches]
 
-    def score(self, test) -> torch.Tensor:
-        """Scores [n_train, n_test] (float32); positive = including the training example raises f."""
+    def score(self, test, *, out=None) -> torch.Tensor:
+        """Scores [n_train, n_test] (float32); positive = including the training example raises f.
+
+        ``out``: None (a new tensor), a path (a float32 .npy file) or an array to fill
+        (``methods.scores.ScoreOutput``); under a process group a path every rank sees (see the
+        module docstring)."""
         if self.checkpoints is None:
             raise RuntimeError("call TracIn.fit(train, checkpoints, learning_rates) before score()")
+        check_world(self._world, "TracIn")
         scores = None
         test_passes = self._passes(test, "test")
         with checkpoint_loop(self.model, self.checkpoints, desc="TracIn", verbose=self.verbose) as loop:
@@ -101,15 +116,28 @@ class TracIn(AttributionMethod):
                 test_side = torch.cat(self._features(test_passes, self.task.measure, "measure", index))
                 test_side = test_side.T.contiguous() * -self.learning_rates[index]
                 rows = self._train_rows(test_side, index)
-                part = torch.cat(rows)
+                part = torch.cat(rows) if rows else torch.zeros(0, test_side.shape[1], dtype=torch.float64)
                 scores = part if scores is None else scores + part
-        return scores.to(torch.float32)
+        scores = scores.to(torch.float32)
+        if out is None and self.shard is None:
+            return scores
+        n = scores.shape[0] if self.shard is None else self.shard.n
+        with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
+            dest.write(0 if self.shard is None else self.shard.start, scores)
+            return dest.finish(rows=n)
 
     def _train_rows(self, test_side, index: int) -> list:
-        """-eta grad l_i^T grad f over one checked pass of the train loader, [B, n_test] float64 rows."""
-        compute = self._compute(self.task.loss, "loss", index)
-        with self._train_passes.over(f"checkpoint {index}") as batches:
-            return [(compute(batch) @ test_side).to(torch.float64).cpu() for _, batch, _ in batches]
+        """-eta grad l_i^T grad f over one checked pass of the train loader (this rank's shard),
+        [B, n_test] float64 rows."""
+        rows = []
+        with together(f"the TracIn pass of checkpoint {index}", self.shard):
+            if self.shard is None or len(self.shard):
+                compute = self._compute(self.task.loss, "loss", index)
+                context = f"checkpoint {index}" + ("" if self.shard is None else
+                                                   f", shard [{self.shard.start}, {self.shard.stop})")
+                with self._train_passes.over(context) as batches:
+                    rows = [(compute(batch) @ test_side).to(torch.float64).cpu() for _, batch, _ in batches]
+        return rows
 
 
 __all__ = ["TracIn", "learning_rates_of"]

@@ -20,6 +20,7 @@ from .kron import KroneckerHandler, Query
 
 class EmbeddingHandler(KroneckerHandler):
     tie_primary = False
+    diagonal_activation = True
 
     @classmethod
     def check(cls, name, module):

@@ -72,6 +72,7 @@ class KroneckerHandler(Handler):
     kronecker = True
     # Whether the layer of a tied weight may be this use (its factors dense; see the docstring).
     tie_primary = True
+    diagonal_activation = False  # the activation factor A is a [d_in] diagonal (Embedding), not [d_in, d_in]
 
     @classmethod
     def why_not_kronecker(cls, module: nn.Module) -> str | None:

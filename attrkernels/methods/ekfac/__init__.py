@@ -57,10 +57,39 @@ whichever costs fewer FLOPs. Per-example gradients exist only per layer, in chun
 ``memory_budget`` bytes. The backward passes ask only for the layers' output gradients (no weight
 gradients). Convolutions avoid unfolding where they can (see ``capture.handlers.conv``).
 
+Scale out. The covariance and correction passes return unnormalised sums with counts
+(sum a a^T over positions, sum delta delta^T, sum (Q_S^T G_b Q_A)^2, example and position counts),
+normalised only once summed over the whole training set; the same sums are added three ways
+(``sharding``):
+* under an initialised ``torch.distributed`` group (torchrun, ...; gloo or nccl, never chosen or
+  initialised here), rank r of W passes over batch-aligned shard r (``distributed.batch_shard``)
+  and each stage's sums (with the covariances, the example digests) are added by one bucketed
+  ``all_reduce_sum``; the [d, d] eigendecompositions are spread over the ranks by size and shared
+  by one all-reduce of zero-filled buffers; rank 0 alone writes the store. ``score`` splits the
+  training rows (each rank writes its rows into ``out=``, a path every rank sees, no gather);
+  ``self_influence`` shares its [n_train] vector by one all-reduce. The factors do not depend
+  on the world size, so ``score`` may run with another world size than ``fit``, or one process;
+* ``fit(train, shard=(i, n))`` (a job array; no collectives even under a group) passes over
+  shard i alone and writes its partial sums as a finished shard of ``distributed.manifest``
+  (``partials``); the process that completes a stage's shards merges them (after one hashing
+  pass over its loader), eigendecomposes and saves, and EK-FAC's correction needs the merged
+  eigenbasis: run the array twice for EK-FAC (covariances, then corrections; finished shards
+  are skipped), once for K-FAC, then ``fit(train)`` (any world size) merges. ``complete`` says
+  whether a call produced every checkpoint's factors;
+* one process: the whole loader, nothing to add.
+Batches are the unit of the split, so with ``fisher="true"`` every batch draws the labels a
+single process draws and the factors match one process's to the rounding of the sums (tested in
+float64 at rtol 1e-5). A merge refuses shards of other settings, model or eigenbasis
+(``StoreMismatch``), of other training data (naming the shard and both fingerprints) and names
+missing shards (``distributed.MissingShards``). A killed shard leaves no manifest and is redone;
+a killed group run resumes from the last stage file its rank 0 wrote.
+
 Modules, by stage (as kronfluence splits factor/ and score/): ``selection`` (which layers),
 ``passes`` (passes over data, the Fisher's loss, the covariance and correction passes),
 ``factors`` (the factors of a checkpoint, the eigendecomposition), ``storage`` (stage files),
-``precondition`` (inverse eigenvalues, queries, score tiles) and ``method`` (EKFAC, KFAC).
+``sharding`` / ``partials`` / ``fitting`` (who passes over which examples, shard files, the
+stages of a fit), ``precondition`` (inverse eigenvalues, queries, score tiles) and ``method``
+(EKFAC, KFAC).
 
 Store. With ``store=path``, each checkpoint's factors are written as safetensors per stage
 (covariance, eigen, lambda; named by the checkpoint's fingerprint) with JSON metadata, and a

@@ -1,11 +1,14 @@
-"""The factors of one checkpoint, layer by layer, and the eigendecomposition stage."""
+"""The factors of one checkpoint, layer by layer: normalised from the stage sums of the passes
+(``passes.Passes.covariances`` / ``correction``, combined over shards first), and the
+eigendecomposition stage, spread over the ranks of a process group by layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels.kfac import Basis, kron_eigh
+from ...distributed import Group, all_reduce_sum
+from ...kernels.kfac import Basis, block_sizes, kron_eigh
 
 STAGES = ("covariance", "eigen", "lambda")  # EK-FAC; K-FAC stops after "eigen"
 
@@ -30,12 +33,56 @@ class LayerFactors:
         return self._bases32
 
 
-def eigen(layers: list, factors: dict, block_width: int | None) -> None:
-    """Eigendecompose every layer's A and S (float64, one batched ``kron_eigh``) into ``factors``."""
+def covariance_factors(layers: list, sums: dict) -> dict:
+    """{layer: LayerFactors(A, S)} from the covariance sums over all N examples:
+    A = sum a a^T / positions, S = sum delta delta^T / N (float64)."""
+    n = int(sums["examples"])
+    return {layer.name: LayerFactors(A=sums[f"{layer.name}/A"] / max(int(sums[f"{layer.name}/positions"]), 1),
+                                     S=sums[f"{layer.name}/S"] / n) for layer in layers}
+
+
+def set_lambda(layers: list, factors: dict, sums: dict) -> None:
+    """Lambda = sum_b (Q_S^T G_b Q_A)^2 / N (float32) from the correction sums, into ``factors``."""
+    n = int(sums["examples"])
+    for layer in layers:
+        factors[layer.name].lam = (sums[f"{layer.name}/lam"] / n).to(torch.float32)
+
+
+def owners(sizes: list, ranks: int) -> list:
+    """The rank that eigendecomposes each factor of width ``sizes[i]``: largest first (cost d^3),
+    each to the least loaded rank; the same on every rank."""
+    load, out = [0] * ranks, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        out[i] = rank
+        load[rank] += sizes[i] ** 3
+    return out
+
+
+def eigen(layers: list, factors: dict, block_width: int | None, group: Group = Group()) -> None:
+    """Eigendecompose every layer's A and S (float64, batched ``kron_eigh``) into ``factors``.
+
+    Under a process group each rank decomposes its share of the [d, d] factors (``owners``) and
+    one ``all_reduce_sum`` of zero-filled buffers (eigenvalues [d], basis blocks [w, w]) gives
+    every rank all of them; diagonal factors (identity basis) are done by every rank.
+    """
     mats = []
     for layer in layers:
         mats += [factors[layer.name].A, factors[layer.name].S]
-    solved = kron_eigh(mats, block_width)
-    for i, layer in enumerate(layers):
+    dense = [i for i, m in enumerate(mats) if m.ndim == 2]
+    who = dict(zip(dense, owners([mats[i].shape[0] for i in dense], group.size)))
+    mine = [i for i in range(len(mats)) if who.get(i, group.rank) == group.rank]
+    solved = dict(zip(mine, kron_eigh([mats[i] for i in mine], block_width)))
+    if group.distributed:
+        buffers = []
+        for i in dense:
+            d = mats[i].shape[0]
+            if i not in solved:
+                blocks = tuple(torch.zeros(w, w, dtype=torch.float64, device=mats[i].device)
+                               for w in block_sizes(d, block_width))
+                solved[i] = (torch.zeros(d, dtype=torch.float64, device=mats[i].device), Basis(d, blocks))
+            buffers += [solved[i][0], *solved[i][1].blocks]
+        all_reduce_sum(buffers, what="eigendecompositions")
+    for j, layer in enumerate(layers):
         f = factors[layer.name]
-        (f.eig_a, f.basis_a), (f.eig_s, f.basis_s) = solved[2 * i], solved[2 * i + 1]
+        (f.eig_a, f.basis_a), (f.eig_s, f.basis_s) = solved[2 * j], solved[2 * j + 1]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...distributed import all_reduce_sum, together
 from ...kernels.kfac import DEFAULT_MEMORY
 from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
@@ -16,9 +17,11 @@ from ..base import AttributionMethod
 from ..checkpoints import as_checkpoints, checkpoint_loop, fingerprint
 from ..scores import ScoreOutput
 from . import precondition
-from .factors import STAGES, LayerFactors, eigen
+from .factors import STAGES, LayerFactors
+from .fitting import factors_of
 from .passes import Passes, Recorded
 from .selection import probe_layers, select_layers
+from .sharding import split_of
 from .storage import FactorStore, dataset_len, store_meta
 
 FISHERS = ("true", "empirical")
@@ -72,6 +75,7 @@ class EKFAC(AttributionMethod):
         self.fitted: list[_Fitted] = []
         self.train = None  # the loader given to fit
         self.data = Recorded()  # the examples of the training data the factors were fitted on
+        self.complete = False  # whether fit() produced the factors of every checkpoint (see fit's shard)
         self.query_modes: dict = {}  # per layer, where the last score() preconditioned the queries
 
     @property
@@ -79,28 +83,41 @@ class EKFAC(AttributionMethod):
         """Per fitted checkpoint, {layer name: LayerFactors}."""
         return [f.factors for f in self.fitted]
 
-    def fit(self, train, checkpoints=None) -> "EKFAC":
+    def fit(self, train, checkpoints=None, *, shard=None) -> "EKFAC":
         """Fit (or load from the store) the factors of every checkpoint on the training loader.
 
         ``checkpoints``: state dicts, paths or ``ak.tasks.Checkpoint`` objects (None: the model's
         current weights), snapshotted now. The loader is kept as the default training set of
         ``score``; every later pass over training data must yield the same examples in the same
         order (checked example by example).
+
+        ``shard``: None (the whole loader; under a process group, this rank's shard, with the
+        sums all-reduced), or ``(index, count)`` / a ``distributed.Shard``: pass over that shard
+        only and write its partial sums to the store (see ``sharding``); ``complete`` then says
+        whether every stage could be merged (True once every shard's sums are on file).
         """
         check_loader(train, "train")
+        split = split_of(train, shard, self.fisher)
+        if split.offline and self.store_path is None:
+            raise ValueError("fit(train, shard=...) writes the shard's partial sums to the store: pass store= (a "
+                             "directory every shard's process sees)")
         checkpoints = as_checkpoints(self.model, checkpoints)
         self._probe(train)
         store = self._open_store()
-        data = Recorded(store)
+        data = Recorded(store, write=split.writer)
         # Factors loaded from the store: a quick look at the first batch now, every example at
         # the next pass over the training data (score or self_influence) rather than an extra pass.
-        self.passes.check_first_batch(train, data)
+        with together("the check of the training data's first batch", split.shard, split.group):
+            self.passes.check_first_batch(train, data, shard=split.shard)
         fitted = []
         with checkpoint_loop(self.model, checkpoints) as loop:
             for k, ckpt in loop:
                 fp = fingerprint(ckpt)
-                fitted.append(_Fitted(ckpt, fp, self._factors_of(train, k, fp, store, data)))
-        self.fitted, self.train, self.data = fitted, train, data
+                factors = factors_of(self, train, k, fp, store, data, split)
+                if factors is not None:
+                    fitted.append(_Fitted(ckpt, fp, factors))
+        self.complete = len(fitted) == len(checkpoints)
+        self.fitted, self.train, self.data = (fitted if self.complete else []), train, data
         return self
 
     def score(self, test, *, train=None, out=None) -> torch.Tensor:
@@ -110,13 +127,17 @@ class EKFAC(AttributionMethod):
         factors come from the store without a ``fit``); it must yield the examples the factors
         were fitted on, in the same order. ``out``: as for every method
         (``methods.scores.ScoreOutput``): None (a new tensor), a path (a float32 .npy memory
-        map) or an existing [n_train, n_test] tensor or array, filled tile by tile.
+        map) or an existing [n_train, n_test] tensor or array, filled tile by tile. Under a
+        process group each rank scores its shard of the training set into ``out``, which must
+        be a path every rank sees (``methods.scores.ScoreOutput``); the world size need not be
+        the one of ``fit``.
         """
         train = self._train_loader(train)
         fitted = self._ready(train)
         check_loader(train, "train")
         if len(fitted) > 1:  # the queries are recomputed at every checkpoint
             check_loader(test, "test")
+        split = split_of(train, None, self.fisher)
         n_train_hint = dataset_len(train)
         test_data, rows = (Recorded() if len(fitted) > 1 else None), 0  # one checkpoint: one pass over test
         with ExitStack() as stack:
@@ -128,43 +149,57 @@ class EKFAC(AttributionMethod):
                 queries, n_test = precondition.queries(self.passes, test, factors, inverse, n_train_hint, k, test_data)
                 self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
                 if dest is None:
-                    dest = stack.enter_context(ScoreOutput(out, n_test, n_train=None if out is None else n_train_hint))
-                with self.passes.over(train, "train", f"scores (checkpoint {k})", f"checkpoint {k}",
-                                      self.data) as batches:
-                    for start, batch, size in batches:
+                    dest = stack.enter_context(ScoreOutput(out, n_test, group=split.group,
+                                                           n_train=None if out is None else n_train_hint))
+                offset = 0 if split.shard is None else split.shard.start
+                with together(f"the score pass of checkpoint {k}", split.shard, split.group), ExitStack() as inner:
+                    for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
                         handlers = self.passes.record(batch, size, self.task.loss, "train")
                         tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
                         tile.div_(-len(fitted))
-                        dest.write(start, tile, first=k == 0)
+                        dest.write(offset + start, tile, first=k == 0)
                         rows = start + size
-            return dest.finish(rows=rows)
+            return dest.finish(rows=rows if split.shard is None else n_train_hint)
 
     def self_influence(self, train=None) -> torch.Tensor:
         """[n_train] g_i^T (F + damping)^{-1} g_i with g_i = grad loss_i, averaged over checkpoints.
 
         In the sign convention of ``score`` with measurement -loss_i: how much including example i
         lowers its own loss. Large values flag examples the rest of the data does not explain,
-        e.g. mislabeled ones. ``train`` defaults to the loader given to ``fit``.
+        e.g. mislabeled ones. ``train`` defaults to the loader given to ``fit``. Under a process
+        group each rank computes its shard's values and one ``all_reduce_sum`` of the [n_train]
+        vector shares them.
         """
         train = self._train_loader(train)
         fitted = self._ready(train)
         check_loader(train, "train")
+        split = split_of(train, None, self.fisher)
         total = None
         with checkpoint_loop(self.model, [f.checkpoint for f in fitted]) as loop:
             for k, _ in loop:
                 factors = fitted[k].factors
                 inverse = self._inverses(factors)
-                parts = []
-                with self.passes.over(train, "train", f"self-influence (checkpoint {k})", f"checkpoint {k}",
-                                      self.data) as batches:
-                    for _, batch, size in batches:
+                parts, what = [], f"self-influence (checkpoint {k})"
+                with together(f"the {what} pass", split.shard, split.group), ExitStack() as inner:
+                    for _, batch, size in self._train_batches(train, what, k, split, inner):
                         handlers = self.passes.record(batch, size, self.task.loss, "train")
                         parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
-                values = torch.cat(parts) / len(fitted)
+                values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
                 total = values if total is None else total + values
-        return total
+        if split.shard is None:
+            return total
+        every = torch.zeros(dataset_len(train))
+        every[split.shard.start:split.shard.stop] = total
+        all_reduce_sum([every], what="EK-FAC self-influence")
+        return every
 
     # -----------------------------------------------------------------------------------------
+
+    def _train_batches(self, train, desc: str, k: int, split, stack: ExitStack):
+        """The batches of this process's part of the train loader (``split.shard``), checked."""
+        if split.shard is not None and not len(split.shard):
+            return []
+        return stack.enter_context(self.passes.over(train, "train", desc, f"checkpoint {k}", self.data, split.shard))
 
     def _train_loader(self, train):
         if train is not None:
@@ -180,21 +215,7 @@ class EKFAC(AttributionMethod):
         return precondition.inverses(self.layers, factors, self.damping, self._eigenvalues)
 
     def _probe(self, train) -> None:
-        """Once, on the first training batch (``selection.probe_layers``): params=None leaves out
-        the layers called without the batch dimension (into ``skipped``); a weight also used
-        where no hook sees it raises."""
-        if self._probed:
-            return
-        layers, self.skipped = probe_layers(self.model, self.layers, self.skipped, self.task, train,
-                                            leave_out=self._leave_out)
-        self._probed = True
-        if len(layers) != len(self.layers):
-            if not layers:
-                raise ValueError("every layer EK-FAC/K-FAC can factor is called without the batch dimension; "
-                                 "feed the model batch-first inputs [B, ..., d]")
-            self.layers = layers
-            self.passes = Passes(self.model, self.task, layers, self.memory_budget, self.passes.verbose)
-            self.plan = self.passes.plan
+        probe(self, train)
 
     def _open_store(self) -> FactorStore | None:
         if self.store_path is None:
@@ -203,32 +224,6 @@ class EKFAC(AttributionMethod):
 
     def _device(self):
         return next(self.model.parameters()).device
-
-    def _factors_of(self, train, k: int, fp: str, store: FactorStore | None, data: Recorded) -> dict:
-        """The factors of checkpoint k (loaded): each stage loaded from the store when there,
-        else computed (and saved)."""
-        if store is not None and store.exists("covariance", fp):
-            store.check_data(fp, data.digests)
-        if store is not None and store.has(self.stages, fp):
-            return store.load(self.stages, fp, self.layers, self._device())
-        factors = None
-        if store is not None and store.exists("covariance", fp):
-            factors = store.load(("covariance",), fp, self.layers, self._device())
-        if factors is None:
-            factors, n = self.passes.covariances(train, k, self.fisher, self.seed, data)
-            if store is not None:
-                store.save("covariance", fp, factors, n, data.digests)
-        if store is not None and store.exists("eigen", fp):
-            store.load(("eigen",), fp, self.layers, self._device(), factors)
-        else:
-            eigen(self.layers, factors, self.block_width)
-            if store is not None:
-                store.save("eigen", fp, factors)
-        if "lambda" in self.stages:
-            self.passes.correction(train, k, factors, self.fisher, self.seed, data)
-            if store is not None:
-                store.save("lambda", fp, factors)
-        return factors
 
     def _ready(self, train) -> list:
         """The fitted checkpoints; loads the store's factors for the model's current weights if needed."""
@@ -250,6 +245,24 @@ class EKFAC(AttributionMethod):
         self.fitted = [_Fitted(state, fp, store.load(self.stages, fp, self.layers, self._device()))]
         self.data = data
         return self.fitted
+
+
+def probe(method, train) -> None:
+    """Once per method, on the first training batch (``selection.probe_layers``): params=None
+    leaves out the layers called without the batch dimension (into ``method.skipped``); a weight
+    also used where no hook sees it raises. Shared by EKFAC / KFAC and SOURCE."""
+    if method._probed:
+        return
+    layers, method.skipped = probe_layers(method.model, method.layers, method.skipped, method.task, train,
+                                          leave_out=method._leave_out)
+    method._probed = True
+    if len(layers) != len(method.layers):
+        if not layers:
+            raise ValueError("every layer EK-FAC/K-FAC can factor is called without the batch dimension; "
+                             "feed the model batch-first inputs [B, ..., d]")
+        method.layers = layers
+        method.passes = Passes(method.model, method.task, layers, method.memory_budget, method.passes.verbose)
+        method.plan = method.passes.plan
 
 
 class KFAC(EKFAC):

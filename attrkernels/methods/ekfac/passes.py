@@ -22,6 +22,7 @@ from ...capture import Capture, make_plan
 from ...capture.core import NonFiniteExamples, nonfinite_rows
 from ...capture.handlers import CovarianceSums
 from ...capture.hooks import unbatched_modules
+from ...distributed import shard_loader
 from ...kernels.philox import derive_seed
 from ...store import DataMismatch, StoreMismatch
 from ...tasks.base import token_mask
@@ -30,7 +31,6 @@ from ...utils.errors import ExampleError
 from ..base import call_task
 from ..passes import CheckedPass
 from ..checkpoints import model_device
-from .factors import LayerFactors
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch
 
@@ -61,17 +61,30 @@ def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start
 
 class Recorded:
     """The examples a loader yields, in order (their digests): recorded by the first complete
-    pass (for the training data, or read from a factor store, which then records them too),
-    compared by every later pass."""
+    pass over the whole loader (for the training data, or read from a factor store, which then
+    records them too; a sharded fit records them once its shards' digests are combined),
+    compared by every later pass (a shard's pass with its slice). ``seen``: the digests of the
+    last pass's examples. ``write``: whether this process writes them to the store (rank 0)."""
 
-    def __init__(self, store: FactorStore | None = None):
-        self.store = store
+    def __init__(self, store: FactorStore | None = None, write: bool = True):
+        self.store, self.write = store, write
         self.digests = None if store is None else store.digests()
+        self.seen = None
+
+    def expected(self, shard):
+        if self.digests is None or shard is None:
+            return self.digests
+        return self.digests[shard.start:shard.stop]
+
+    def finished(self, shard, digests: np.ndarray) -> None:
+        self.seen = digests
+        if shard is None:
+            self.recorded(digests)
 
     def recorded(self, digests: np.ndarray) -> None:
         if self.digests is None:
             self.digests = digests
-            if self.store is not None:
+            if self.store is not None and self.write:
                 self.store.save_digests(digests)
 
 
@@ -90,24 +103,39 @@ class Passes:
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
 
-    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded | None) -> CheckedPass:
+    def over(self, loader, what: str, desc: str | None, context: str, data: Recorded | None,
+             shard=None) -> CheckedPass:
         """A checked pass: ``with passes.over(train, "train", desc, f"checkpoint {k}", data) as
         batches: for start, batch, size in batches: ...`` (see the module docstring). ``data``
-        None: a loader passed over only once, whose examples are not compared."""
+        None: a loader passed over only once, whose examples are not compared. ``shard``: pass
+        over that ``distributed.Shard`` of the loader only (``start`` counts from the shard's
+        first example; its examples are compared with their slice of ``data``)."""
         store = None if data is None else data.store
-        return CheckedPass(loader, self.task, what, expected=None if data is None else data.digests,
+        if shard is not None:
+            loader, context = shard_loader(loader, shard, what), f"{context}, shard [{shard.start}, {shard.stop})"
+        return CheckedPass(loader, self.task, what, expected=None if data is None else data.expected(shard),
                            compare=data is not None, context=context, device=model_device(self.model), desc=desc,
-                           verbose=self.verbose, on_finish=None if data is None else data.recorded,
+                           verbose=self.verbose,
+                           on_finish=None if data is None else lambda digests: data.finished(shard, digests),
                            on_mismatch=None if store is None else lambda err: _store_mismatch(store, err))
 
-    def check_first_batch(self, loader, data: Recorded, what: str = "train") -> None:
-        """Compare the loader's first batch with the recorded data (a quick check at ``fit`` when
-        the factors come from a store; the next full pass checks every example)."""
-        if data.digests is None:
+    def check_first_batch(self, loader, data: Recorded, what: str = "train", shard=None) -> None:
+        """Compare the loader's (shard's) first batch with the recorded data (a quick check at
+        ``fit`` when the factors come from a store; the next full pass checks every example)."""
+        if data.digests is None or (shard is not None and not len(shard)):
             return
-        with self.over(loader, what, None, "fit", data) as batches:
+        with self.over(loader, what, None, "fit", data, shard) as batches:
             for _ in batches:
                 break
+
+    def hash(self, loader) -> np.ndarray:
+        """The digests of the loader's examples from one pass that only hashes them (no model
+        call): what a merge of shards checks them against."""
+        data = Recorded()
+        with self.over(loader, "train", "hashing the training data", "merge", data) as batches:
+            for _ in batches:
+                pass
+        return data.digests
 
     def _probe(self, batch, fn, what) -> None:
         """Run one example: a tracked module whose input then has a leading dimension other
@@ -194,39 +222,55 @@ class Passes:
                                  "loader; leave its parameters out of params=")
         return cap.handlers
 
-    def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded) -> tuple[dict, int]:
-        """Stage "covariance" of checkpoint k: {layer: LayerFactors(A, S)} and the number of examples."""
+    def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded, shard=None) -> dict:
+        """Stage "covariance" of checkpoint k over the loader (or its ``shard``): the unnormalised
+        sums (``factors.covariance_factors`` normalises them), float64 on the model's device:
+        ``<layer>/A`` (sum of a a^T over positions, or token counts), ``<layer>/S`` (sum of
+        delta delta^T), ``<layer>/positions`` and ``examples`` (int64 [1] counts); zeros for an
+        empty shard."""
         sums = {layer.name: CovarianceSums() for layer in self.layers}
         n = 0
-        with self.over(train, "train", f"covariances (checkpoint {k})", f"checkpoint {k}", data) as batches:
-            for start, batch, size in batches:
-                handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, start), "train")
-                for layer in self.layers:
-                    handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
-                self.check_finite(handlers, {f"the factor {side} of layer {name!r}": t for name, s in sums.items()
-                                             for side, t in (("A", s.A), ("S", s.S))}, "train")
-                n += size
-        factors = {}
+        offset = 0 if shard is None else shard.start
+        if shard is None or len(shard):
+            with self.over(train, "train", f"covariances (checkpoint {k})", f"checkpoint {k}", data, shard) as batches:
+                for start, batch, size in batches:
+                    loss = fisher_loss(self.task, fisher, seed, 0, k, offset + start)
+                    handlers = self.record(batch, size, loss, "train")
+                    for layer in self.layers:
+                        handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
+                    self.check_finite(handlers, {f"the factor {side} of layer {name!r}": t for name, s in sums.items()
+                                                 for side, t in (("A", s.A), ("S", s.S))}, "train")
+                    n += size
+        device = model_device(self.model)
+        out = {"examples": torch.tensor([n], device=device)}
         for layer in self.layers:
-            s = sums[layer.name]
-            factors[layer.name] = LayerFactors(A=s.A.to(torch.float64) / max(s.positions, 1),
-                                               S=s.S.to(torch.float64) / n)
-        return factors, n
+            s, name = sums[layer.name], layer.name
+            a_shape = (layer.d_in,) if layer.handler.diagonal_activation else (layer.d_in, layer.d_in)
+            for key, value, shape in (("A", s.A, a_shape), ("S", s.S, (layer.d_out, layer.d_out))):
+                out[f"{name}/{key}"] = (torch.zeros(shape, dtype=torch.float64, device=device) if value is None
+                                        else value.to(torch.float64))
+            out[f"{name}/positions"] = torch.tensor([s.positions], device=device)
+        return out
 
-    def correction(self, train, k: int, factors: dict, fisher: str, seed: int, data: Recorded) -> None:
-        """Stage "lambda" of checkpoint k: EK-FAC's Lambda = E_b[(Q_S^T G_b Q_A)^2] into ``factors``."""
+    def correction(self, train, k: int, factors: dict, fisher: str, seed: int, data: Recorded, shard=None) -> dict:
+        """Stage "lambda" of checkpoint k over the loader (or its ``shard``): the unnormalised
+        sums ``<layer>/lam`` = sum_b (Q_S^T G_b Q_A)^2 (float64) and ``examples`` (int64 [1])."""
         device = model_device(self.model)
         sums = {layer.name: torch.zeros(layer.d_out, layer.d_in, device=device) for layer in self.layers}
         n = 0
+        offset = 0 if shard is None else shard.start
         desc = f"eigenvalue correction (checkpoint {k})"
-        with self.over(train, "train", desc, f"checkpoint {k}", data) as batches:
-            for start, batch, size in batches:
-                handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 1, k, start), "train")
-                for layer in self.layers:
-                    handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
-                                                    self.memory_budget)
-                self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
-                                             for name, t in sums.items()}, "train")
-                n += size
-        for layer in self.layers:
-            factors[layer.name].lam = sums[layer.name] / n
+        if shard is None or len(shard):
+            with self.over(train, "train", desc, f"checkpoint {k}", data, shard) as batches:
+                for start, batch, size in batches:
+                    loss = fisher_loss(self.task, fisher, seed, 1, k, offset + start)
+                    handlers = self.record(batch, size, loss, "train")
+                    for layer in self.layers:
+                        handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
+                                                        self.memory_budget)
+                    self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
+                                                 for name, t in sums.items()}, "train")
+                    n += size
+        out = {f"{name}/lam": t.to(torch.float64) for name, t in sums.items()}
+        out["examples"] = torch.tensor([n], device=device)
+        return out

@@ -16,6 +16,7 @@ from ..base import AttributionMethod
 from ..checkpoints import (Checkpoint, checked_checkpoints, fingerprint, load_checkpoint, preserved_weights,
                            read_checkpoint)
 from ..ekfac import precondition
+from ..ekfac.method import probe
 from ..ekfac.passes import Passes, Recorded
 from ..ekfac.selection import select_layers
 from ..ekfac.storage import FactorStore, dataset_len, store_meta
@@ -59,7 +60,9 @@ class SOURCE(AttributionMethod):
         self.fisher, self.block_width = fisher, check_positive_int("block_width", block_width, optional=True)
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
         self.layers, self.skipped = select_layers(model, params)
+        self._leave_out, self._probed = params is None, False  # the first batch settles the layers (``probe``)
         self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
+        self.plan = self.passes.plan
         self.fitted: list = []  # the checkpoints (snapshotted), in training order
         self.fingerprints: list = []
         self.lr_sums: list = []  # per checkpoint, as given to fit
@@ -93,6 +96,7 @@ class SOURCE(AttributionMethod):
         except ValueError as err:
             raise ValueError(f"checkpoints: {err}") from None
         times = segment_times(sums, groups, self.momentum)
+        probe(self, train)
         store = None if self.store_path is None else FactorStore(self.store_path, store_meta(self))
         data = Recorded(store)
         self.passes.check_first_batch(train, data)

@@ -23,7 +23,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..checkpoints import load_checkpoint, preserved_weights
-from ..ekfac.factors import LayerFactors, eigen
+from ..ekfac.factors import LayerFactors, covariance_factors, eigen, set_lambda
 
 
 @dataclass
@@ -52,9 +52,10 @@ def _covariances(method, train, ckpt, k: int, fp: str, store, data) -> dict:
         store.check_data(fp, data.digests)
         return store.load(("covariance",), fp, method.layers, method._device())
     _load_weights(method.model, ckpt, k)
-    factors, n = method.passes.covariances(train, k, method.fisher, method.seed, data)
+    sums = method.passes.covariances(train, k, method.fisher, method.seed, data)
+    factors = covariance_factors(method.layers, sums)
     if store is not None:
-        store.save("covariance", fp, factors, n, data.digests)
+        store.save("covariance", fp, factors, int(sums["examples"]), data.digests)
     return factors
 
 
@@ -66,7 +67,7 @@ def _lambda(method, train, ckpt, k: int, fp: str, factors: dict, store, data) ->
         loaded = store.load(("lambda",), fp, method.layers, method._device(), base)
         return {name: f.lam for name, f in loaded.items()}
     _load_weights(method.model, ckpt, k)
-    method.passes.correction(train, k, factors, method.fisher, method.seed, data)
+    set_lambda(method.layers, factors, method.passes.correction(train, k, factors, method.fisher, method.seed, data))
     if store is not None:
         store.save("lambda", fp, factors)
     return {name: f.lam for name, f in factors.items()}
