@@ -9,7 +9,9 @@ Gradient-based, built from ``(model, task)`` with ``fit(train, checkpoints)`` an
   conjugate-gradient or LiSSA inverse of the damped Hessian / Gauss-Newton matrix
   (``methods.influence``);
 - ``EKFAC``, ``KFAC``: influence functions with a Kronecker-factored (eigenvalue-corrected)
-  curvature, resumable store (``methods.ekfac``).
+  curvature, resumable store (``methods.ekfac``);
+- ``SOURCE``: approximate unrolled differentiation over segments of training checkpoints, on
+  EK-FAC's factors, ``fit(train, checkpoints, lr_sums)`` (``methods.source``).
 
 ``Datamodels`` (``methods.datamodels``) instead regresses the outputs of retrained models on their
 training subsets: ``Datamodels(task, directory, ...)``, ``fit(ground_truth)``, ``score(test_indices)``.
@@ -23,8 +25,9 @@ from .checkpoints import Checkpoint
 from .datamodels import Datamodels
 from .ekfac import EKFAC, KFAC
 from .influence import InfluenceCG, InfluenceExplicit, InfluenceLiSSA
+from .source import SOURCE
 from .tracin import TracIn
 from .trak import TRAK
 
-__all__ = ["TRAK", "TracIn", "InfluenceExplicit", "InfluenceCG", "InfluenceLiSSA", "EKFAC", "KFAC",
+__all__ = ["TRAK", "TracIn", "InfluenceExplicit", "InfluenceCG", "InfluenceLiSSA", "EKFAC", "KFAC", "SOURCE",
            "Datamodels", "Checkpoint"]

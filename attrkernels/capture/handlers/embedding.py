@@ -103,6 +103,24 @@ class EmbeddingHandler(KroneckerHandler):
         rows, R = self.sparse_rows()
         return sparse_rows_self_inner(rows, R, inverse, bases[1])
 
+    # ----------------------------------------------------------------------------- SOURCE
+    # Queries hold the looked-up rows only, W [n, U, d] on ``query.rows``; the input basis is the identity.
+    @classmethod
+    def scaled(cls, query, values):
+        return Query(query.rotated, query.W * values[:, query.rows].T, query.rows)
+
+    @classmethod
+    def rebased(cls, query, old, new):
+        W = query.W if old is None else old[1].rotate(query.W, transpose=True)
+        return Query(new is not None, W if new is None else new[1].rotate(W), query.rows)
+
+    def paired_inner(self, query, bases, bias, budget):
+        rows, R = self.sparse_rows()
+        at = torch.searchsorted(query.rows, rows)
+        if not torch.equal(query.rows[at.clamp_max(query.rows.numel() - 1)], rows):
+            raise ValueError("the query holds other embedding rows than the batch looks up")
+        return (bases[1].rotate(R) * query.W[:, at]).sum((1, 2))
+
 
 def _runs(sorted_rows):
     """Maximal runs of consecutive integers: (position in the list, first value, length)."""
@@ -113,3 +131,4 @@ def _runs(sorted_rows):
         else:
             runs.append((pos, v, 1))
     return runs
+

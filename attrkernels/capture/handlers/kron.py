@@ -11,7 +11,10 @@ EK-FAC / K-FAC (``attrkernels.methods.ekfac``) need of a layer, calling the kern
 * ``preconditioned`` / ``query``: preconditioned query gradients, either in the eigenbasis or
   rotated back to parameter space (``precondition_back`` decides which is cheaper);
 * ``inner`` / ``self_inner``: inner products of the batch's gradients with the queries, and
-  their weighted squared norms.
+  their weighted squared norms;
+* ``scaled`` / ``rebased`` / ``paired_inner`` (SOURCE, ``methods.source``): a function of the
+  eigenvalues applied to queries in an eigenbasis, queries moved from one basis to another,
+  and each example's inner product with its own query.
 
 Per-example tensors exist only in chunks of examples under ``budget`` bytes. A subclass
 implements ``kron`` (and ``dims`` when its weight is not [d_out, d_in, ...]); it may override
@@ -185,3 +188,30 @@ class KroneckerHandler(Handler):
             return torch.cat([gradient_self_inner(R, inverse) for _, R in formed])
         return torch.cat([kron_self_inner(A, D, inverse, *bases, budget)
                           for _, A, D in self.kron_chunks(bias, budget)])
+
+    # ----------------------------------------------------------------------------- SOURCE
+    @classmethod
+    def scaled(cls, query: Query, values: torch.Tensor) -> Query:
+        """The query (in an eigenbasis) times ``values`` [d_out, d_in] elementwise: f(curvature)
+        applied to it when ``values`` = f(eigenvalues)."""
+        return Query(query.rotated, query.W * values, query.rows)
+
+    @classmethod
+    def rebased(cls, query: Query, old, new) -> Query:
+        """The query moved from the bases ``old`` to ``new`` ((basis_a, basis_s) pairs; None:
+        parameter space): W -> Q_S' Q_S W Q_A^T Q_A' with Q' of ``new``."""
+        W = query.W
+        if old is not None:
+            W = old[1].rotate(old[0].rotate(W, dim=2, transpose=True), dim=1, transpose=True)
+        if new is not None:
+            W = new[1].rotate(new[0].rotate(W, dim=2), dim=1)
+        return Query(new is not None, W, query.rows)
+
+    def paired_inner(self, query: Query, bases, bias: bool, budget: int) -> torch.Tensor:
+        """[B] <R_b, W_b>: each example's rotated gradient with its own query (``query`` holds
+        one matrix per example of the batch, in the eigenbasis ``bases``)."""
+        out, b0 = [], 0
+        for R in self.rotated_chunks(bases, bias, budget):
+            out.append((R * query.W[b0:b0 + R.shape[0]]).sum((1, 2)))
+            b0 += R.shape[0]
+        return torch.cat(out)
