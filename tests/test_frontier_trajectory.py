@@ -14,6 +14,7 @@ from attrkernels.eval.frontier import Config, run_frontier
 from attrkernels.tasks import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.frontier_configs
 from tiny_tasks import TinyLogReg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,3 +115,17 @@ def test_a_trajectory_configuration_gets_checkpoints_with_lr_sums(tmp_path):
     (ckpts, rates), = seen
     assert [type(c) for c in ckpts] == [Checkpoint, Checkpoint] and rates == [c.lr for c in ckpts]
     assert all(c.lr_sum > 0 and c.steps > 0 for c in ckpts)
+
+
+def test_source_and_trajectory_ekfac_configurations_run_on_a_trajectory(tmp_path):
+    from benchmarks.frontier_configs import source_configs
+
+    configs = source_configs(trajectories=(2,), segments=(1, 2))
+    assert [c.label for c in configs] == ["SOURCE L=1 C=2", "SOURCE L=2 C=2", "EK-FAC trajectory C=2"]
+    rows, failed = run_frontier(linear_schedule_task(), configs, out=tmp_path / "out", runs=tmp_path / "runs",
+                                workers=1, verbose=False)
+    assert failed == {} and len(rows) == 3
+    for row in rows:
+        assert -1 <= row["ci_low"] <= row["lds"] <= row["ci_high"] <= 1 and row["train_s"] > 0
+    # a logistic regression on two blobs: every method ranks the subsets well
+    assert min(row["lds"] for row in rows) > 0.5, rows
