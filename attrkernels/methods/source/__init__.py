@@ -30,8 +30,8 @@ The Fisher is that of ``ak.EKFAC`` (``fisher="true"``: labels sampled from the m
 << 1/s: an influence function with damping ~ 1/s (EKFAC's convention: scores = -grad f^T (H +
 1/s)^{-1} g). The 1/N of "removing one of N examples" is left out, as EK-FAC leaves it out.
 
-Optimiser. SGD with a learning-rate schedule, heavy-ball momentum beta (``momentum``: segment
-times divided by 1 - beta, the long-run step size of a constant gradient) and coupled weight
+Optimiser. SGD with a learning-rate schedule, momentum beta (``momentum``, heavy-ball or
+Nesterov: segment times divided by 1 - beta, the long-run step of a constant gradient) and coupled weight
 decay wd (``weight_decay``: the training objective's curvature is H + wd I, so wd is added to
 every eigenvalue of both functions). Adam is not modelled (its preconditioner would enter
 both functions); for Adam runs this is the SGD approximation.

@@ -1,7 +1,9 @@
 """The SOURCE class: arguments, fit (segments of checkpoints), score and self-influence."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -11,7 +13,8 @@ from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
 from ..base import AttributionMethod
-from ..checkpoints import checked_checkpoints, fingerprint, load_checkpoint, preserved_weights, read_checkpoint
+from ..checkpoints import (Checkpoint, checked_checkpoints, fingerprint, load_checkpoint, preserved_weights,
+                           read_checkpoint)
 from ..ekfac import precondition
 from ..ekfac.passes import Passes, Recorded
 from ..ekfac.selection import select_layers
@@ -59,9 +62,11 @@ class SOURCE(AttributionMethod):
         self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
         self.fitted: list = []  # the checkpoints (snapshotted), in training order
         self.fingerprints: list = []
+        self.lr_sums: list = []  # per checkpoint, as given to fit
         self.fitted_segments: list = []  # segments.Segment, in training order
         self.train = None
         self.data = Recorded()
+        self.query_modes: list = []  # per segment and layer, where the last score() scored its queries
 
     def fit(self, train, checkpoints, lr_sums=None) -> "SOURCE":
         """Fit every segment's factors on the training loader (loaded from the store where there).
@@ -70,10 +75,14 @@ class SOURCE(AttributionMethod):
         training run, in training order, the last one the final model; split into ``segments``
         consecutive groups of C / segments (C must be divisible). ``lr_sums[c]``: the sum of the
         learning rates of the optimiser steps between checkpoint c - 1 and c (c = 0: since
-        initialisation); None takes ``Checkpoint.lr_sum``.
+        initialisation); None takes ``Checkpoint.lr_sum``. The sums refer to the checkpoints
+        passed: when passing only some of a run's checkpoints, add up the sums of the ones left
+        out since the previous one passed (``Checkpoint.lr_sum`` counts from the previous checkpoint
+        saved, so e.g. the final checkpoint alone needs ``lr_sums=[sum of all]``).
         """
         check_loader(train, "train")
-        if checkpoints is None or isinstance(checkpoints, (dict, str)) or not hasattr(checkpoints, "__len__"):
+        if checkpoints is None or isinstance(checkpoints, (Mapping, str, Path, Checkpoint)) \
+                or not hasattr(checkpoints, "__len__"):
             raise ValueError("checkpoints must be a list of C >= segments checkpoints of one training run "
                              "(state dicts, paths or ak.tasks.Checkpoint objects), the last one the final model")
         checkpoints = list(checkpoints)
@@ -109,6 +118,7 @@ class SOURCE(AttributionMethod):
             stack.enter_context(preserved_weights(self.model))
             self._load(last)
             R, n_test, back = final_queries(self.passes, test, segments, n_train_hint, last)
+            self.query_modes = [{name: "parameters" if b else "eigenbasis" for name, b in seg.items()} for seg in back]
             dest = stack.enter_context(ScoreOutput(out, n_test, n_train=None if out is None else n_train_hint))
             for l, W in backwards(self.layers, segments, values, R, back):
                 seg = segments[l]
@@ -176,7 +186,8 @@ class SOURCE(AttributionMethod):
         if train is not None:
             return train
         if self.train is None:
-            raise RuntimeError("pass train= (the training loader) or call SOURCE.fit(train, checkpoints, lr_sums) first")
+            raise RuntimeError("pass train= (the training loader) or call SOURCE.fit(train, checkpoints, lr_sums) "
+                               "first")
         return self.train
 
     def _ready(self) -> list:

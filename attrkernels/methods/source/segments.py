@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import torch
-
 from ..checkpoints import load_checkpoint, preserved_weights
 from ..ekfac.factors import LayerFactors, eigen
 
