@@ -2,12 +2,13 @@
 
     python -m benchmarks.frontier --quick     # digits, quick protocol: under 10 minutes on 2 cores
     python -m benchmarks.frontier             # digits, default protocol, every configuration
+    python -m benchmarks.frontier --task mnist1d-cnn --protocol medium --only SOURCE,EK-FAC
 
 The configurations are those of ``benchmarks.frontier_configs``: ours and the installed peers
 (traker's TRAK, kronfluence's EK-FAC, dattri's IF-CG) on the same checkpoints and ground truth,
 cost measured the same way; the runner is ``attrkernels.eval.frontier``. Writes
-frontier.csv and frontier.png to --out (default benchmarks/results/<task>/, or <task>-quick/
-with --quick), only when at least one configuration finished. Caches (ground truth, checkpoints,
+frontier.csv and frontier.png to --out (default benchmarks/results/<task>/, or
+<task>-<protocol>/ for another protocol than the default, e.g. <task>-quick/ with --quick), only when at least one configuration finished. Caches (ground truth, checkpoints,
 finished configurations) live under --runs.
 
 Arguments are checked before any work: an unknown --task, an --only that matches no label or an
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="digits-mlp", help="a registered benchmark (attrkernels.tasks.available())")
     parser.add_argument("--quick", action="store_true", help="quick protocol and the cheap configurations")
+    parser.add_argument("--protocol", default=None,
+                        help="ground-truth protocol, a name in the task's lds_protocols (default: quick with "
+                             "--quick, else default)")
     parser.add_argument("--no-peers", action="store_true", help="our methods only")
     parser.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
     parser.add_argument("--out", default=None,
@@ -43,10 +47,11 @@ def main(argv=None) -> int:
     except FrontierArgumentError as err:
         parser.error(f"--task: {err}")
     configs = ours(args.quick) + ([] if args.no_peers else peers(args.quick))
-    out = args.out if args.out is not None else RESULTS / (args.task + ("-quick" if args.quick else ""))
+    protocol = args.protocol or ("quick" if args.quick else "default")
+    out = args.out if args.out is not None else RESULTS / (args.task + ("" if protocol == "default" else f"-{protocol}"))
     try:
         rows, failed = run_frontier(benchmark, configs, out=out, runs=args.runs,
-                                    protocol="quick" if args.quick else "default",
+                                    protocol=protocol,
                                     only=args.only.split(",") if args.only is not None else None,
                                     workers=args.workers)
     except FrontierArgumentError as err:

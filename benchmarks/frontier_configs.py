@@ -55,6 +55,28 @@ def _ekfac(cls, **kwargs):
     return run
 
 
+def _source(segments):
+    """SOURCE with ``segments`` segments over a trajectory's checkpoints (their ``lr_sum``), with the
+    benchmark recipe's momentum and weight decay (the unrolled SGD it approximates)."""
+    def run(ctx, ckpts, rates):
+        recipe = ctx.benchmark.recipe
+        m = ak.SOURCE(ctx.model(), ctx.benchmark.task, segments=segments, momentum=recipe.momentum,
+                      weight_decay=recipe.weight_decay, verbose=False)
+        return m.fit(ctx.train, ckpts).score(ctx.test, train=ctx.train)
+    return run
+
+
+def source_configs(trajectories=(3, 6), segments=(1, 3)) -> list:
+    """SOURCE (L segments over C trajectory checkpoints) and, for each C, EK-FAC on the same C
+    checkpoints (scores averaged over them), its converged-model counterpart."""
+    out = []
+    for C in trajectories:
+        for L in segments:
+            out.append(Config("SOURCE", f"SOURCE L={L} C={C}", ("trajectory", C), _source(L), {"L": L, "C": C}))
+        out.append(Config("EK-FAC", f"EK-FAC trajectory C={C}", ("trajectory", C), _ekfac(ak.EKFAC), {"C": C}))
+    return out
+
+
 def _datamodels(m_models):
     """(run, cost) of Datamodels with ``m_models`` retrained subset models; its models' training
     (summed one-core seconds / the cores that trained them in parallel) is its train_s."""
@@ -106,6 +128,7 @@ def ours(quick: bool) -> list:
     for M in ((1,) if quick else (1, 5)):
         out.append(Config("EK-FAC", f"EK-FAC M={M}", ("models", M), _ekfac(ak.EKFAC), {"M": M}))
     out.append(Config("K-FAC", "K-FAC M=1", ("models", 1), _ekfac(ak.KFAC), {"M": 1}))
+    out += source_configs()
     for m in ((100,) if quick else (100, 300, 1000)):
         run, cost = _datamodels(m)
         out.append(Config("Datamodels", f"Datamodels m={m}", ("none", 0), run, {"m": m}, cost))

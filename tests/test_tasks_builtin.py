@@ -97,3 +97,17 @@ def test_train_rejects_bad_indices():
     task = get("digits-mlp")
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 1000\)"):
         task.train(np.array([0, 1000]), seed=0)
+
+
+def test_digits_short_is_digits_stopped_early():
+    full, short = get("digits-mlp"), get("digits-mlp-short")
+    assert short.recipe.epochs == 6 and full.recipe.epochs == 40
+    assert short.recipe == type(full.recipe)(**{**full.recipe.__dict__, "epochs": 6})
+    for a, b in zip(full.train_data().tensors + full.test_data().tensors,
+                    short.train_data().tensors + short.test_data().tensors):
+        assert torch.equal(a, b)
+    assert str(full.make_model(0)) == str(short.make_model(0))
+    assert short.config_hash() != full.config_hash()  # separate ground truths and checkpoint caches
+    _, ckpts = short.train(np.arange(200), 0, checkpoints=6)
+    assert [c.epoch for c in ckpts] == [1, 2, 3, 4, 5, 6]
+    assert sum(c.steps for c in ckpts) == 6 * 2  # 200 examples in batches of 128

@@ -59,8 +59,10 @@ class Config:
     family: marker group in the plot; label: unique name (also names its cached result);
     needs: ``("models", M)`` independent models, ``("trajectory", C)`` checkpoints of one run, or
     ``("none", 0)``; run(ctx, checkpoints, learning_rates) -> scores [n_train, n_test], where
-    checkpoints are state dicts (None for "none") and learning_rates those of a trajectory (None
-    otherwise); settings: recorded in the CSV (``setting_<key>``) and in the cache key;
+    checkpoints are state dicts for "models", ``Checkpoint`` objects for "trajectory" (epoch,
+    ``lr``, and ``lr_sum`` / ``steps`` since the previous checkpoint, as SOURCE needs; every
+    method accepts them in place of state dicts) and None for "none"; learning_rates: the
+    ``lr`` of each trajectory checkpoint (None otherwise); settings: recorded in the CSV (``setting_<key>``) and in the cache key;
     cost(ctx) -> (train_s, method_s) replaces the measured cost for methods that account for it
     themselves, called before ``run``.
     """
@@ -105,8 +107,9 @@ class Context:
         return states, None, sum(seconds)
 
     def trajectory(self, count: int):
-        """(state_dicts, learning rates, seconds) of ``count`` checkpoints of one run."""
-        return self.checkpoints.trajectory(count)
+        """(Checkpoints, their learning rates, seconds) of ``count`` checkpoints of one run."""
+        ckpts, seconds = self.checkpoints.trajectory(count)
+        return ckpts, [c.lr for c in ckpts], seconds
 
     def needs(self, config: Config):
         """(checkpoints, learning rates, training seconds) that ``config`` asks for."""
