@@ -154,17 +154,23 @@ def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=Fal
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
         clock, factor_args = Clock(), FactorArguments(strategy="ekfac")
-        laps = Clock()  # the three calls of kronfluence's fit_all_factors, timed one by one
+        laps, times = Clock(), {}  # the three calls of kronfluence's fit_all_factors, timed one by one
+
+        def lap(name):
+            times[name] = laps.lap()[0]
+            if stages is not None:  # printed as it happens: a long run killed midway keeps them
+                print(f"kronfluence {name}: {times[name]:.1f} s", flush=True)
+
         analyzer.fit_covariance_matrices("f", dataset=train_set, per_device_batch_size=batch,
                                          factor_args=factor_args, overwrite_output_dir=True)
-        covariances = laps.lap()[0]
+        lap("covariances")
         analyzer.perform_eigendecomposition("f", factor_args=factor_args, overwrite_output_dir=True)
-        eigendecomposition = laps.lap()[0]
+        lap("eigendecomposition")
         analyzer.fit_lambda_matrices("f", dataset=train_set, per_device_batch_size=batch,
                                      factor_args=factor_args, overwrite_output_dir=True)
+        lap("correction")
         if stages is not None:
-            stages.update(covariances=covariances, eigendecomposition=eigendecomposition,
-                          correction=laps.lap()[0])
+            stages.update(times)
         fit = clock.lap()
         score_args = ScoreArguments(damping_factor=damping)
         if self_scores:
