@@ -5,7 +5,8 @@ Checkpoints: the full-data fine-tunes of seeds 0, 1, 2 (``M`` of them) and, for 
 evenly spaced checkpoints of the seed-0 fine-tune with their learning rates, all from the
 checkpoint cache (``runs/ckpt/text-lm``, shared with the frontier). ``train_s`` = their training
 seconds; ``method_s`` / ``cpu_s`` = the method's fit + score wall / process-CPU seconds in this
-run (CPU seconds leave out the time other processes held the cores).
+run (CPU seconds leave out the time other processes held the cores), on ``--threads`` (1) torch
+threads for ours and the peer alike.
 
 Methods. "Conv1D layers" = the weights and biases of the 8 attention / MLP projections (the
 parameters EK-FAC and K-FAC factor; the tied wte / lm_head, wpe and LayerNorms left out);
@@ -36,6 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 import attrkernels as ak
@@ -128,7 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", default="default", choices=("default", "quick"))
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (one: the model is small, and a second thread spins at barriers "
+                             "whenever another process holds a core)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     bench = ak.tasks.get("text-lm")
     gt = build_ground_truth(bench, Path(args.runs) / "gt" / f"text-lm-{args.protocol}", args.protocol)
     cache = CheckpointCache(bench, args.runs)
