@@ -34,7 +34,7 @@ sketch 2 p k per sequence, at the fp32 matmul peak measured right before each ba
     python -m benchmarks.lm               # GPT-2-small (see --help for the sizes)
     python -m benchmarks.lm --quick       # a 2-block width-64 GPT-2, well under a minute (CI)
 
-Writes benchmarks/results/lm_gpt2_small.{md,csv} (``--quick``: lm_quick.*).
+Writes benchmarks/results/lm_gpt2_small.{md,csv} (``--quick``: lm_quick.*; ``--tag T``: lm_T.*).
 """
 from __future__ import annotations
 
@@ -265,6 +265,7 @@ def main(argv=None) -> int:
                         help="queries kronfluence preconditions at once (default: all --test)")
     parser.add_argument("--parts", default="ekfac,featurize")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default=None, help="results file lm_<tag> (default gpt2_small, quick with --quick)")
     parser.add_argument("--worker", choices=("ours", "kronfluence"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
@@ -344,7 +345,7 @@ def main(argv=None) -> int:
                  "gradients, attention), `sketch_floor_s` = 2 p k per sequence; `vs_floor` = time / their sum.\n\n"
                  + markdown_table(rows_f, ["impl", "seq_per_s", "batch_s", "peak_mem_mb", "grad_floor_s",
                                            "sketch_floor_s", "vs_floor", "mm_gflops", "note"]) + "\n")
-    stem = RESULTS / ("lm_quick" if a.quick else "lm_gpt2_small")
+    stem = RESULTS / f"lm_{a.tag or ('quick' if a.quick else 'gpt2_small')}"
     write_results(stem, rows_e, ["impl", "fit_s", "score_s", "total_s", "cpu_s", "speedup_wall", "speedup_cpu",
                                  "peak_rss_gib", "model_rss_gib"], info, intro,
                   {**extra, "matmul_peak_gflops_fp32": f"{peak32:.1f}", "matmul_peak_gflops_fp64": f"{peak64:.1f}"},
