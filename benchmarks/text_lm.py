@@ -25,8 +25,11 @@ outputs and predictions), with bootstrap 95% CIs over test sequences.
 
     python -m benchmarks.text_lm --protocol quick      # builds the quick ground truth (~5 min)
     python -m benchmarks.text_lm                       # default protocol (100 subsets x 4 seeds)
+    python -m benchmarks.text_lm --protocol quick,default --no-build   # LDS on the finished ones only
 
-Writes benchmarks/results/text_lm_<protocol>.{csv,md,png}.
+Each method runs once: its scores and times are cached in <runs>/text-lm-scores/ (keyed on the
+task config and the label), and every protocol's LDS reads them. Writes
+benchmarks/results/text_lm_<protocol>.{csv,md,png}.
 """
 from __future__ import annotations
 
@@ -41,11 +44,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import attrkernels as ak
-from attrkernels.eval import build_ground_truth
+from attrkernels.eval import GroundTruth, build_ground_truth
 from attrkernels.eval.checkpoints import CheckpointCache
 from attrkernels.eval.report import plot
 from attrkernels.integrations.hf import conv1d_names, conv1d_params, conv1d_to_linear
 from attrkernels.kernels.cg import CGConvergenceWarning
+from attrkernels.store import atomic_write
 
 from .common import RESULTS, provenance, write_results
 from .ekfac import kronfluence
@@ -103,11 +107,11 @@ def configs(bench, train, test) -> list:
                                         task=bench.task, modules=conv1d_names(m))[0]
         return total / len(states)
 
-    out = [("TRAK", f"TRAK k=512 M={M} (Conv1D layers)", ("models", M), trak(512, layers)) for M in (1, 3)]
-    out.append(("EK-FAC", "EK-FAC M=1", ("models", 1), factored(ak.EKFAC)))
+    out = [("EK-FAC", "EK-FAC M=1", ("models", 1), factored(ak.EKFAC)),
+           ("kronfluence (peer)", "kronfluence EK-FAC M=1 (Linear copy)", ("models", 1), peer)]
+    out += [("TRAK", f"TRAK k=512 M={M} (Conv1D layers)", ("models", M), trak(512, layers)) for M in (1, 3)]
     out.append(("K-FAC", "K-FAC M=1", ("models", 1), factored(ak.KFAC)))
     out.append(("TracIn", "TracIn C=5", ("trajectory", 5), tracin))
-    out.append(("kronfluence (peer)", "kronfluence EK-FAC M=1 (Linear copy)", ("models", 1), peer))
     out.append(("IF", f"IF-CG Gauss-Newton ({CG_ITERATIONS} iterations) M=1", ("models", 1), ifcg))
     return out
 
@@ -125,42 +129,76 @@ def write(rows, gt, protocol) -> None:
                   "wall / process-CPU seconds in this run.")
 
 
+def method_scores(label, run, cache, kind, count, folder: Path, key: str) -> dict:
+    """{scores, train_s, method_s, cpu_s} of one method, computed once and cached in ``folder``
+    (the scores do not depend on the ground truth, so every protocol's LDS reads the same run)."""
+    path = folder / (label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "") + ".pt")
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved
+    if kind == "models":
+        states, seconds = cache.models(count)
+        rates, train_s = None, sum(seconds)
+    else:
+        states, rates, train_s = cache.trajectory(count)
+    wall, cpu = time.perf_counter(), time.process_time()
+    scores = run(states, rates)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    saved = {"key": key, "scores": scores.float(), "train_s": train_s, "method_s": wall, "cpu_s": cpu}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(saved, f))
+    return saved
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocol", default="default", choices=("default", "quick"))
+    parser.add_argument("--protocol", default="default", help="quick, default, or both (quick,default)")
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
+    parser.add_argument("--no-build", action="store_true",
+                        help="use a ground truth only when it is complete; never train its models")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (one: the model is small, and a second thread spins at barriers "
                              "whenever another process holds a core)")
     args = parser.parse_args(argv)
+    protocols = args.protocol.split(",")
+    if not set(protocols) <= {"quick", "default"}:
+        parser.error(f"--protocol: quick, default or quick,default, got {args.protocol!r}")
     torch.set_num_threads(args.threads)
     bench = ak.tasks.get("text-lm")
-    gt = build_ground_truth(bench, Path(args.runs) / "gt" / f"text-lm-{args.protocol}", args.protocol)
     cache = CheckpointCache(bench, args.runs)
     train, test = DataLoader(bench.train_data(), batch_size=BATCH), DataLoader(bench.test_data(), batch_size=BATCH)
     chosen = configs(bench, train, test)
     if args.only:
         chosen = [c for c in chosen if any(s in c[1] for s in args.only.split(","))]
-    rows = []
+    folder = Path(args.runs) / "text-lm-scores"
+    results = []
     for family, label, (kind, count), run in chosen:
-        if kind == "models":
-            states, seconds = cache.models(count)
-            rates, train_s = None, sum(seconds)
+        key = f"{bench.config_hash()}:{label}:{BATCH}:{CG_ITERATIONS}"
+        results.append((family, label, method_scores(label, run, cache, kind, count, folder, key)))
+        r = results[-1][2]
+        print(f"{label}: method {r['method_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU", flush=True)
+    for protocol in protocols:
+        directory = Path(args.runs) / "gt" / f"text-lm-{protocol}"
+        if args.no_build:
+            gt = GroundTruth.load(directory) if (directory / "meta.json").exists() else None
+            if gt is None or not gt.complete:
+                print(f"{directory}: ground truth missing or incomplete; no LDS for {protocol} (--no-build)")
+                continue
         else:
-            states, rates, train_s = cache.trajectory(count)
-        wall, cpu = time.perf_counter(), time.process_time()
-        scores = run(states, rates)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        raw = ak.lds(scores, gt.masks, gt.outputs)
-        centred = ak.lds(scores, gt.masks, gt.outputs, centre=True)
-        rows.append(dict(family=family, label=label, lds=raw.mean, ci_low=raw.ci_low, ci_high=raw.ci_high,
-                         cost_s=train_s + wall, method=label, LDS=f"{raw.mean:.3f}",
-                         CI=f"[{raw.ci_low:.3f}, {raw.ci_high:.3f}]", centred=f"{centred.mean:.3f}",
-                         centred_CI=f"[{centred.ci_low:.3f}, {centred.ci_high:.3f}]", train_s=f"{train_s:.1f}",
-                         method_s=f"{wall:.1f}", cpu_s=f"{cpu:.1f}"))
-        print({k: rows[-1][k] for k in ("method", "LDS", "CI", "centred", "method_s", "cpu_s")}, flush=True)
-        write(rows, gt, args.protocol)  # after every row: a run stopped midway keeps what it measured
+            gt = build_ground_truth(bench, directory, protocol)
+        rows = []
+        for family, label, r in results:
+            raw = ak.lds(r["scores"], gt.masks, gt.outputs)
+            centred = ak.lds(r["scores"], gt.masks, gt.outputs, centre=True)
+            rows.append(dict(family=family, label=label, lds=raw.mean, ci_low=raw.ci_low, ci_high=raw.ci_high,
+                             cost_s=r["train_s"] + r["method_s"], method=label, LDS=f"{raw.mean:.3f}",
+                             CI=f"[{raw.ci_low:.3f}, {raw.ci_high:.3f}]", centred=f"{centred.mean:.3f}",
+                             centred_CI=f"[{centred.ci_low:.3f}, {centred.ci_high:.3f}]",
+                             train_s=f"{r['train_s']:.1f}", method_s=f"{r['method_s']:.1f}",
+                             cpu_s=f"{r['cpu_s']:.1f}"))
+        write(rows, gt, protocol)
     return 0
 
 
