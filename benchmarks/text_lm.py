@@ -1,8 +1,8 @@
 """The text-lm frontier: LDS and cost of TRAK, EK-FAC, K-FAC, IF-CG, TracIn and kronfluence's EK-FAC
 (the peer) on the byte-level GPT-2 fine-tuned on Python's help texts, on the same checkpoints.
 
-Checkpoints: the full-data fine-tunes of seeds 0, 1, 2 (``M`` of them) and, for TracIn, ``C``
-evenly spaced checkpoints of the seed-0 fine-tune with their learning rates, all from the
+Checkpoints: the full-data fine-tunes of seeds 0, 1, 2 (``M`` of them) and, for TracIn, the 3
+end-of-epoch checkpoints of the seed-0 fine-tune with their learning rates, all from the
 checkpoint cache (``runs/ckpt/text-lm``, shared with the frontier). ``train_s`` = their training
 seconds; ``method_s`` / ``cpu_s`` = the method's fit + score wall / process-CPU seconds in this
 run (CPU seconds leave out the time other processes held the cores), on ``--threads`` (1) torch
@@ -111,7 +111,7 @@ def configs(bench, train, test) -> list:
            ("kronfluence (peer)", "kronfluence EK-FAC M=1 (Linear copy)", ("models", 1), peer)]
     out += [("TRAK", f"TRAK k=512 M={M} (Conv1D layers)", ("models", M), trak(512, layers)) for M in (1, 3)]
     out.append(("K-FAC", "K-FAC M=1", ("models", 1), factored(ak.KFAC)))
-    out.append(("TracIn", "TracIn C=5", ("trajectory", 5), tracin))
+    out.append(("TracIn", "TracIn C=3", ("trajectory", 3), tracin))  # one checkpoint per epoch (3 epochs)
     out.append(("IF", f"IF-CG Gauss-Newton ({CG_ITERATIONS} iterations) M=1", ("models", 1), ifcg))
     return out
 
