@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 import attrkernels as ak
@@ -88,7 +89,9 @@ def configs(bench, train, test) -> list:
     def ifcg(states, rates):
         m = model()
         m.load_state_dict(states[0])
-        with warnings.catch_warnings():
+        # the math SDPA backend: CPU flash attention has no forward-mode AD, which the
+        # Gauss-Newton products need (the same function, another kernel)
+        with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
             warnings.simplefilter("ignore", CGConvergenceWarning)
             return ak.InfluenceCG(m, bench.task, damping=fisher_damping(m, bench.task, layers, train),
                                   curvature="gauss-newton", params=layers, max_iter=CG_ITERATIONS,
