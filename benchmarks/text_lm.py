@@ -9,13 +9,14 @@ run (CPU seconds leave out the time other processes held the cores), on ``--thre
 threads for ours and the peer alike.
 
 Methods. "Conv1D layers" = the weights and biases of the 8 attention / MLP projections (the
-parameters EK-FAC and K-FAC factor; the tied wte / lm_head, wpe and LayerNorms left out);
-"all parameters" = TRAK's default. kronfluence runs its EK-FAC on the Conv1D -> nn.Linear copy of
+parameters EK-FAC and K-FAC factor; the tied wte / lm_head, wpe and LayerNorms left out), for
+every method. kronfluence runs its EK-FAC on the Conv1D -> nn.Linear copy of
 each checkpoint (``attrkernels.integrations.hf``, same logits) tracking the same 8 modules, with
 the same true Fisher (tokens sampled from the model, seeded), the same damping rule (0.1 x each
 layer's mean eigenvalue) and the same batch size; its scores are averaged over checkpoints like
-ours. IF-CG solves with the Gauss-Newton curvature, ``CG_ITERATIONS`` block-CG iterations and
-damping 0.1 x the mean eigenvalue of the empirical Fisher (``fisher_damping``; not tuned against
+ours. IF-CG (with ``--ifcg`` only) solves with the Gauss-Newton curvature under the math SDPA
+backend (CPU flash attention has no forward-mode AD), 4 vectors per vmapped product (the
+default 32 held 14 GB), ``CG_ITERATIONS`` block-CG iterations and damping 0.1 x the mean eigenvalue of the empirical Fisher (``fisher_damping``; not tuned against
 the ground truth). TRAK on all parameters (its default) is left out: the position embedding is
 looked up without the batch dimension and goes to the slow torch.func path (its quick LDS was
 below the Conv1D-layer TRAK's, benchmarks/results/text_lm_quick.md at d14e1d4).
@@ -71,7 +72,7 @@ def fisher_damping(model, task, params, train) -> float:
     return 0.1 * total / p
 
 
-def configs(bench, train, test) -> list:
+def configs(bench, train, test, with_ifcg: bool = False) -> list:
     """(family, label, (kind, count), run(states, rates) -> scores [n_train, n_test])."""
     layers = conv1d_params(bench.make_model(0))
 
@@ -95,7 +96,7 @@ def configs(bench, train, test) -> list:
             warnings.simplefilter("ignore", CGConvergenceWarning)
             return ak.InfluenceCG(m, bench.task, damping=fisher_damping(m, bench.task, layers, train),
                                   curvature="gauss-newton", params=layers, max_iter=CG_ITERATIONS,
-                                  verbose=False).fit(train, states).score(test)
+                                  hvp_chunk=4, verbose=False).fit(train, states).score(test)
 
     def tracin(states, rates):
         return ak.TracIn(model(), bench.task, params=layers, verbose=False) \
@@ -115,7 +116,8 @@ def configs(bench, train, test) -> list:
     out += [("TRAK", f"TRAK k=512 M={M} (Conv1D layers)", ("models", M), trak(512, layers)) for M in (1, 3)]
     out.append(("K-FAC", "K-FAC M=1", ("models", 1), factored(ak.KFAC)))
     out.append(("TracIn", "TracIn C=3", ("trajectory", 3), tracin))  # one checkpoint per epoch (3 epochs)
-    out.append(("IF", f"IF-CG Gauss-Newton ({CG_ITERATIONS} iterations) M=1", ("models", 1), ifcg))
+    if with_ifcg:
+        out.append(("IF", f"IF-CG Gauss-Newton ({CG_ITERATIONS} iterations) M=1", ("models", 1), ifcg))
     return out
 
 
@@ -159,6 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", default="default", help="quick, default, or both (quick,default)")
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--only", default=None, help="comma-separated substrings of labels to run")
+    parser.add_argument("--ifcg", action="store_true",
+                        help="add IF-CG (not run by default: 100 right-hand sides x CG_ITERATIONS full-data "
+                             "Gauss-Newton products, the costliest method here)")
     parser.add_argument("--no-build", action="store_true",
                         help="use a ground truth only when it is complete; never train its models")
     parser.add_argument("--threads", type=int, default=1,
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     bench = ak.tasks.get("text-lm")
     cache = CheckpointCache(bench, args.runs)
     train, test = DataLoader(bench.train_data(), batch_size=BATCH), DataLoader(bench.test_data(), batch_size=BATCH)
-    chosen = configs(bench, train, test)
+    chosen = configs(bench, train, test, args.ifcg)
     if args.only:
         chosen = [c for c in chosen if any(s in c[1] for s in args.only.split(","))]
     folder = Path(args.runs) / "text-lm-scores"
