@@ -128,8 +128,10 @@ def worker(a) -> None:
 
 
 def run_worker(name: str, argv: list, out: str) -> tuple[dict, np.ndarray]:
-    cmd = [sys.executable, "-m", "benchmarks.lm", *argv, "--worker", name, "--out", out]
-    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
+    """The worker's (times and memory, scores); a finished worker's files in ``out`` are reused."""
+    if not (Path(out) / f"{name}.json").exists():
+        cmd = [sys.executable, "-m", "benchmarks.lm", *argv, "--worker", name, "--out", out]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
     return json.loads((Path(out) / f"{name}.json").read_text()), np.load(Path(out) / f"{name}.npy")
 
 
@@ -266,6 +268,10 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="ekfac,featurize")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default=None, help="results file lm_<tag> (default gpt2_small, quick with --quick)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder of the EK-FAC workers' results (default: a temporary one); results of "
+                             "finished workers found there are reused (e.g. workers started by hand with "
+                             "--worker ours|kronfluence --out DIR)")
     parser.add_argument("--worker", choices=("ours", "kronfluence"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
@@ -284,7 +290,9 @@ def main(argv=None) -> int:
         passthrough = ["--quick"] * a.quick + [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in SIZES["default"]] \
             + [f"--threads={a.threads}"] + ([f"--kf-query-batch={a.kf_query_batch}"] if a.kf_query_batch else [])
         with tempfile.TemporaryDirectory() as tmp:
-            results = {name: run_worker(name, passthrough, tmp) for name in ("ours", "kronfluence")}
+            folder = a.workdir or tmp
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            results = {name: run_worker(name, passthrough, folder) for name in ("ours", "kronfluence")}
         flops = ekfac_flops(a, dims)
         ours_s, (kf_info, kf_s) = results["ours"][1], results["kronfluence"]
         from scipy.stats import spearmanr
