@@ -25,14 +25,18 @@ algorithm per stage at this machine's fp32 / fp64 matmul peak (see ``ekfac_flops
 Part 2, featurization (k = ``--k``, the per-sequence loss gradient of the tracked parameters):
 ours dense (exact sketch, Rademacher), ours factored (per-layer Kronecker projections), and the
 baseline: ``torch.func.vmap(grad)`` per-example gradients, then a matmul with a materialised
-Gaussian projection generated in row chunks of ``--chunk`` rows (P itself, p x k, is 87 GB at
+Gaussian projection generated in row chunks of ``--chunk`` rows (P itself, p x k, is 174 GB at
 k = 512: it cannot be kept). Sequences/s (median over timed batches after a warm-up), peak extra
 resident memory, and each stage's FLOP floor beside the time: per-example gradients
 (forward, input-gradient and weight-gradient GEMMs of the linear layers and attention), the
 sketch 2 p k per sequence, at the fp32 matmul peak measured right before each batch.
 
-    python -m benchmarks.lm               # GPT-2-small (see --help for the sizes)
+    python -m benchmarks.lm               # GPT-2-small, 32 x 8 sequences (see --help for the sizes)
     python -m benchmarks.lm --quick       # a 2-block width-64 GPT-2, well under a minute (CI)
+
+Sizes: 32 training sequences x 8 queries by default, not a few hundred: by the FLOP counts the
+default is ~6 CPU-minutes for ours and ~11 for kronfluence on one quiet core (float64
+eigendecompositions of the 96 factors, 4.1 TFLOP, included in both), plus featurization.
 
 Writes benchmarks/results/lm_gpt2_small.{md,csv} (``--quick``: lm_quick.*; ``--tag T``: lm_T.*).
 """
