@@ -9,7 +9,7 @@ Models
                untrained: time only, plus the agreement of the two libraries' scores.
 
 Both libraries run EK-FAC with the true Fisher (labels sampled from the model's softmax; each
-library draws its own) and damping 0.1 x the mean corrected eigenvalue of each layer
+library draws its own, from a seeded generator) and damping 0.1 x the mean corrected eigenvalue of each layer
 (kronfluence: ``damping_factor=None``), on the same loaders (batch size ``--batch``), tracking
 the same layers (Linear and Conv2d; BatchNorm is left out by both). kronfluence's measurement is
 minus the margin, so its scores are ours transposed. On digits we also run kronfluence with its
@@ -50,7 +50,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import attrkernels as ak
@@ -109,43 +108,69 @@ def ours(cls, model, train, test, **kw):
 
 
 class KronfluenceTask:
-    """kronfluence's Task for (inputs, labels) batches: summed cross-entropy (labels sampled from
-    the softmax when ``sample``), measurement = minus the summed margins."""
+    """kronfluence's Task over one of ours (default ``Classification``): train loss = our
+    per-example loss summed; with ``sample`` (kronfluence's true Fisher) our ``sampled_loss``,
+    its targets drawn from a generator seeded with ``seed``, so kronfluence's factors are the
+    same run to run; measurement = minus our measure summed (minus the margin, or a sequence's
+    loss), so kronfluence's scores are ours transposed. ``modules``: names of the modules
+    kronfluence tracks (None: its default, every nn.Linear / nn.Conv2d)."""
 
-    def __new__(cls):
+    def __new__(cls, task=None, modules=None, seed: int = 0):
         from kronfluence.task import Task
+
+        ours_task = task if task is not None else ak.tasks.Classification()
+        generator = torch.Generator().manual_seed(seed)
 
         class _Task(Task):
             def compute_train_loss(self, batch, model, sample=False):
-                inputs, labels = batch
-                logits = model(inputs)
                 if sample:
-                    with torch.no_grad():
-                        labels = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(1)
-                return F.cross_entropy(logits, labels, reduction="sum")
+                    return ours_task.sampled_loss(model, batch, generator).sum()
+                return ours_task.loss(model, batch).sum()
 
             def compute_measurement(self, batch, model):
-                inputs, labels = batch
-                return -ak.tasks.margin(model(inputs), labels).sum()
+                return -ours_task.measure(model, batch).sum()
+
+            def get_influence_tracked_modules(self):
+                return None if modules is None else list(modules)
 
         return _Task()
 
 
-def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=False):
+def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=False, *, task=None, modules=None,
+                query_batch=None, seed: int = 0, stages: dict | None = None):
     """kronfluence EK-FAC: (scores [n_train, n_test] or self-influence [n_train], fit (wall, cpu),
-    score (wall, cpu))."""
+    score (wall, cpu)). ``task``, ``modules``, ``seed``: as ``KronfluenceTask``; ``query_batch``:
+    queries preconditioned at once (default ``batch``; kronfluence holds their preconditioned
+    gradients, one model-size vector each, and passes over the training set once per block);
+    ``stages``: a dict to fill with the wall seconds of the fit's three stages (covariances,
+    eigendecomposition, eigenvalue correction)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    task = KronfluenceTask()
+    task = KronfluenceTask(task, modules, seed)
     model = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
-        clock = Clock()
-        analyzer.fit_all_factors("f", dataset=train_set, per_device_batch_size=batch,
-                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        clock, factor_args = Clock(), FactorArguments(strategy="ekfac")
+        laps, times = Clock(), {}  # the three calls of kronfluence's fit_all_factors, timed one by one
+
+        def lap(name):
+            times[name] = laps.lap()[0]
+            if stages is not None:  # printed as it happens: a long run killed midway keeps them
+                print(f"kronfluence {name}: {times[name]:.1f} s", flush=True)
+
+        analyzer.fit_covariance_matrices("f", dataset=train_set, per_device_batch_size=batch,
+                                         factor_args=factor_args, overwrite_output_dir=True)
+        lap("covariances")
+        analyzer.perform_eigendecomposition("f", factor_args=factor_args, overwrite_output_dir=True)
+        lap("eigendecomposition")
+        analyzer.fit_lambda_matrices("f", dataset=train_set, per_device_batch_size=batch,
+                                     factor_args=factor_args, overwrite_output_dir=True)
+        lap("correction")
+        if stages is not None:
+            stages.update(times)
         fit = clock.lap()
         score_args = ScoreArguments(damping_factor=damping)
         if self_scores:
@@ -154,7 +179,7 @@ def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=Fal
             scores = analyzer.load_self_scores("s")["all_modules"]
         else:
             analyzer.compute_pairwise_scores("s", "f", query_dataset=test_set, train_dataset=train_set,
-                                             per_device_query_batch_size=batch,
+                                             per_device_query_batch_size=query_batch or batch,
                                              per_device_train_batch_size=batch, score_args=score_args,
                                              overwrite_output_dir=True)
             scores = analyzer.load_pairwise_scores("s")["all_modules"].T
