@@ -1,13 +1,13 @@
 """transformers' Conv1D through its handler: per-example gradients against autograd, and every
 method (EK-FAC, K-FAC, TRAK dense and factored, TracIn, IF-CG) on a GPT-2 equal to the same method
 on a copy whose Conv1D layers are converted to nn.Linear."""
-import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import attrkernels as ak
+from attrkernels.integrations.hf import conv1d_params
+from attrkernels.integrations.hf import conv1d_to_linear as as_linear
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra ([hf])")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,29 +20,6 @@ def tiny_gpt2(seed=0):
                                      attn_implementation="eager")  # forward-mode AD for IF-CG
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).eval()
-
-
-def as_linear(model):
-    """A copy whose Conv1D layers are nn.Linear with the transposed weight (identical logits)."""
-    from transformers.pytorch_utils import Conv1D
-
-    out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, Conv1D):
-            d_in, d_out = module.weight.shape
-            lin = nn.Linear(d_in, d_out)
-            with torch.no_grad():
-                lin.weight.copy_(module.weight.T)
-                lin.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent), child, lin)
-    return out
-
-
-def conv1d_params(model):
-    from transformers.pytorch_utils import Conv1D
-
-    return [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Conv1D) for p in ("weight", "bias")]
 
 
 def batch(seed, n=4, length=6):
