@@ -1,6 +1,7 @@
 """The shard split and the bucketed all-reduce, on two gloo processes spawned by the test."""
 import os
-import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attrkernels.distributed import Shard, all_reduce_sum, process_group, shard_of
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scale_worker import free_port  # noqa: E402
 
 
 def test_shards_cover_every_example_once_for_any_count():
@@ -37,12 +41,6 @@ def test_no_group_means_one_process():
     assert torch.equal(t, torch.ones(3))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, mismatch, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,7 +63,7 @@ def _worker(rank, world, port, mismatch, results):
 def test_all_reduce_sum_on_two_gloo_processes(mismatch):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), mismatch, results), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), mismatch, results), nprocs=2, join=True)
         results = dict(results)
     if mismatch:
         assert all("differ in shape or dtype" in results[r] and "test sums" in results[r] for r in (0, 1))

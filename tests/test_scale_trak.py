@@ -6,7 +6,6 @@ one shard slowly so that a test can kill it mid-way."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 import attrkernels as ak  # noqa: E402
 import trak_worker  # noqa: E402
+from scale_worker import free_port  # noqa: E402
 from attrkernels.distributed import MissingShards  # noqa: E402
 from attrkernels.methods import trak_score  # noqa: E402
 from attrkernels.methods.trak_store import decode, feature_array, feature_file  # noqa: E402
@@ -79,12 +79,6 @@ def features(store, n, m=0, dtype="float32"):
     return np.concatenate(parts)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank, world, port, jobs, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -100,7 +94,7 @@ def _rank(rank, world, port, jobs, results):
 def run_ranks(world, jobs):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(world, _free_port(), [(str(s), n, str(o)) for s, n, o in jobs], results), nprocs=world,
+        mp.spawn(_rank, args=(world, free_port(), [(str(s), n, str(o)) for s, n, o in jobs], results), nprocs=world,
                  join=True)
         return dict(results)
 

@@ -60,7 +60,7 @@ from .base import AttributionMethod, call_task
 from .checkpoints import as_checkpoints, checked_checkpoints, checkpoint_loop
 from .curvature import CURVATURES, Curvature, check_gauss_newton, check_gauss_newton_task
 from .passes import checked
-from .scores import ScoreOutput
+from .scores import shard_scores
 
 class _Influence(AttributionMethod):
     """Shared fit/score of the influence methods; subclasses implement ``_prepare`` and ``_solve``."""
@@ -153,12 +153,7 @@ class _Influence(AttributionMethod):
                 part = self._stream_train(X, index)
                 scores = part if scores is None else scores + part
         scores = (scores / len(self.checkpoints)).to(torch.float32)
-        if out is None and self.shard is None:
-            return scores
-        n = scores.shape[0] if self.shard is None else self.shard.n
-        with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
-            dest.write(0 if self.shard is None else self.shard.start, scores)
-            return dest.finish(rows=n)
+        return shard_scores(scores, out, self.shard)
 
     def _stream_train(self, X: torch.Tensor, index: int = 0) -> torch.Tensor:
         """-G_train^T X over the train loader (this rank's shard), [rows, n_test] float64."""

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distributed.collectives import barrier
+from ..distributed.collectives import barrier, process_group
 
 
 class ScoreOutput:
@@ -150,6 +150,19 @@ class ScoreOutput:
             barrier()
         self._tmp = None
         return torch.from_numpy(np.load(self._path, mmap_mode="r+"))
+
+
+def shard_scores(scores: torch.Tensor, out, shard) -> torch.Tensor:
+    """The scores of a method that computed its rows in memory: ``scores`` [rows, n_test] of the
+    training rows of this process's ``shard`` (None: all rows, one process), written at the
+    shard's rows of ``out`` (``ScoreOutput``; under a process group a file every rank sees).
+    Returns ``scores`` itself when there is nothing to write (one process, ``out=None``)."""
+    if out is None and shard is None:
+        return scores
+    n = scores.shape[0] if shard is None else shard.n
+    with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
+        dest.write(0 if shard is None else shard.start, scores)
+        return dest.finish(rows=n)
 
 
 def _npy_header(path: Path, shape: tuple) -> int:

@@ -31,7 +31,7 @@ from ..utils.checks import check_number, check_seed
 from .base import AttributionMethod
 from .checkpoints import Checkpoint, checked_checkpoints, checkpoint_loop
 from .passes import checked
-from .scores import ScoreOutput
+from .scores import shard_scores
 
 
 def learning_rates_of(checkpoints, learning_rates) -> list[float]:
@@ -119,12 +119,7 @@ class TracIn(AttributionMethod):
                 part = torch.cat(rows) if rows else torch.zeros(0, test_side.shape[1], dtype=torch.float64)
                 scores = part if scores is None else scores + part
         scores = scores.to(torch.float32)
-        if out is None and self.shard is None:
-            return scores
-        n = scores.shape[0] if self.shard is None else self.shard.n
-        with ScoreOutput(out, scores.shape[1], n_train=n, group=process_group()) as dest:
-            dest.write(0 if self.shard is None else self.shard.start, scores)
-            return dest.finish(rows=n)
+        return shard_scores(scores, out, self.shard)
 
     def _train_rows(self, test_side, index: int) -> list:
         """-eta grad l_i^T grad f over one checked pass of the train loader (this rank's shard),

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 from ...distributed import all_reduce_sum, together
 from ...kernels.kfac import DEFAULT_MEMORY
-from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
 from ..base import AttributionMethod
@@ -19,12 +18,11 @@ from ..scores import ScoreOutput
 from . import precondition
 from .factors import STAGES, LayerFactors
 from .fitting import factors_of
-from .passes import Passes, Recorded
+from .passes import Passes, Recorded, check_fisher
 from .selection import probe_layers, select_layers
 from .sharding import split_of
 from .storage import FactorStore, dataset_len, store_meta
 
-FISHERS = ("true", "empirical")
 
 
 @dataclass
@@ -58,12 +56,7 @@ class EKFAC(AttributionMethod):
                  memory_budget: int = DEFAULT_MEMORY, verbose: bool = True):
         super().__init__(model, task, verbose=verbose)
         damping = check_damping(damping, optional=True)
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if fisher == "true" and not implements(task, "sampled_loss"):
-            raise TypeError("fisher='true' samples labels from the model: the task must define "
-                            "sampled_loss(model, batch, generator) -> [B] (ak.tasks.Classification does); "
-                            "or pass fisher='empirical'")
+        check_fisher(task, fisher)
         check_positive_int("block_width", block_width, optional=True)
         self.damping, self.fisher, self.block_width = damping, fisher, block_width
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store

@@ -25,7 +25,7 @@ from ...capture.hooks import unbatched_modules
 from ...distributed import shard_loader
 from ...kernels.philox import derive_seed
 from ...store import DataMismatch, StoreMismatch
-from ...tasks.base import token_mask
+from ...tasks.base import implements, token_mask
 from ...utils.batches import one_example
 from ...utils.errors import ExampleError
 from ..base import call_task
@@ -33,6 +33,21 @@ from ..passes import CheckedPass
 from ..checkpoints import model_device
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch
+
+
+FISHERS = ("true", "empirical")
+
+
+def check_fisher(task, fisher: str) -> str:
+    """``fisher`` if it is one of FISHERS and the task can give it (the true Fisher samples labels
+    from the model: the task needs ``sampled_loss``)."""
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if fisher == "true" and not implements(task, "sampled_loss"):
+        raise TypeError("fisher='true' samples labels from the model: the task must define "
+                        "sampled_loss(model, batch, generator) -> [B] (ak.tasks.Classification does); "
+                        "or pass fisher='empirical'")
+    return fisher
 
 
 def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start: int):

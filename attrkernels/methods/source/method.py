@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from ...kernels.kfac import DEFAULT_MEMORY
-from ...tasks.base import implements
 from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
 from ..base import AttributionMethod
@@ -17,7 +16,7 @@ from ..checkpoints import (Checkpoint, checked_checkpoints, fingerprint, load_ch
                            read_checkpoint)
 from ..ekfac import precondition
 from ..ekfac.method import probe
-from ..ekfac.passes import Passes, Recorded
+from ..ekfac.passes import Passes, Recorded, check_fisher
 from ..ekfac.selection import select_layers
 from ..ekfac.storage import FactorStore, dataset_len, store_meta
 from ..scores import ScoreOutput
@@ -25,7 +24,6 @@ from .functions import check_momentum, lr_sums_of, segment_groups, segment_times
 from .queries import backwards, final_queries, rotated_parts, spectra
 from .segments import fit_segment
 
-FISHERS = ("true", "empirical")
 
 
 class SOURCE(AttributionMethod):
@@ -51,12 +49,7 @@ class SOURCE(AttributionMethod):
         self.segments = check_positive_int("segments", segments)
         self.momentum = check_momentum(momentum)
         self.weight_decay = check_damping(weight_decay, name="weight_decay")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if fisher == "true" and not implements(task, "sampled_loss"):
-            raise TypeError("fisher='true' samples labels from the model: the task must define "
-                            "sampled_loss(model, batch, generator) -> [B] (ak.tasks.Classification does); "
-                            "or pass fisher='empirical'")
+        check_fisher(task, fisher)
         self.fisher, self.block_width = fisher, check_positive_int("block_width", block_width, optional=True)
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
         self.layers, self.skipped = select_layers(model, params)
