@@ -11,6 +11,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -63,6 +64,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn(worker, world: int, *args) -> dict:
+    """Run ``worker(rank, world, port, *args, results)`` in ``world`` processes (a free port for
+    their gloo group); returns ``results`` (a dict the workers fill, e.g. by rank)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(world, free_port(), *args, results), nprocs=world, join=True)
+        return dict(results)
 
 
 def init(rank: int, world: int, port: int) -> None:

@@ -6,12 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from attrkernels.distributed import Shard, all_reduce_sum, process_group, shard_of
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale_worker import free_port  # noqa: E402
+from scale_worker import spawn  # noqa: E402
 
 
 def test_shards_cover_every_example_once_for_any_count():
@@ -61,10 +60,7 @@ def _worker(rank, world, port, mismatch, results):
 
 @pytest.mark.parametrize("mismatch", [False, True])
 def test_all_reduce_sum_on_two_gloo_processes(mismatch):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(2, free_port(), mismatch, results), nprocs=2, join=True)
-        results = dict(results)
+    results = spawn(_worker, 2, mismatch)
     if mismatch:
         assert all("differ in shape or dtype" in results[r] and "test sums" in results[r] for r in (0, 1))
         return

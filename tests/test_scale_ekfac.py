@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import attrkernels as ak
 from attrkernels.distributed import Shard
@@ -95,10 +94,7 @@ def _group_worker(rank, world, port, root, results):
 def test_two_gloo_processes_match_one_process(tmp_path):
     """One spawn for both cases and a two-shard job array: starting a process that imports torch
     takes seconds."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_group_worker, args=(2, W.free_port(), str(tmp_path), results), nprocs=2)
-        results = dict(results)
+    results = W.spawn(_group_worker, 2, str(tmp_path))
     for n, with_store in CASES:
         for strategy in ("ekfac", "kfac"):
             factors, scores, self_inf = _one_process(strategy, n)
@@ -153,10 +149,7 @@ def test_partial_sums_of_two_shards_merged_by_three_processes_and_by_one(tmp_pat
         merged.unlink()
     (store / "train_data.npz").unlink()
     factors, scores, _ = _one_process("ekfac", n)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_merge_worker, args=(3, W.free_port(), str(store), n, results), nprocs=3)
-        results = dict(results)
+    results = W.spawn(_merge_worker, 3, str(store), n)
     for rank in range(3):
         assert_factors_close(results[rank][0], factors)
         assert_scores_close(results[rank][1], scores)

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import attrkernels as ak
 
@@ -49,10 +47,7 @@ def _worker(rank, world, port, root, results):
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(2, W.free_port(), str(tmp_path), results), nprocs=2)
-        results = dict(results)
+    results = W.spawn(_worker, 2, str(tmp_path))
     for n in CASES:
         train, test = W.mlp_loaders(n)
         for name, make in METHODS.items():

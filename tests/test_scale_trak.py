@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 import attrkernels as ak  # noqa: E402
 import trak_worker  # noqa: E402
-from scale_worker import free_port  # noqa: E402
+from scale_worker import spawn  # noqa: E402
 from attrkernels.distributed import MissingShards  # noqa: E402
 from attrkernels.methods import trak_score  # noqa: E402
 from attrkernels.methods.trak_store import decode, feature_array, feature_file  # noqa: E402
@@ -92,11 +91,7 @@ def _rank(rank, world, port, jobs, results):
 
 
 def run_ranks(world, jobs):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank, args=(world, free_port(), [(str(s), n, str(o)) for s, n, o in jobs], results), nprocs=world,
-                 join=True)
-        return dict(results)
+    return spawn(_rank, world, [(str(s), n, str(o)) for s, n, o in jobs])
 
 
 def test_two_gloo_processes_match_one_process_and_open_in_three(tmp_path):
