@@ -11,7 +11,7 @@ import torch.nn as nn
 import attrkernels as ak
 from attrkernels.methods.source import backward_fn, segment_fn, unrolled_scores
 from attrkernels.store import StoreMismatch
-from test_ekfac import LAYERS, Loader, NetTask, make_net, net_data, per_example
+from test_ekfac import LAYERS, Loader, NetTask, blobs, make_net, net_data, per_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -259,15 +259,6 @@ def test_self_influence_is_the_diagonal_of_scores_with_measurement_minus_loss(ne
 
 # ---------------------------------------------------------------------------------------------
 # Sign, store, out
-
-
-def blobs(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    centers = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])
-    y = torch.arange(60) % 3
-    x = centers[y] + torch.randn(60, 2, generator=gen)
-    x[0], y[0] = torch.tensor([0.0, -6.0]), 2  # an outlier of class 2, far from its class
-    return x, y
 
 
 class NegLossBlobs(ak.tasks.Classification):
