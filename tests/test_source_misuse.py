@@ -77,3 +77,24 @@ def test_bad_settings_and_order_of_calls():
         ak.SOURCE(model, task, fisher="exact")
     with pytest.raises(RuntimeError, match=r"call SOURCE.fit\(train, checkpoints, lr_sums\) before scoring"):
         ak.SOURCE(model, task, verbose=False).score(train, train=train)
+
+
+def test_shuffled_loader_nan_weights_and_a_live_state_dict():
+    from torch.utils.data import DataLoader, TensorDataset
+    model, task, train, states = setup()
+    x, y = train[0]
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="shuffles"):
+        ak.SOURCE(model, task, segments=2, verbose=False).fit(shuffled, states, [0.1] * 4)
+    bad = [dict(s) for s in states]
+    bad[2] = {k: v.clone() for k, v in bad[2].items()}
+    next(iter(bad[2].values()))[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"checkpoint 2: .* NaN or Inf"):
+        ak.SOURCE(model, task, segments=2, verbose=False).fit(train, bad, [0.1] * 4)
+    live = states[:3] + [model.state_dict()]  # the caller's live tensors, changed after fit
+    m = ak.SOURCE(model, task, segments=2, verbose=False).fit(train, live, [0.1] * 4)
+    before = m.score(train)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(m.score(train), before)
