@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..utils.batches import batch_size
 from ..utils.errors import ExampleError
+from .sampling import sample_categorical
 
 
 class Task:
@@ -193,10 +194,9 @@ class Classification(Task):
         return F.cross_entropy(logits, labels, reduction="none")
 
     def sampled_loss(self, model, batch, generator):
-        # Labels drawn from softmax(logits) in float64 (one per example), then the cross-entropy.
+        # Labels drawn from softmax(logits) (one per example), then the cross-entropy.
         logits = self.logits(model, batch)
-        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        labels = sample_categorical(logits, generator)
         return F.cross_entropy(logits, labels, reduction="none")
 
     def measure(self, model, batch):

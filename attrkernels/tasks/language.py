@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..utils.errors import ExampleError
 from .base import Task
+from .sampling import sample_categorical
 
 IGNORE = -100
 
@@ -164,13 +165,12 @@ class LanguageModeling(Task):
         return (keep if mask is None else keep & (mask != 0)).to(torch.float32)
 
     def sampled_loss(self, model, batch, generator) -> torch.Tensor:
-        # Every target token drawn from softmax of the model's prediction at its position
-        # (float64 probabilities, one draw per token); padding / -100 positions stay ignored.
+        # Every target token drawn from softmax of the model's prediction at its position (one
+        # draw per token); padding / -100 positions stay ignored.
         logits, labels = self._forward(model, batch)
         z = logits[:, :-1]
         y = self._targets(labels, z.shape[-1])
-        probs = torch.softmax(z.detach().to(torch.float64), dim=-1).reshape(-1, z.shape[-1])
-        drawn = torch.multinomial(probs, 1, generator=generator).reshape(y.shape)
+        drawn = sample_categorical(z.reshape(-1, z.shape[-1]), generator).reshape(y.shape)
         return _summed_cross_entropy(z, torch.where(y == IGNORE, y, drawn))
 
 
