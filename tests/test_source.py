@@ -305,6 +305,6 @@ def test_store_resumes_and_loads_instead_of_recomputing(net_run, tmp_path, monke
     # other segments over the same checkpoints: the covariances are reused, new bases and Lambdas
     calls.clear()
     ak.SOURCE(model, task, **{**kw, "segments": 1}).fit(train, states, sums)
-    assert calls == [0, 1, 2, 3]
+    assert sorted(calls) == [0, 1, 2, 3]
     with pytest.raises(StoreMismatch, match="strategy"):
         ak.EKFAC(model, task, store=tmp_path / "f", verbose=False).fit(train, states)

@@ -67,7 +67,8 @@ def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: S
 
     def compute(shard):
         if stage == "covariance":
-            return passes.covariances(train, k, method.fisher, method.seed, data, shard)
+            return passes.covariances(train, k, method.fisher, method.seed, data, shard,
+                                      replay="lambda" in method.stages)
         return passes.correction(train, k, factors, method.fisher, method.seed, data, shard)
 
     def merged(partials):

@@ -36,7 +36,7 @@ class EKFAC(AttributionMethod):
     """EK-FAC influence functions; see the ``attrkernels.methods.ekfac`` docstring.
 
     EKFAC(model, task, *, damping=None, store=None, fisher="true", params=None, block_width=None,
-          seed=0, memory_budget=24 MiB, verbose=True)
+          seed=0, memory_budget=24 MiB, replay_budget=None, verbose=True)
 
     damping: None (0.1 x mean eigenvalue per layer) or a float >= 0 added to every eigenvalue.
     store: directory for the factors (None: kept in memory only).
@@ -46,6 +46,10 @@ class EKFAC(AttributionMethod):
     seed: seeds the sampled labels of the true Fisher.
     memory_budget: bytes of per-example tensors (unfolded inputs, gradients) held at once; the
         default 24 MiB stays under glibc's mmap threshold (see ``kernels.kfac.DEFAULT_MEMORY``).
+    replay_budget: bytes of the covariance pass's captured inputs and output-gradients kept for
+        the eigenvalue correction, which then needs no second pass over the model (``replay``);
+        None: a quarter of the memory available at each covariance pass; 0: never kept. The
+        factors do not depend on it.
     """
 
     strategy = "ekfac"
@@ -53,15 +57,18 @@ class EKFAC(AttributionMethod):
 
     def __init__(self, model: nn.Module, task, *, damping: float | None = None, store=None,
                  fisher: str = "true", params=None, block_width: int | None = None, seed: int = 0,
-                 memory_budget: int = DEFAULT_MEMORY, verbose: bool = True):
+                 memory_budget: int = DEFAULT_MEMORY, replay_budget: int | None = None, verbose: bool = True):
         super().__init__(model, task, verbose=verbose)
         damping = check_damping(damping, optional=True)
+        if replay_budget is not None and (isinstance(replay_budget, bool) or not isinstance(replay_budget, int)
+                                          or replay_budget < 0):
+            raise ValueError(f"replay_budget must be None or an int >= 0 (bytes), got {replay_budget!r}")
         check_fisher(task, fisher)
         check_positive_int("block_width", block_width, optional=True)
         self.damping, self.fisher, self.block_width = damping, fisher, block_width
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
         self.layers, self.skipped = select_layers(model, params)
-        self.passes = Passes(model, task, self.layers, self.memory_budget, verbose)
+        self.passes = Passes(model, task, self.layers, self.memory_budget, verbose, replay_budget)
         self.plan = self.passes.plan
         self._leave_out = params is None  # the first batch settles the layers (``_probe``)
         self._probed = False
@@ -103,12 +110,15 @@ class EKFAC(AttributionMethod):
         with together("the check of the training data's first batch", split.shard, split.group):
             self.passes.check_first_batch(train, data, shard=split.shard)
         fitted = []
-        with checkpoint_loop(self.model, checkpoints) as loop:
-            for k, ckpt in loop:
-                fp = fingerprint(ckpt)
-                factors = factors_of(self, train, k, fp, store, data, split)
-                if factors is not None:
-                    fitted.append(_Fitted(ckpt, fp, factors))
+        try:
+            with checkpoint_loop(self.model, checkpoints) as loop:
+                for k, ckpt in loop:
+                    fp = fingerprint(ckpt)
+                    factors = factors_of(self, train, k, fp, store, data, split)
+                    if factors is not None:
+                        fitted.append(_Fitted(ckpt, fp, factors))
+        finally:
+            self.passes.replay = None  # captures a shard's pass kept for a correction it did not run
         self.complete = len(fitted) == len(checkpoints)
         self.fitted, self.train, self.data = (fitted if self.complete else []), train, data
         return self
@@ -254,7 +264,8 @@ def probe(method, train) -> None:
             raise ValueError("every layer EK-FAC/K-FAC can factor is called without the batch dimension; "
                              "feed the model batch-first inputs [B, ..., d]")
         method.layers = layers
-        method.passes = Passes(method.model, method.task, layers, method.memory_budget, method.passes.verbose)
+        method.passes = Passes(method.model, method.task, layers, method.memory_budget, method.passes.verbose,
+                               method.passes.replay_budget)
         method.plan = method.passes.plan
 
 

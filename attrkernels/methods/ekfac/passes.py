@@ -31,6 +31,7 @@ from ...utils.errors import ExampleError
 from ..base import call_task
 from ..passes import CheckedPass
 from ..checkpoints import model_device
+from .replay import Replay, default_budget
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch
 
@@ -50,19 +51,20 @@ def check_fisher(task, fisher: str) -> str:
     return fisher
 
 
-def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start: int):
+def fisher_loss(task, fisher: str, seed: int, checkpoint: int, start: int):
     """The loss whose gradients define the Fisher: labels sampled by the task (``sampled_loss``),
-    fresh for each stage (0 covariances, 1 Lambda), checkpoint and batch (its first example
-    ``start``); or the dataset's labels (``fisher="empirical"``: ``task.loss``)."""
+    fresh for each checkpoint and batch (its first example ``start``) and the same in both factor
+    stages (so the correction can replay the covariance pass, ``replay``); or the dataset's labels
+    (``fisher="empirical"``: ``task.loss``)."""
     if fisher == "empirical":
         return task.loss
-    seed = derive_seed(derive_seed(derive_seed(seed, stage), checkpoint), start)
+    seed = derive_seed(derive_seed(derive_seed(seed, 0), checkpoint), start)
 
     def sampled_loss(model, batch):
         device = next(model.parameters()).device
         try:
             return task.sampled_loss(model, batch, torch.Generator(device=device).manual_seed(seed))
-        except RuntimeError as err:  # e.g. multinomial on NaN probabilities: name the examples
+        except RuntimeError as err:  # e.g. labels drawn from NaN logits: name the examples
             with torch.no_grad():
                 bad = nonfinite_rows(task.loss(model, batch).detach())
             if bad:
@@ -111,9 +113,11 @@ def _store_mismatch(store: FactorStore, err: DataMismatch) -> Exception:
 class Passes:
     """Passes over data for one model, task and layer selection (``selection.Layer`` list)."""
 
-    def __init__(self, model, task, layers: list, memory_budget: int, verbose: bool):
+    def __init__(self, model, task, layers: list, memory_budget: int, verbose: bool, replay_budget: int | None = None):
         self.model, self.task, self.layers = model, task, layers
         self.memory_budget, self.verbose = memory_budget, verbose
+        self.replay_budget = replay_budget  # None: ``replay.default_budget`` at each covariance pass
+        self.replay: Replay | None = None  # the last covariance pass's captures (``replay``)
         self.plan = make_plan(model, tracked_names(layers))
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
@@ -237,26 +241,32 @@ class Passes:
                                  "loader; leave its parameters out of params=")
         return cap.handlers
 
-    def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded, shard=None) -> dict:
+    def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded, shard=None,
+                    replay: bool = False) -> dict:
         """Stage "covariance" of checkpoint k over the loader (or its ``shard``): the unnormalised
         sums (``factors.covariance_factors`` normalises them), float64 on the model's device:
         ``<layer>/A`` (sum of a a^T over positions, or token counts), ``<layer>/S`` (sum of
         delta delta^T), ``<layer>/positions`` and ``examples`` (int64 [1] counts); zeros for an
-        empty shard."""
+        empty shard. ``replay``: keep the pass's captures for the ``correction`` that follows (``replay``)."""
         sums = {layer.name: CovarianceSums() for layer in self.layers}
         n = 0
         offset = 0 if shard is None else shard.start
+        device = model_device(self.model)
+        self.replay = None
+        budget = default_budget(device) if self.replay_budget is None else self.replay_budget
+        keep = Replay(k, _span(shard), budget if replay else 0)
         if shard is None or len(shard):
             with self.over(train, "train", f"covariances (checkpoint {k})", f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
-                    loss = fisher_loss(self.task, fisher, seed, 0, k, offset + start)
+                    loss = fisher_loss(self.task, fisher, seed, k, offset + start)
                     handlers = self.record(batch, size, loss, "train")
                     for layer in self.layers:
                         handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
                     self.check_finite(handlers, {f"the factor {side} of layer {name!r}": t for name, s in sums.items()
                                                  for side, t in (("A", s.A), ("S", s.S))}, "train")
+                    keep.add(size, handlers)
                     n += size
-        device = model_device(self.model)
+        self.replay = keep
         out = {"examples": torch.tensor([n], device=device)}
         for layer in self.layers:
             s, name = sums[layer.name], layer.name
@@ -269,23 +279,34 @@ class Passes:
 
     def correction(self, train, k: int, factors: dict, fisher: str, seed: int, data: Recorded, shard=None) -> dict:
         """Stage "lambda" of checkpoint k over the loader (or its ``shard``): the unnormalised
-        sums ``<layer>/lam`` = sum_b (Q_S^T G_b Q_A)^2 (float64) and ``examples`` (int64 [1])."""
+        sums ``<layer>/lam`` = sum_b (Q_S^T G_b Q_A)^2 (float64) and ``examples`` (int64 [1]);
+        from the covariance pass's captures when it kept them (``replay``), else a pass."""
         device = model_device(self.model)
         sums = {layer.name: torch.zeros(layer.d_out, layer.d_in, device=device) for layer in self.layers}
         n = 0
         offset = 0 if shard is None else shard.start
         desc = f"eigenvalue correction (checkpoint {k})"
-        if shard is None or len(shard):
+        def add(handlers, size):
+            for layer in self.layers:
+                handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
+                                                self.memory_budget)
+            self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
+                                         for name, t in sums.items()}, "train")
+            return size
+
+        replay, self.replay = self.replay, None
+        if replay is not None and replay.serves(k, _span(shard)):
+            n = sum(add(handlers, size) for size, handlers in replay.batches)
+        elif shard is None or len(shard):
             with self.over(train, "train", desc, f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
-                    loss = fisher_loss(self.task, fisher, seed, 1, k, offset + start)
-                    handlers = self.record(batch, size, loss, "train")
-                    for layer in self.layers:
-                        handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
-                                                        self.memory_budget)
-                    self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
-                                                 for name, t in sums.items()}, "train")
-                    n += size
+                    loss = fisher_loss(self.task, fisher, seed, k, offset + start)
+                    n += add(self.record(batch, size, loss, "train"), size)
+        del replay
         out = {f"{name}/lam": t.to(torch.float64) for name, t in sums.items()}
         out["examples"] = torch.tensor([n], device=device)
         return out
+
+
+def _span(shard) -> tuple | None:
+    return None if shard is None else (shard.start, shard.stop)

@@ -46,13 +46,14 @@ def _load_weights(model, ckpt, k: int) -> None:
     model.eval()
 
 
-def _covariances(method, train, ckpt, k: int, fp: str, store, data) -> dict:
-    """{layer: LayerFactors(A, S)} of checkpoint k: from the store, else a pass (saved)."""
+def _covariances(method, train, ckpt, k: int, fp: str, store, data, replay: bool) -> dict:
+    """{layer: LayerFactors(A, S)} of checkpoint k: from the store, else a pass (saved; its
+    captures kept for the correction of checkpoint k with ``replay``)."""
     if store is not None and store.exists("covariance", fp):
         store.check_data(fp, data.digests)
         return store.load(("covariance",), fp, method.layers, method._device())
     _load_weights(method.model, ckpt, k)
-    sums = method.passes.covariances(train, k, method.fisher, method.seed, data)
+    sums = method.passes.covariances(train, k, method.fisher, method.seed, data, replay=replay)
     factors = covariance_factors(method.layers, sums)
     if store is not None:
         store.save("covariance", fp, factors, int(sums["examples"]), data.digests)
@@ -79,7 +80,7 @@ def fit_segment(method, train, checkpoints: list, fps: list, group: range, time:
     with preserved_weights(method.model):
         sums = None
         for k in group:
-            cov = _covariances(method, train, checkpoints[k], k, fps[k], store, data)
+            cov = _covariances(method, train, checkpoints[k], k, fps[k], store, data, replay=k == group[-1])
             if sums is None:
                 sums = {name: LayerFactors(A=f.A.clone(), S=f.S.clone()) for name, f in cov.items()}
             else:
@@ -94,7 +95,7 @@ def fit_segment(method, train, checkpoints: list, fps: list, group: range, time:
             if store is not None:
                 store.save("eigen", seg_fp, factors)
         total = None
-        for k in group:
+        for k in reversed(group):  # the last covariance pass first: its captures are replayed
             lam = _lambda(method, train, checkpoints[k], k, combined_fingerprint(seg_fp, fps[k]), factors, store, data)
             total = {name: v.clone() for name, v in lam.items()} if total is None else \
                 {name: total[name] + v for name, v in lam.items()}

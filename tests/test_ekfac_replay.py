@@ -1,0 +1,75 @@
+"""The eigenvalue correction replays the covariance pass's captures (``methods.ekfac.replay``):
+same factors and scores as a second pass, one model pass fewer, and a second pass when the
+captures exceed the budget."""
+import pytest
+import torch
+
+import attrkernels as ak
+from attrkernels.methods.ekfac.replay import Replay, capture_bytes, default_budget
+
+from test_ekfac import LAYERS, NetTask, make_net, net_data
+
+
+class Counted(list):
+    """A list of batches that counts the passes over it."""
+
+    passes = 0
+
+    def __iter__(self):
+        type(self).passes += 1
+        return super().__iter__()
+
+
+def fitted(train, **kw):
+    model, task = make_net(), NetTask()
+    m = ak.EKFAC(model, task, verbose=False, **kw).fit(train)
+    return m, m.score(net_data(6, 9), train=train)
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_replayed_correction_equals_a_second_pass_and_saves_it(fisher):
+    data = net_data(24, 4)
+    counts = {}
+    results = {}
+    for name, budget in (("second pass", 0), ("replay", None), ("over budget", 1000)):
+        Counted.passes = 0
+        results[name] = fitted(Counted(data), replay_budget=budget, fisher=fisher)
+        counts[name] = Counted.passes
+    assert counts["replay"] == counts["second pass"] - 1 == counts["over budget"] - 1
+    (m0, s0) = results["second pass"]
+    for name in ("replay", "over budget"):
+        m, s = results[name]
+        for layer in LAYERS:
+            assert torch.equal(m.factors[0][layer].lam, m0.factors[0][layer].lam), (name, layer)
+        assert torch.equal(s, s0), name
+    assert m0.passes.replay is None and results["replay"][0].passes.replay is None  # nothing kept after fit
+
+
+def test_kfac_keeps_no_captures_and_the_budget_is_checked():
+    model, task = make_net(), NetTask()
+    m = ak.KFAC(model, task, verbose=False).fit(net_data(16, 4))
+    assert m.passes.replay is None
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="replay_budget"):
+            ak.EKFAC(model, task, replay_budget=bad)
+
+
+def test_replay_counts_each_storage_once_and_drops_everything_beyond_the_budget():
+    class H:
+        def __init__(self, records):
+            self.records = records
+
+    class R:
+        def __init__(self, inputs, grad_out):
+            self.inputs, self.grad_out = inputs, grad_out
+
+    x = torch.zeros(10, 4)
+    handlers = {"a": H([R(x, x[:5]), R(x[1:], None)]), "b": H([R(torch.zeros(3), torch.zeros(2))])}
+    assert capture_bytes(handlers) == 4 * (40 + 3 + 2)
+    keep = Replay(0, None, 300)
+    keep.add(10, handlers)
+    assert keep.serves(0, None) and not keep.serves(1, None) and not keep.serves(0, (0, 10))
+    keep.add(10, handlers)
+    assert not keep.serves(0, None) and keep.batches == []
+    assert not Replay(0, None, 0).serves(0, None)
+    assert default_budget(torch.device("cpu")) > 0
