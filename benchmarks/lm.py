@@ -62,6 +62,7 @@ from attrkernels.integrations.hf import conv1d_names, conv1d_params, conv1d_to_l
 from .common import RESULTS, markdown_table, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss, write_results
 from .ekfac import EIGH_FLOPS, Clock, kronfluence
 
+WORKERS = ("ours", "kronfluence", "ours-eigh32", "kronfluence-eigh32")
 SIZES = {
     "default": dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, length=128, train=32, test=8, batch=8,
                     k=512, feat_batch=4, feat_batches=2, chunk=1 << 18),
@@ -106,10 +107,24 @@ def worker(a) -> None:
     task = ak.tasks.LanguageModeling()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     info = {}
-    if a.worker == "ours":
+    library, _, precision = a.worker.partition("-eigh")
+    eigh_dtype = torch.float32 if precision == "32" else torch.float64
+    if library == "ours":
+        from attrkernels.methods.ekfac import fitting
+
         loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=a.batch)  # noqa: E731
+        eigen, stages = fitting.eigen, {}
+
+        def timed_eigen(*args, **kwargs):  # the eigendecomposition stage's wall seconds
+            t0 = time.perf_counter()
+            eigen(*args, **kwargs)
+            stages["eigendecomposition"] = time.perf_counter() - t0
+
+        fitting.eigen = timed_eigen
+        info["stages"] = stages
         clock = Clock()
-        m = ak.EKFAC(model, task, params=conv1d_params(model), verbose=False).fit(loader(train_set))
+        m = ak.EKFAC(model, task, params=conv1d_params(model), eigh_dtype=eigh_dtype,
+                     verbose=False).fit(loader(train_set))
         fit = clock.lap()
         print(f"ours fit (wall, cpu s): {fit}", flush=True)
         scores = m.score(loader(test_set), train=loader(train_set))
@@ -123,7 +138,8 @@ def worker(a) -> None:
         del model
         stages = {}
         scores, fit, score = kronfluence(linear, train_set, test_set, a.batch, task=task, modules=modules,
-                                         query_batch=a.kf_query_batch or a.test, stages=stages)
+                                         query_batch=a.kf_query_batch or a.test, stages=stages,
+                                         eigh_dtype=eigh_dtype)
         info["stages"] = stages
     np.save(Path(a.out) / f"{a.worker}.npy", scores.numpy())
     info.update(fit_s=fit[0], fit_cpu=fit[1], score_s=score[0], score_cpu=score[1], base_rss=base,
@@ -276,7 +292,9 @@ def main(argv=None) -> int:
                         help="folder of the EK-FAC workers' results (default: a temporary one); results of "
                              "finished workers found there are reused (e.g. workers started by hand with "
                              "--worker ours|kronfluence --out DIR)")
-    parser.add_argument("--worker", choices=("ours", "kronfluence"), help=argparse.SUPPRESS)
+    parser.add_argument("--eigh", default="64", help="precisions of the eigendecompositions to run, each for "
+                        "both libraries: 64, 32 or 64,32 (kronfluence's eigendecomposition_dtype, our eigh_dtype)")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     for key, val in SIZES["quick" if a.quick else "default"].items():
@@ -296,31 +314,42 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             folder = a.workdir or tmp
             Path(folder).mkdir(parents=True, exist_ok=True)
-            results = {name: run_worker(name, passthrough, folder) for name in ("ours", "kronfluence")}
+            precisions = a.eigh.split(",")
+            names = [f"{lib}{'' if q == '64' else '-eigh32'}" for q in precisions for lib in ("ours", "kronfluence")]
+            results = {name: run_worker(name, passthrough, folder) for name in names}
         flops = ekfac_flops(a, dims)
-        ours_s, (kf_info, kf_s) = results["ours"][1], results["kronfluence"]
         from scipy.stats import spearmanr
 
-        corr = float(np.corrcoef(ours_s.ravel(), kf_s.ravel())[0, 1])
-        rho = float(spearmanr(ours_s.ravel(), kf_s.ravel())[0])
-        per_query = float(np.mean([spearmanr(ours_s[:, j], kf_s[:, j])[0] for j in range(ours_s.shape[1])]))
-        kf_total = kf_info["fit_s"] + kf_info["score_s"]
-        kf_cpu = kf_info["fit_cpu"] + kf_info["score_cpu"]
-        for name, (info, _) in results.items():
-            total, cpu_s = info["fit_s"] + info["score_s"], info["fit_cpu"] + info["score_cpu"]
-            rows_e.append(dict(impl=name, fit_s=f"{info['fit_s']:.1f}", score_s=f"{info['score_s']:.1f}",
-                               total_s=f"{total:.1f}", cpu_s=f"{cpu_s:.1f}", speedup_wall=f"{kf_total / total:.2f}",
-                               speedup_cpu=f"{kf_cpu / cpu_s:.2f}", peak_rss_gib=f"{info['peak_rss'] / 2 ** 30:.2f}",
-                               model_rss_gib=f"{info['base_rss'] / 2 ** 30:.2f}"))
-        rows_e.append(dict(impl="floor (our algorithm's FLOPs at peak)",
-                           fit_s=f"{flops['fit'] / peak32 / 1e9 + flops['eigh64'] / peak64 / 1e9:.1f}",
-                           score_s=f"{flops['score'] / peak32 / 1e9:.1f}",
-                           total_s=f"{(flops['fit'] + flops['score']) / peak32 / 1e9 + flops['eigh64'] / peak64 / 1e9:.1f}"))
-        if kf_info.get("stages"):
-            extra["kronfluence_fit_stages_s"] = json.dumps({k: round(v, 1) for k, v in kf_info["stages"].items()})
-        extra.update(scores_pearson=f"{corr:.4f}", scores_spearman=f"{rho:.4f}",
-                     per_query_spearman_mean=f"{per_query:.4f}",
-                     linear_copy_logit_max_abs_diff=f"{kf_info['logit_max_abs_diff']:.2e}",
+        for q in precisions:
+            tag = "" if q == "64" else "-eigh32"
+            (info_o, ours_s), (kf_info, kf_s) = results["ours" + tag], results["kronfluence" + tag]
+            kf_total = kf_info["fit_s"] + kf_info["score_s"]
+            kf_cpu = kf_info["fit_cpu"] + kf_info["score_cpu"]
+            for name, info in (("ours", info_o), ("kronfluence", kf_info)):
+                total, cpu_s = info["fit_s"] + info["score_s"], info["fit_cpu"] + info["score_cpu"]
+                rows_e.append(dict(impl=name, eigh=f"float{q}", fit_s=f"{info['fit_s']:.1f}",
+                                   eigh_s=f"{info['stages']['eigendecomposition']:.1f}",
+                                   score_s=f"{info['score_s']:.1f}", total_s=f"{total:.1f}", cpu_s=f"{cpu_s:.1f}",
+                                   speedup_wall=f"{kf_total / total:.2f}", speedup_cpu=f"{kf_cpu / cpu_s:.2f}",
+                                   peak_rss_gib=f"{info['peak_rss'] / 2 ** 30:.2f}",
+                                   model_rss_gib=f"{info['base_rss'] / 2 ** 30:.2f}"))
+            eig_s = flops["eigh64"] / (peak64 if q == "64" else peak32) / 1e9
+            rows_e.append(dict(impl="floor (our algorithm's FLOPs at peak)", eigh=f"float{q}",
+                               fit_s=f"{flops['fit'] / peak32 / 1e9 + eig_s:.1f}", eigh_s=f"{eig_s:.1f}",
+                               score_s=f"{flops['score'] / peak32 / 1e9:.1f}",
+                               total_s=f"{(flops['fit'] + flops['score']) / peak32 / 1e9 + eig_s:.1f}"))
+            extra[f"kronfluence_fit_stages_s_eigh{q}"] = json.dumps({k: round(v, 1) for k, v in kf_info["stages"].items()})
+            corr = float(np.corrcoef(ours_s.ravel(), kf_s.ravel())[0, 1])
+            rho = float(spearmanr(ours_s.ravel(), kf_s.ravel())[0])
+            per_query = float(np.mean([spearmanr(ours_s[:, j], kf_s[:, j])[0] for j in range(ours_s.shape[1])]))
+            extra[f"scores_ours_vs_kronfluence_eigh{q}"] = (f"Pearson {corr:.4f}, Spearman {rho:.4f}, mean per-query "
+                                                           f"Spearman {per_query:.4f}")
+        if len(precisions) > 1:
+            o64, o32 = results["ours"][1], results["ours-eigh32"][1]
+            extra["scores_ours_eigh32_vs_eigh64"] = (f"Pearson {np.corrcoef(o64.ravel(), o32.ravel())[0, 1]:.6f}, "
+                                                     f"max |diff| / max |score| "
+                                                     f"{np.abs(o64 - o32).max() / np.abs(o64).max():.2e}")
+        extra.update(linear_copy_logit_max_abs_diff=f"{kf_info['logit_max_abs_diff']:.2e}",
                      ekfac_flops=json.dumps({k: f"{v:.3e}" for k, v in flops.items()}))
         for r in rows_e:
             print(r, flush=True)
@@ -340,15 +369,15 @@ def main(argv=None) -> int:
              f"{info['device']} ({info['cores']} cores), {info['date']}, commit {info['commit']}, kronfluence "
              f"{info['kronfluence']}, transformers {info['transformers']}; load average at the end "
              f"{info['load_average']}. fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s.\n\n"
-             "EK-FAC fit + pairwise scores, each library in its own process; `speedup_*` = kronfluence's "
-             "total / that row's; `peak_rss_gib` = the process's peak resident memory (`model_rss_gib`: "
+             "EK-FAC fit + pairwise scores, each library in its own process, with the eigendecompositions in "
+             "the precision of column `eigh` (kronfluence's eigendecomposition_dtype, our eigh_dtype); "
+             "`speedup_*` = kronfluence's total at the same precision / that row's; `eigh_s` = the "
+             "eigendecomposition stage; `peak_rss_gib` = the process's peak resident memory (`model_rss_gib`: "
              "after building the model and data).")
     if extra:
-        intro += (f" Scores ours vs kronfluence: Pearson {extra['scores_pearson']}, Spearman "
-                  f"{extra['scores_spearman']}, mean per-query Spearman {extra['per_query_spearman_mean']}; "
-                  f"the Linear copy's logits differ from the Conv1D model's by at most "
-                  f"{extra['linear_copy_logit_max_abs_diff']}. kronfluence's fit by stage (wall s): "
-                  f"{extra.get('kronfluence_fit_stages_s', '')}.")
+        intro += " " + "; ".join(f"{k}: {v}" for k, v in extra.items() if k.startswith(("scores_", "kronfluence_")))
+        intro += (f"; the Linear copy's logits differ from the Conv1D model's by at most "
+                  f"{extra['linear_copy_logit_max_abs_diff']}.")
     outro = ""
     if rows_f:
         outro = (f"\nFeaturization, k = {a.k}, batches of {a.feat_batch} sequences (median of {a.feat_batches} "
@@ -358,8 +387,8 @@ def main(argv=None) -> int:
                  + markdown_table(rows_f, ["impl", "seq_per_s", "batch_s", "peak_mem_mb", "grad_floor_s",
                                            "sketch_floor_s", "vs_floor", "mm_gflops", "note"]) + "\n")
     stem = RESULTS / f"lm_{a.tag or ('quick' if a.quick else 'gpt2_small')}"
-    write_results(stem, rows_e, ["impl", "fit_s", "score_s", "total_s", "cpu_s", "speedup_wall", "speedup_cpu",
-                                 "peak_rss_gib", "model_rss_gib"], info, intro,
+    write_results(stem, rows_e, ["impl", "eigh", "fit_s", "eigh_s", "score_s", "total_s", "cpu_s", "speedup_wall",
+                                 "speedup_cpu", "peak_rss_gib", "model_rss_gib"], info, intro,
                   {**extra, "matmul_peak_gflops_fp32": f"{peak32:.1f}", "matmul_peak_gflops_fp64": f"{peak64:.1f}"},
                   outro)
     return 0

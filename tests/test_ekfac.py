@@ -612,3 +612,16 @@ def test_curvature_without_inverse_is_the_library_not_positive_definite_error(cl
     m = cls(model, ak.tasks.Classification(), damping=0.0, fisher="empirical", verbose=False).fit(train)
     with pytest.raises(NotPositiveDefiniteError, match="layer '0'"):
         m.self_influence()
+
+
+@pytest.mark.parametrize("cls", [ak.EKFAC, ak.KFAC])
+def test_float32_eigendecompositions_give_the_float64_scores_to_rounding(cls, tmp_path):
+    model, task = make_net(), NetTask()
+    train, test = net_data(24, 5), net_data(5, 6)
+    s64 = cls(model, task, verbose=False).fit(train).score(test)
+    s32 = cls(model, task, eigh_dtype=torch.float32, store=tmp_path / "f", verbose=False).fit(train).score(test)
+    assert rel(s32, s64) < 1e-4
+    with pytest.raises(StoreMismatch, match="eigh_dtype"):  # factors on file are of the other precision
+        cls(model, task, store=tmp_path / "f", verbose=False).fit(train)
+    with pytest.raises(ValueError, match="eigh_dtype must be"):
+        cls(model, task, eigh_dtype="float32")

@@ -340,3 +340,18 @@ def test_eigh_backends_agree(monkeypatch):
     for k in range(2):
         assert rel(q1[k] @ torch.diag(e1[k]) @ q1[k].T, stack[k]) < 1e-12
         assert rel(q2[k] @ torch.diag(e2[k]) @ q2[k].T, stack[k]) < 1e-12
+
+
+def test_kron_eigh_in_float32_is_backward_stable_and_returns_float64():
+    gen = torch.Generator().manual_seed(4)
+    factors = [spd(40, gen), spd(40, gen), spd(9, gen, rank=3)]
+    for f, (e, basis), (e64, _) in zip(factors, kron_eigh(factors, dtype=torch.float32), kron_eigh(factors)):
+        Q = basis.dense()
+        assert e.dtype == torch.float64 and Q.dtype == torch.float64
+        top = float(e64.abs().max())
+        # a float32 decomposition of f: residual and orthogonality at float32 rounding
+        assert float((Q @ torch.diag(e) @ Q.T - f).abs().max()) < 1e-5 * top
+        assert float((Q.T @ Q - torch.eye(f.shape[0], dtype=torch.float64)).abs().max()) < 1e-5
+        assert float((e - e64).abs().max()) < 1e-5 * top
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        kron_eigh(factors, dtype=torch.float16)

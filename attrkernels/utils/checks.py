@@ -48,3 +48,12 @@ def check_number(name: str, value, *, positive: bool = False, optional: bool = F
             or value < 0 or (positive and value == 0)):
         raise ValueError(f"{name} must be {'None or ' if optional else ''}a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def check_eigh_dtype(eigh_dtype, *, name: str = "eigh_dtype"):
+    """``eigh_dtype`` if it is torch.float64 or torch.float32."""
+    import torch
+
+    if eigh_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"{name} must be torch.float64 or torch.float32, got {eigh_dtype!r}")
+    return eigh_dtype

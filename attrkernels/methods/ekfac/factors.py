@@ -59,8 +59,10 @@ def owners(sizes: list, ranks: int) -> list:
     return out
 
 
-def eigen(layers: list, factors: dict, block_width: int | None, group: Group = Group()) -> None:
-    """Eigendecompose every layer's A and S (float64, batched ``kron_eigh``) into ``factors``.
+def eigen(layers: list, factors: dict, block_width: int | None, group: Group = Group(),
+          dtype: torch.dtype = torch.float64) -> None:
+    """Eigendecompose every layer's A and S (batched ``kron_eigh`` in ``dtype``; float64 results)
+    into ``factors``.
 
     Under a process group each rank decomposes its share of the [d, d] factors (``owners``) and
     one ``all_reduce_sum`` of zero-filled buffers (eigenvalues [d], basis blocks [w, w]) gives
@@ -72,7 +74,7 @@ def eigen(layers: list, factors: dict, block_width: int | None, group: Group = G
     dense = [i for i, m in enumerate(mats) if m.ndim == 2]
     who = dict(zip(dense, owners([mats[i].shape[0] for i in dense], group.size)))
     mine = [i for i in range(len(mats)) if who.get(i, group.rank) == group.rank]
-    solved = dict(zip(mine, kron_eigh([mats[i] for i in mine], block_width)))
+    solved = dict(zip(mine, kron_eigh([mats[i] for i in mine], block_width, dtype)))
     if group.distributed:
         buffers = []
         for i in dense:

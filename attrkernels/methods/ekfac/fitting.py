@@ -45,7 +45,7 @@ def factors_of(method, train, k: int, fp: str, store: FactorStore | None, data, 
     if present["eigen"]:
         store.load(("eigen",), fp, layers, device, factors)
     else:
-        eigen(layers, factors, method.block_width, split.group)
+        eigen(layers, factors, method.block_width, split.group, method.eigh_dtype)
         if store is not None and split.writer:
             store.save("eigen", fp, factors)
             if split.offline:  # shards running at once: use the basis on file, whichever wrote it last

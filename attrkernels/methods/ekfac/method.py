@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ...distributed import all_reduce_sum, together
 from ...kernels.kfac import DEFAULT_MEMORY
-from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
+from ...utils.checks import check_damping, check_eigh_dtype, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
 from ..base import AttributionMethod
 from ..checkpoints import as_checkpoints, checkpoint_loop, fingerprint
@@ -36,13 +36,16 @@ class EKFAC(AttributionMethod):
     """EK-FAC influence functions; see the ``attrkernels.methods.ekfac`` docstring.
 
     EKFAC(model, task, *, damping=None, store=None, fisher="true", params=None, block_width=None,
-          seed=0, memory_budget=24 MiB, replay_budget=None, verbose=True)
+          seed=0, memory_budget=24 MiB, replay_budget=None, eigh_dtype=torch.float64, verbose=True)
 
     damping: None (0.1 x mean eigenvalue per layer) or a float >= 0 added to every eigenvalue.
     store: directory for the factors (None: kept in memory only).
     fisher: "true" (sampled labels, default) or "empirical" (dataset labels).
     params: names of the parameters to attribute over (default: all supported, see ``skipped``).
     block_width: factors wider than this are eigendecomposed as block-diagonal (``kron_eigh``).
+    eigh_dtype: precision of the eigendecompositions, torch.float64 (default) or torch.float32
+        (2-2.5x faster on wide factors, backward stable to the factors' own float32 rounding;
+        see ``kernels.kfac.kron_eigh``). Stored factors record it.
     seed: seeds the sampled labels of the true Fisher.
     memory_budget: bytes of per-example tensors (unfolded inputs, gradients) held at once; the
         default 24 MiB stays under glibc's mmap threshold (see ``kernels.kfac.DEFAULT_MEMORY``).
@@ -57,7 +60,8 @@ class EKFAC(AttributionMethod):
 
     def __init__(self, model: nn.Module, task, *, damping: float | None = None, store=None,
                  fisher: str = "true", params=None, block_width: int | None = None, seed: int = 0,
-                 memory_budget: int = DEFAULT_MEMORY, replay_budget: int | None = None, verbose: bool = True):
+                 memory_budget: int = DEFAULT_MEMORY, replay_budget: int | None = None,
+                 eigh_dtype: torch.dtype = torch.float64, verbose: bool = True):
         super().__init__(model, task, verbose=verbose)
         damping = check_damping(damping, optional=True)
         if replay_budget is not None and (isinstance(replay_budget, bool) or not isinstance(replay_budget, int)
@@ -66,6 +70,7 @@ class EKFAC(AttributionMethod):
         check_fisher(task, fisher)
         check_positive_int("block_width", block_width, optional=True)
         self.damping, self.fisher, self.block_width = damping, fisher, block_width
+        self.eigh_dtype = check_eigh_dtype(eigh_dtype)
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
         self.layers, self.skipped = select_layers(model, params)
         self.passes = Passes(model, task, self.layers, self.memory_budget, verbose, replay_budget)

@@ -21,6 +21,7 @@ differs, naming the first differing example. A file that cannot be read raises
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ...kernels.kfac import Basis
 from ...store import DataMismatch, Store, StoreMismatch, combine, damaged
@@ -63,6 +64,8 @@ def store_meta(method) -> dict:
         "seed": method.seed if method.fisher == "true" else None,
         "block_width": method.block_width,
         "layers": {layer.name: layer.describe() for layer in method.layers},
+        # only when not the default float64, so stores written before the option still open
+        **({"eigh_dtype": str(method.eigh_dtype)} if method.eigh_dtype != torch.float64 else {}),
     }
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...kernels.kfac import DEFAULT_MEMORY
-from ...utils.checks import check_damping, check_memory_budget, check_positive_int, check_seed
+from ...utils.checks import check_damping, check_eigh_dtype, check_memory_budget, check_positive_int, check_seed
 from ...utils.loaders import check_loader
 from ..base import AttributionMethod
 from ..checkpoints import (Checkpoint, checked_checkpoints, fingerprint, load_checkpoint, preserved_weights,
@@ -31,12 +31,12 @@ class SOURCE(AttributionMethod):
     ``attrkernels.methods.source`` docstring.
 
     SOURCE(model, task, *, segments=3, momentum=0.0, weight_decay=0.0, fisher="true", params=None,
-           block_width=None, store=None, seed=0, memory_budget=24 MiB, verbose=True)
+           block_width=None, store=None, seed=0, memory_budget=24 MiB, eigh_dtype=torch.float64, verbose=True)
 
     segments: L, the number of segments (consecutive equal groups of the fitted checkpoints).
     momentum: the heavy-ball coefficient beta of the SGD run (segment times s_l / (1 - beta)).
     weight_decay: the coupled L2 coefficient of the optimiser (added to every eigenvalue).
-    fisher, params, block_width, seed, memory_budget: as for ``ak.EKFAC``.
+    fisher, params, block_width, seed, memory_budget, eigh_dtype: as for ``ak.EKFAC``.
     store: directory for the per-checkpoint and per-segment factors (None: in memory only).
     """
 
@@ -44,13 +44,15 @@ class SOURCE(AttributionMethod):
 
     def __init__(self, model: nn.Module, task, *, segments: int = 3, momentum: float = 0.0,
                  weight_decay: float = 0.0, fisher: str = "true", params=None, block_width: int | None = None,
-                 store=None, seed: int = 0, memory_budget: int = DEFAULT_MEMORY, verbose: bool = True):
+                 store=None, seed: int = 0, memory_budget: int = DEFAULT_MEMORY,
+                 eigh_dtype: torch.dtype = torch.float64, verbose: bool = True):
         super().__init__(model, task, verbose=verbose)
         self.segments = check_positive_int("segments", segments)
         self.momentum = check_momentum(momentum)
         self.weight_decay = check_damping(weight_decay, name="weight_decay")
         check_fisher(task, fisher)
         self.fisher, self.block_width = fisher, check_positive_int("block_width", block_width, optional=True)
+        self.eigh_dtype = check_eigh_dtype(eigh_dtype)
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
         self.layers, self.skipped = select_layers(model, params)
         self._leave_out, self._probed = params is None, False  # the first batch settles the layers (``probe``)

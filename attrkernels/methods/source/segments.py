@@ -91,7 +91,7 @@ def fit_segment(method, train, checkpoints: list, fps: list, group: range, time:
         if store is not None and store.exists("eigen", seg_fp):
             store.load(("eigen",), seg_fp, method.layers, method._device(), factors)
         else:
-            eigen(method.layers, factors, method.block_width)
+            eigen(method.layers, factors, method.block_width, dtype=method.eigh_dtype)
             if store is not None:
                 store.save("eigen", seg_fp, factors)
         total = None
