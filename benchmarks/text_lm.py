@@ -146,7 +146,8 @@ def method_scores(label, run, cache, kind, count, folder: Path, key: str) -> dic
         states, seconds = cache.models(count)
         rates, train_s = None, sum(seconds)
     else:
-        states, rates, train_s = cache.trajectory(count)
+        states, train_s = cache.trajectory(count)  # Checkpoint objects: TracIn reads their lr
+        rates = [c.lr for c in states]
     wall, cpu = time.perf_counter(), time.process_time()
     scores = run(states, rates)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
