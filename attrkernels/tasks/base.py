@@ -13,6 +13,8 @@ What each method needs:
 ``measure``        every method (what attribution predicts, [B])
 ``out_to_loss``    TRAK (its per-example weight 1 - p)
 ``sampled_loss``   EK-FAC / K-FAC with ``fisher="true"`` (loss at targets drawn from the model)
+``sampled_losses`` EK-FAC (optional): several draws from one forward pass, so the eigenvalue
+                   correction needs no second pass over the model (``methods.ekfac.replay``)
 ``logits`` and     influence with ``curvature="gauss-newton"``: loss(model, batch) must equal
 ``logit_loss``     logit_loss(logits(model, batch), batch), convex in the logits
 ``token_mask``     EK-FAC / K-FAC on sequences (optional): which positions are tokens, so that
@@ -54,6 +56,12 @@ class Task:
             f"{type(self).__name__} does not define sampled_loss(model, batch, generator), which the "
             "true Fisher needs; define it or pass fisher='empirical'"
         )
+
+    def sampled_losses(self, model: torch.nn.Module, batch, generators: list) -> list:
+        """``[sampled_loss(model, batch, g) for g in generators]`` from one forward pass (each [B],
+        each draw from its generator exactly as ``sampled_loss`` draws). Optional: without it
+        EK-FAC's two factor stages each run the model."""
+        raise NotImplementedError(f"{type(self).__name__} does not define sampled_losses")
 
     def logits(self, model: torch.nn.Module, batch) -> torch.Tensor:
         """The model output the loss is a function of (``logit_loss``), e.g. [B, classes]."""
@@ -194,10 +202,12 @@ class Classification(Task):
         return F.cross_entropy(logits, labels, reduction="none")
 
     def sampled_loss(self, model, batch, generator):
-        # Labels drawn from softmax(logits) (one per example), then the cross-entropy.
+        return self.sampled_losses(model, batch, [generator])[0]
+
+    def sampled_losses(self, model, batch, generators):
+        # Labels drawn from softmax(logits) (one per example and generator), then the cross-entropy.
         logits = self.logits(model, batch)
-        labels = sample_categorical(logits, generator)
-        return F.cross_entropy(logits, labels, reduction="none")
+        return [F.cross_entropy(logits, sample_categorical(logits, g), reduction="none") for g in generators]
 
     def measure(self, model, batch):
         inputs, labels = self._split(batch)

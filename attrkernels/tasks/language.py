@@ -165,13 +165,19 @@ class LanguageModeling(Task):
         return (keep if mask is None else keep & (mask != 0)).to(torch.float32)
 
     def sampled_loss(self, model, batch, generator) -> torch.Tensor:
+        return self.sampled_losses(model, batch, [generator])[0]
+
+    def sampled_losses(self, model, batch, generators) -> list:
         # Every target token drawn from softmax of the model's prediction at its position (one
-        # draw per token); padding / -100 positions stay ignored.
+        # draw per token and generator); padding / -100 positions stay ignored.
         logits, labels = self._forward(model, batch)
         z = logits[:, :-1]
         y = self._targets(labels, z.shape[-1])
-        drawn = sample_categorical(z.reshape(-1, z.shape[-1]), generator).reshape(y.shape)
-        return _summed_cross_entropy(z, torch.where(y == IGNORE, y, drawn))
+        out = []
+        for g in generators:
+            drawn = sample_categorical(z.reshape(-1, z.shape[-1]), g).reshape(y.shape)
+            out.append(_summed_cross_entropy(z, torch.where(y == IGNORE, y, drawn)))
+        return out
 
 
 def _takes(model, name: str) -> bool:

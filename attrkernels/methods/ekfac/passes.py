@@ -51,29 +51,42 @@ def check_fisher(task, fisher: str) -> str:
     return fisher
 
 
-def fisher_loss(task, fisher: str, seed: int, checkpoint: int, start: int):
+def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start: int):
     """The loss whose gradients define the Fisher: labels sampled by the task (``sampled_loss``),
-    fresh for each checkpoint and batch (its first example ``start``) and the same in both factor
-    stages (so the correction can replay the covariance pass, ``replay``); or the dataset's labels
-    (``fisher="empirical"``: ``task.loss``)."""
+    fresh for each stage (0 covariances, 1 Lambda), checkpoint and batch (its first example
+    ``start``); or the dataset's labels (``fisher="empirical"``: ``task.loss``)."""
     if fisher == "empirical":
         return task.loss
-    seed = derive_seed(derive_seed(derive_seed(seed, 0), checkpoint), start)
+    return FisherDraws(task, seed, (stage,), checkpoint, start)
 
-    def sampled_loss(model, batch):
+
+class FisherDraws:
+    """The sampled losses of ``stages`` (a stage's labels as ``fisher_loss`` draws them) from one
+    forward pass (``task.sampled_losses``; ``task.sampled_loss`` for one stage): called as a task
+    function it returns the first stage's loss [B] and keeps the others in ``rest``."""
+
+    __name__ = "sampled_loss"
+
+    def __init__(self, task, seed: int, stages: tuple, checkpoint: int, start: int):
+        self.task, self.stages = task, stages
+        self.seeds = [derive_seed(derive_seed(derive_seed(seed, s), checkpoint), start) for s in stages]
+        self.rest: list = []
+
+    def __call__(self, model, batch):
         device = next(model.parameters()).device
+        gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
         try:
-            return task.sampled_loss(model, batch, torch.Generator(device=device).manual_seed(seed))
+            if len(gens) == 1:
+                return self.task.sampled_loss(model, batch, gens[0])
+            first, *self.rest = self.task.sampled_losses(model, batch, gens)
+            return first
         except RuntimeError as err:  # e.g. labels drawn from NaN logits: name the examples
             with torch.no_grad():
-                bad = nonfinite_rows(task.loss(model, batch).detach())
+                bad = nonfinite_rows(self.task.loss(model, batch).detach())
             if bad:
                 raise NonFiniteExamples("the loss is NaN or Inf (labels cannot be sampled from the model's "
                                         "predictions)", bad) from err
             raise
-
-    sampled_loss.__name__ = "sampled_loss"
-    return sampled_loss
 
 
 class Recorded:
@@ -197,8 +210,12 @@ class Passes:
         raise ValueError(f"{', '.join(names)} overflowed float32 on a batch of the {what} loader (the inputs and "
                          "output gradients of every layer are finite); rescale the inputs or the model")
 
-    def record(self, batch, size, fn, what) -> dict:
+    def record(self, batch, size, fn, what, then=None) -> dict:
         """Run ``fn(model, batch)`` under capture and backpropagate its sum; returns the handlers.
+
+        ``then``: (use, second): after the backward pass ``use(handlers)`` reads the captures,
+        then the sum of ``second()`` (another [B] loss of the same forward pass) is backpropagated
+        too, so the handlers end with its output-gradients.
 
         The backward pass asks autograd for the gradients of the tracked layers' outputs, not of
         their parameters, so no weight gradient is computed (a third of a backward pass). When an
@@ -233,12 +250,21 @@ class Passes:
         if not out.requires_grad:
             raise ValueError(f"the task's output on the {what} loader does not depend on any tracked parameter")
         intact = all(o.requires_grad and o._version == v for o, v in outputs)
-        torch.autograd.grad(out.sum(), [o for o, _ in outputs] if intact else self.params, allow_unused=True)
+        targets = [o for o, _ in outputs] if intact else self.params
+        torch.autograd.grad(out.sum(), targets, allow_unused=True, retain_graph=then is not None)
         for layer in self.layers:
             records = cap.handlers[layer.name].records
             if not records or any(r.grad_out is None for r in records):
                 raise ValueError(f"layer {layer.name!r} received no gradient from the task on the {what} "
                                  "loader; leave its parameters out of params=")
+        if then is not None:
+            use, second = then
+            use(cap.handlers)
+            again = second()
+            bad = nonfinite_rows(again.detach())
+            if bad:
+                raise NonFiniteExamples(f"the {what} loss is NaN or Inf", bad)
+            torch.autograd.grad(again.sum(), targets, allow_unused=True)
         return cap.handlers
 
     def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded, shard=None,
@@ -255,15 +281,28 @@ class Passes:
         self.replay = None
         budget = default_budget(device) if self.replay_budget is None else self.replay_budget
         keep = Replay(k, _span(shard), budget if replay else 0)
+        # With the true Fisher the correction draws other labels: kept captures hold the
+        # output-gradients of a second backward pass at those labels (``task.sampled_losses``).
+        two = fisher == "true" and replay and budget > 0 and implements(self.task, "sampled_losses")
+        if fisher == "true" and not two:
+            keep.dropped = True
+
+        def add(handlers):
+            for layer in self.layers:
+                handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
+            self.check_finite(handlers, {f"the factor {side} of layer {name!r}": t for name, s in sums.items()
+                                         for side, t in (("A", s.A), ("S", s.S))}, "train")
+
         if shard is None or len(shard):
             with self.over(train, "train", f"covariances (checkpoint {k})", f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
-                    loss = fisher_loss(self.task, fisher, seed, k, offset + start)
-                    handlers = self.record(batch, size, loss, "train")
-                    for layer in self.layers:
-                        handlers[layer.name].covariances(sums[layer.name], layer.bias, self.memory_budget)
-                    self.check_finite(handlers, {f"the factor {side} of layer {name!r}": t for name, s in sums.items()
-                                                 for side, t in (("A", s.A), ("S", s.S))}, "train")
+                    if two and not keep.dropped:
+                        draws = FisherDraws(self.task, seed, (0, 1), k, offset + start)
+                        handlers = self.record(batch, size, draws, "train", then=(add, lambda: draws.rest[0]))
+                    else:
+                        handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, offset + start),
+                                               "train")
+                        add(handlers)
                     keep.add(size, handlers)
                     n += size
         self.replay = keep
@@ -300,7 +339,7 @@ class Passes:
         elif shard is None or len(shard):
             with self.over(train, "train", desc, f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
-                    loss = fisher_loss(self.task, fisher, seed, k, offset + start)
+                    loss = fisher_loss(self.task, fisher, seed, 1, k, offset + start)
                     n += add(self.record(batch, size, loss, "train"), size)
         del replay
         out = {f"{name}/lam": t.to(torch.float64) for name, t in sums.items()}
