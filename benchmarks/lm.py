@@ -17,7 +17,9 @@ the Conv1D model. kronfluence: its EK-FAC on the Conv1D -> nn.Linear copy
 (``attrkernels.integrations.hf``; its logits are checked against the original's), tracking the
 same 48 modules. Both: true Fisher (every target token drawn from the model's softmax, seeded),
 damping 0.1 x the mean eigenvalue of each layer (ours ``damping=None``, kronfluence
-``damping_factor=None``), float64 eigendecompositions, the same batch size. Each library runs in
+``damping_factor=None``), the same batch size, and eigendecompositions in the same precision: float64
+(both libraries' default) and, with ``--eigh 64,32``, float32 as well (kronfluence's
+``eigendecomposition_dtype``, our ``eigh_dtype``), each pair compared at its precision. Each library runs in
 its own subprocess, which reports its wall and CPU seconds and its peak resident memory
 (``ru_maxrss``); the score matrices are compared (Pearson, Spearman). ``floor`` = the FLOPs of our
 algorithm per stage at this machine's fp32 / fp64 matmul peak (see ``ekfac_flops``).
@@ -32,6 +34,7 @@ resident memory, and each stage's FLOP floor beside the time: per-example gradie
 sketch 2 p k per sequence, at the fp32 matmul peak measured right before each batch.
 
     python -m benchmarks.lm               # GPT-2-small, 32 x 8 sequences (see --help for the sizes)
+    python -m benchmarks.lm --parts ekfac --eigh 64,32   # EK-FAC at both eigendecomposition precisions
     python -m benchmarks.lm --quick       # a 2-block width-64 GPT-2, well under a minute (CI)
 
 Sizes: 32 training sequences x 8 queries by default, not a few hundred: by the FLOP counts the
@@ -338,7 +341,8 @@ def main(argv=None) -> int:
                                fit_s=f"{flops['fit'] / peak32 / 1e9 + eig_s:.1f}", eigh_s=f"{eig_s:.1f}",
                                score_s=f"{flops['score'] / peak32 / 1e9:.1f}",
                                total_s=f"{(flops['fit'] + flops['score']) / peak32 / 1e9 + eig_s:.1f}"))
-            extra[f"kronfluence_fit_stages_s_eigh{q}"] = json.dumps({k: round(v, 1) for k, v in kf_info["stages"].items()})
+            extra[f"kronfluence_fit_stages_s_eigh{q}"] = json.dumps({k: round(v, 1)
+                                                                    for k, v in kf_info["stages"].items()})
             corr = float(np.corrcoef(ours_s.ravel(), kf_s.ravel())[0, 1])
             rho = float(spearmanr(ours_s.ravel(), kf_s.ravel())[0])
             per_query = float(np.mean([spearmanr(ours_s[:, j], kf_s[:, j])[0] for j in range(ours_s.shape[1])]))
