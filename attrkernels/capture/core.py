@@ -186,9 +186,12 @@ class PerExample:
             self.model.train(was_training)
         self._route_unbatched_to_fallback(cap.handlers, 1)
 
-    def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True):
+    def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True, caller_sums=False):
         """All gradient blocks; checks that hooked blocks add up to batch gradients, and (when
-        ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness."""
+        ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness. With
+        ``caller_sums`` the consumer adds each hooked block's ``values.sum(0)`` into its
+        ``blk.sums`` before asking for the next block (the sketch kernel forms these sums while
+        it reads the block, instead of a second pass over it here)."""
         fallback = {id(p) for _, p in self.plan.fallback}
         tracked = {p for p in self.plan.params if id(p) not in fallback
                    and (params_filter is None or id(p) in params_filter)}
@@ -199,7 +202,10 @@ class PerExample:
                     self._check_finite(blk)
                 s = sums.setdefault(id(blk.param), torch.zeros(blk.param.numel(), dtype=torch.float32,
                                                                 device=blk.values.device))
-                s[blk.start:blk.start + blk.values.shape[1]] += blk.values.sum(0)
+                if caller_sums:
+                    blk.sums = s[blk.start:blk.start + blk.values.shape[1]]
+                else:
+                    s[blk.start:blk.start + blk.values.shape[1]] += blk.values.sum(0)
                 self.peak_bytes = max(self.peak_bytes, blk.values.numel() * blk.values.element_size())
                 yield blk
                 del blk

@@ -36,6 +36,9 @@ class Block:
     param: nn.Parameter
     start: int
     values: torch.Tensor  # [B, n]
+    # [n] view of the parameter's running sum over examples, set by ``PerExample._blocks`` when
+    # its consumer adds values.sum(0) there itself (the sketch kernel does, while reading values).
+    sums: torch.Tensor | None = None
 
 
 class Handler:
