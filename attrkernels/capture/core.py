@@ -29,6 +29,7 @@ from ..utils.checks import check_memory_budget
 from ..utils.errors import ExampleError
 from .fallback import fallback_gradients
 from .handlers import Block
+from .handlers.base import Workspace
 from .hooks import Capture, make_plan, unbatched_modules
 
 # Bytes of per-example gradient held at once by default: blocks big enough for the sketch
@@ -87,6 +88,7 @@ class PerExample:
         self.plan = make_plan(model, params, self.fallback)
         self.peak_bytes = 0  # largest per-example-gradient block of the last call
         self._grad_scale = 0.0  # norm of the whole batch gradient of the hooked parameters
+        self._workspace = Workspace()  # where handlers form blocks (one alive at a time)
         self._probed = False
 
     @property
@@ -187,7 +189,8 @@ class PerExample:
         self._route_unbatched_to_fallback(cap.handlers, 1)
 
     def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True, caller_sums=False):
-        """All gradient blocks; checks that hooked blocks add up to batch gradients, and (when
+        """All gradient blocks, each valid until the next is asked for (handlers may form them in
+        one reused ``Workspace``, kept between calls); checks that hooked blocks add up to batch gradients, and (when
         ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness. With
         ``caller_sums`` the consumer adds each hooked block's ``values.sum(0)`` into its
         ``blk.sums`` before asking for the next block (the sketch kernel forms these sums while
@@ -197,6 +200,7 @@ class PerExample:
                    and (params_filter is None or id(p) in params_filter)}
         sums = {}
         for handler in handlers.values():
+            handler.workspace = self._workspace
             for blk in handler.blocks(tracked, self.memory_budget):
                 if check_finite:
                     self._check_finite(blk)

@@ -73,7 +73,7 @@ class ConvHandler(KroneckerHandler):
             row_len = m.weight[0].numel()
             for i, (A, D) in enumerate(groups):
                 base = i * D.shape[2] * row_len
-                for blk in outer_blocks(m.weight, A, D, budget):
+                for blk in outer_blocks(m.weight, A, D, budget, self.workspace):
                     blk.start += base
                     yield blk
         if m.bias is not None and m.bias in tracked:
