@@ -30,9 +30,11 @@ measurement (``*_paired``, robust to other jobs on the machine):
                 floor is below the true minimum and the ratio to it errs high. For ResNet-9
                 (w = 32) the three GEMM terms add 8.4% to 2 p k at k = 2048; for the MLP 0.1%.
 
-    python -m benchmarks.featurize [--batch 32] [--batches 3]
+    python -m benchmarks.featurize [--batch 32] [--batches 3] [--threads N]
 
-Writes benchmarks/results/featurize_cpu.csv and .md.
+Writes benchmarks/results/featurize_cpu_b<batch>.csv and .md (``_t<N>`` appended with
+--threads: on a machine shared with another job, one thread keeps a core to itself where two
+would wait on each other at every parallel operation).
 """
 from __future__ import annotations
 
@@ -137,17 +139,30 @@ def required_gemm_flops(model, batch) -> int:
     return total
 
 
-def timed(fn, batches):
-    """(median seconds per batch after a warm-up, peak extra resident bytes)."""
-    gc.collect()
-    base = reset_peak_rss()
-    fn(batches[0])
-    times = []
+def timed_turns(fns, batches):
+    """{name: (median seconds per batch, peak extra resident bytes) or the exception it raised}.
+
+    Each implementation's warm-up batch runs alone (its resident-memory high-water mark); then
+    the implementations take turns on each timed batch, so a change in the load of a shared
+    machine hits all of them alike instead of whichever ran at that moment."""
+    out, mem = {}, {}
+    for name, fn in fns.items():
+        gc.collect()
+        base = reset_peak_rss()
+        try:
+            fn(batches[0])
+        except Exception as err:  # noqa: BLE001  (a peer failing on a model is a result)
+            out[name] = err
+            continue
+        mem[name] = peak_rss() - base
+    times = {name: [] for name in mem}
     for b in batches[1:]:
-        t0 = time.perf_counter()
-        fn(b)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak_rss() - base
+        for name in times:
+            t0 = time.perf_counter()
+            fns[name](b)
+            times[name].append(time.perf_counter() - t0)
+    out.update({name: (statistics.median(times[name]), mem[name]) for name in times})
+    return out
 
 
 def timed_paired(fn, batches, flops_per_batch, n=4096):
@@ -184,7 +199,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=3, help="timed batches (after one warm-up)")
     parser.add_argument("--models", default="mlp,resnet9,transformer")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops(torch.device("cpu"))
     task = ak.tasks.Classification()
     rows = []
@@ -194,31 +212,27 @@ def main(argv=None):
         floor = 2 * p * K / (peak * 1e9)
         full_flops = 2 * p * K + required_gemm_flops(model, batches[0])
         full_floor = full_flops / (peak * 1e9)
-        impls = {
-            "ours-dense": ak.Featurizer(model, task.measure, K, seed=0),
-            "ours-factored": ak.Featurizer(model, task.measure, K, seed=0, mode="factored"),
-        }
+        dense = ak.Featurizer(model, task.measure, K, seed=0)
+        impls = {"ours-dense": dense, "ours-factored": ak.Featurizer(model, task.measure, K, seed=0, mode="factored")}
         n = args.batch * len(batches)
-        results = {}
-        for impl, fz in impls.items():
-            results[impl] = timed(fz, batches)
-        paired = timed_paired(impls["ours-dense"], batches, 2 * p * K * args.batch)
-        for impl, projector in (("traker", None),
-                                ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
+        trakers, results = {}, {}
+        for impl, projector in (("traker", None), ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
             try:
-                tr = traker_featurizer(model, n, projector)
-                results[impl] = timed(lambda b: tr.featurize(batch=b, num_samples=b[0].shape[0]), batches)
-                if projector is not None:  # same P: same features as ours-dense
-                    got = torch.as_tensor(tr.saver.current_store["grads"][:args.batch]) * float(tr.normalize_factor)
-                    want = impls["ours-dense"].__class__(model, task.measure, K,
-                                                         seed=ak.derive_seed(0, 0))(batches[0])
-                    results[impl + " check"] = (got - want).abs().max().item() / want.abs().max().item()
-            except Exception as err:  # noqa: BLE001  (a peer failing on a model is a result)
+                trakers[impl] = traker_featurizer(model, n, projector)
+            except Exception as err:  # noqa: BLE001
                 results[impl] = err
-        dense_t = results["ours-dense"][0]
-        for impl, res in results.items():
-            if impl.endswith("check"):
                 continue
+            impls[impl] = (lambda tr: lambda b: tr.featurize(batch=b, num_samples=b[0].shape[0]))(trakers[impl])
+        results.update(timed_turns(impls, batches))
+        paired = timed_paired(dense, batches, 2 * p * K * args.batch)
+        tr = trakers.get("traker+ours-P")
+        if tr is not None and not isinstance(results["traker+ours-P"], Exception):  # same P: same features
+            got = torch.as_tensor(tr.saver.current_store["grads"][:args.batch]) * float(tr.normalize_factor)
+            want = ak.Featurizer(model, task.measure, K, seed=ak.derive_seed(0, 0))(batches[0])
+            results["traker+ours-P check"] = (got - want).abs().max().item() / want.abs().max().item()
+        dense_t = results["ours-dense"][0]
+        for impl in ("ours-dense", "ours-factored", "traker", "traker+ours-P"):
+            res = results[impl]
             r = dict(model=name, params=p, batch=args.batch, impl=impl)
             if isinstance(res, Exception):
                 r["note"] = f"failed: {type(res).__name__}: {res}"[:120]
@@ -240,7 +254,8 @@ def main(argv=None):
     columns = ["model", "params", "batch", "impl", "examples_per_s", "peak_mem_mb", "vs_dense",
                "dense_floor_ex_s", "vs_floor", "vs_floor_paired", "full_floor_ex_s", "vs_full_floor",
                "vs_full_floor_paired", "note"]
-    intro = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores), "
+    intro = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores, "
+             f"{torch.get_num_threads()} threads), "
              f"{info['date']}, commit {info['commit']}. Matmul peak {peak:.1f} GFLOP/s. `vs_dense` = time / "
              "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k); `vs_floor` = time / "
              "that floor; `vs_floor_paired` (ours-dense) = median over batches of time / floor at a "
@@ -248,7 +263,8 @@ def main(argv=None):
              "`full_floor_ex_s`, `vs_full_floor`, `vs_full_floor_paired`: the same with the full floor, "
              "2 p k plus the forward, input-gradient and per-example weight-gradient GEMM FLOPs of the "
              "Linear / Conv layers (see benchmarks/featurize.py).")
-    write_results(RESULTS / f"featurize_cpu_b{args.batch}", rows, columns, info, intro,
+    suffix = f"_t{args.threads}" if args.threads else ""
+    write_results(RESULTS / f"featurize_cpu_b{args.batch}{suffix}", rows, columns, info, intro,
                   {"matmul_peak_gflops": f"{peak:.1f}"})
     return 0
 
