@@ -12,19 +12,36 @@ Implementations:
   traker+ours-P   traker.TRAKer.featurize with our projector (SketchProjector): the same
                   features as ours-dense (checked, up to traker's 1/sqrt(p) normalisation)
 Reports examples/s (median over batches after a warm-up batch), the peak extra resident memory
-of the featurisation, the ratio to ours-dense, and the floor of dense sketching
-(2 p k FLOPs per example at the matmul peak measured in the same run); for ours-dense also the
-ratio to the floor with each batch timed right after its own peak measurement.
+of the featurisation, the ratio to ours-dense, and two floors at the fp32 matmul peak measured
+in the same run; for ours-dense also the ratios with each batch timed right after its own peak
+measurement (``*_paired``, robust to other jobs on the machine):
 
-    python -m benchmarks.featurize [--batch 32] [--batches 3]
+  sketch floor  2 p k FLOPs per example (the exact sketch of a p-vector, P generated for free).
+  full floor    2 p k plus the GEMM FLOPs every dense featurizer must do to get the per-example
+                gradients, per example, summed over the Linear and Conv layers (T positions per
+                example: 1 for an MLP layer, the output pixels of a convolution, the tokens of a
+                transformer layer; d_in = C_in / groups * prod(kernel) for a convolution):
+                  forward                      2 T d_in d_out
+                  input gradient (backward)    2 T d_in d_out, except where the layer's input
+                                               needs no gradient (the first layer on the data)
+                  per-example weight gradient  2 T d_in d_out
+                Everything else is left out (attention's score products, norms, activations,
+                pooling, the batch gradient our consistency check asks autograd for), so this
+                floor is below the true minimum and the ratio to it errs high. For ResNet-9
+                (w = 32) the three GEMM terms add 8.4% to 2 p k at k = 2048; for the MLP 0.1%.
 
-Writes benchmarks/results/featurize_cpu.csv and .md.
+    python -m benchmarks.featurize [--batch 32] [--batches 3] [--threads N]
+
+Writes benchmarks/results/featurize_cpu_b<batch>.csv and .md (``_t<N>`` appended with
+--threads: on a machine shared with another job, one thread keeps a core to itself where two
+would wait on each other at every parallel operation).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -96,17 +113,56 @@ def make(name, batch, count, seed=0):
     return model, batches
 
 
-def timed(fn, batches):
-    """(median seconds per batch after a warm-up, peak extra resident bytes)."""
-    gc.collect()
-    base = reset_peak_rss()
-    fn(batches[0])
-    times = []
+def required_gemm_flops(model, batch) -> int:
+    """Per-example FLOPs of the forward, input-gradient and per-example weight-gradient GEMMs
+    of the Linear and Conv layers (the full floor's terms besides 2 p k; see the docstring)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            d_in, d_out = module.in_features, module.out_features
+        else:
+            d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+            d_out = module.out_channels
+        T = output[0].numel() // d_out
+        total += (3 if inputs[0].requires_grad else 2) * 2 * T * d_in * d_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    try:
+        with torch.enable_grad():
+            model(batch[0][:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def timed_turns(fns, batches):
+    """{name: (median seconds per batch, peak extra resident bytes) or the exception it raised}.
+
+    Each implementation's warm-up batch runs alone (its resident-memory high-water mark); then
+    the implementations take turns on each timed batch, so a change in the load of a shared
+    machine hits all of them alike instead of whichever ran at that moment."""
+    out, mem = {}, {}
+    for name, fn in fns.items():
+        gc.collect()
+        base = reset_peak_rss()
+        try:
+            fn(batches[0])
+        except Exception as err:  # noqa: BLE001  (a peer failing on a model is a result)
+            out[name] = err
+            continue
+        mem[name] = peak_rss() - base
+    times = {name: [] for name in mem}
     for b in batches[1:]:
-        t0 = time.perf_counter()
-        fn(b)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak_rss() - base
+        for name in times:
+            t0 = time.perf_counter()
+            fns[name](b)
+            times[name].append(time.perf_counter() - t0)
+    out.update({name: (statistics.median(times[name]), mem[name]) for name in times})
+    return out
 
 
 def timed_paired(fn, batches, flops_per_batch, n=4096):
@@ -143,7 +199,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=3, help="timed batches (after one warm-up)")
     parser.add_argument("--models", default="mlp,resnet9,transformer")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops(torch.device("cpu"))
     task = ak.tasks.Classification()
     rows = []
@@ -151,31 +210,29 @@ def main(argv=None):
         model, batches = make(name, args.batch, args.batches + 1)
         p = sum(q.numel() for q in model.parameters())
         floor = 2 * p * K / (peak * 1e9)
-        impls = {
-            "ours-dense": ak.Featurizer(model, task.measure, K, seed=0),
-            "ours-factored": ak.Featurizer(model, task.measure, K, seed=0, mode="factored"),
-        }
+        full_flops = 2 * p * K + required_gemm_flops(model, batches[0])
+        full_floor = full_flops / (peak * 1e9)
+        dense = ak.Featurizer(model, task.measure, K, seed=0)
+        impls = {"ours-dense": dense, "ours-factored": ak.Featurizer(model, task.measure, K, seed=0, mode="factored")}
         n = args.batch * len(batches)
-        results = {}
-        for impl, fz in impls.items():
-            results[impl] = timed(fz, batches)
-        paired = timed_paired(impls["ours-dense"], batches, 2 * p * K * args.batch)
-        for impl, projector in (("traker", None),
-                                ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
+        trakers, results = {}, {}
+        for impl, projector in (("traker", None), ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
             try:
-                tr = traker_featurizer(model, n, projector)
-                results[impl] = timed(lambda b: tr.featurize(batch=b, num_samples=b[0].shape[0]), batches)
-                if projector is not None:  # same P: same features as ours-dense
-                    got = torch.as_tensor(tr.saver.current_store["grads"][:args.batch]) * float(tr.normalize_factor)
-                    want = impls["ours-dense"].__class__(model, task.measure, K,
-                                                         seed=ak.derive_seed(0, 0))(batches[0])
-                    results[impl + " check"] = (got - want).abs().max().item() / want.abs().max().item()
-            except Exception as err:  # noqa: BLE001  (a peer failing on a model is a result)
+                trakers[impl] = traker_featurizer(model, n, projector)
+            except Exception as err:  # noqa: BLE001
                 results[impl] = err
-        dense_t = results["ours-dense"][0]
-        for impl, res in results.items():
-            if impl.endswith("check"):
                 continue
+            impls[impl] = (lambda tr: lambda b: tr.featurize(batch=b, num_samples=b[0].shape[0]))(trakers[impl])
+        results.update(timed_turns(impls, batches))
+        paired = timed_paired(dense, batches, 2 * p * K * args.batch)
+        tr = trakers.get("traker+ours-P")
+        if tr is not None and not isinstance(results["traker+ours-P"], Exception):  # same P: same features
+            got = torch.as_tensor(tr.saver.current_store["grads"][:args.batch]) * float(tr.normalize_factor)
+            want = ak.Featurizer(model, task.measure, K, seed=ak.derive_seed(0, 0))(batches[0])
+            results["traker+ours-P check"] = (got - want).abs().max().item() / want.abs().max().item()
+        dense_t = results["ours-dense"][0]
+        for impl in ("ours-dense", "ours-factored", "traker", "traker+ours-P"):
+            res = results[impl]
             r = dict(model=name, params=p, batch=args.batch, impl=impl)
             if isinstance(res, Exception):
                 r["note"] = f"failed: {type(res).__name__}: {res}"[:120]
@@ -183,9 +240,11 @@ def main(argv=None):
                 t, mem = res
                 r.update(examples_per_s=f"{args.batch / t:.1f}", peak_mem_mb=f"{mem / 2**20:.0f}",
                          vs_dense=f"{t / dense_t:.2f}", dense_floor_ex_s=f"{1 / floor:.1f}",
-                         vs_floor=f"{t / (floor * args.batch):.2f}")
-                if impl == "ours-dense":
+                         vs_floor=f"{t / (floor * args.batch):.2f}", full_floor_ex_s=f"{1 / full_floor:.1f}",
+                         vs_full_floor=f"{t / (full_floor * args.batch):.2f}")
+                if impl == "ours-dense":  # both floors at the same paired peaks: ratios scale by FLOPs
                     r["vs_floor_paired"] = f"{paired:.2f}"
+                    r["vs_full_floor_paired"] = f"{paired * 2 * p * K / full_flops:.2f}"
                 if impl + " check" in results:
                     r["note"] = f"max rel diff to ours-dense {results[impl + ' check']:.1e}"
             rows.append(r)
@@ -193,13 +252,19 @@ def main(argv=None):
         del model, batches, impls
     info = provenance(torch.device("cpu"))
     columns = ["model", "params", "batch", "impl", "examples_per_s", "peak_mem_mb", "vs_dense",
-               "dense_floor_ex_s", "vs_floor", "vs_floor_paired", "note"]
-    intro = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores), "
+               "dense_floor_ex_s", "vs_floor", "vs_floor_paired", "full_floor_ex_s", "vs_full_floor",
+               "vs_full_floor_paired", "note"]
+    intro = (f"Featurizer benchmark, k = {K}, batch {args.batch}, on {info['device']} ({info['cores']} cores, "
+             f"{torch.get_num_threads()} threads), "
              f"{info['date']}, commit {info['commit']}. Matmul peak {peak:.1f} GFLOP/s. `vs_dense` = time / "
              "ours-dense time (above 1 = slower); `dense_floor_ex_s` = peak / (2 p k); `vs_floor` = time / "
              "that floor; `vs_floor_paired` (ours-dense) = median over batches of time / floor at a "
-             "peak measured just before each batch (robust to other jobs on the machine).")
-    write_results(RESULTS / f"featurize_cpu_b{args.batch}", rows, columns, info, intro,
+             "peak measured just before each batch (robust to other jobs on the machine); "
+             "`full_floor_ex_s`, `vs_full_floor`, `vs_full_floor_paired`: the same with the full floor, "
+             "2 p k plus the forward, input-gradient and per-example weight-gradient GEMM FLOPs of the "
+             "Linear / Conv layers (see benchmarks/featurize.py).")
+    suffix = f"_t{args.threads}" if args.threads else ""
+    write_results(RESULTS / f"featurize_cpu_b{args.batch}{suffix}", rows, columns, info, intro,
                   {"matmul_peak_gflops": f"{peak:.1f}"})
     return 0
 

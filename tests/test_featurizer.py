@@ -201,6 +201,27 @@ def test_memory_budget_bounds_blocks():
     assert rel(phi, want) < 1e-5
 
 
+@pytest.mark.parametrize("budget", [None, 4 << 10])
+def test_conv_gradients_by_grouped_convolution_and_by_unfolding_agree_with_reference(budget):
+    """A wide shallow convolution (T = 64 positions > 4 channels: grouped weight-gradient
+    convolution) and a narrow deep one (T = 4 <= 16 channels: unfold + batched GEMM); a small
+    budget splits both into blocks of output channels."""
+    from attrkernels.kernels.conv_grad import direct_preferred
+
+    torch.manual_seed(0)
+    wide, deep = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 16, 3, stride=4, padding=1, bias=False)
+    model = nn.Sequential(wide, nn.ReLU(), deep, nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    assert direct_preferred(wide, 64) and not direct_preferred(deep, 4)
+    batch = (torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))
+    kw = {} if budget is None else {"memory_budget": budget}
+    fz = ak.Featurizer(model, task.measure, 96, seed=2, **kw)
+    ref = reference_gradients(model, task.measure, batch)
+    assert rel(fz.gradients(batch), ref) < 1e-5
+    assert rel(fz(batch), ak.sketch(ref, 96, seed=2)) < 1e-5
+    if budget is not None:
+        assert 0 < fz.peak_bytes <= budget
+
+
 def test_batchnorm_model_left_in_train_mode_is_restored():
     model = trained_bn(CNN()).train()
     batch = batch_for(model)

@@ -241,7 +241,8 @@ def test_non_contiguous_input():
 # CPU kernel variants (micro-tile and generation/consumption split chosen per microarchitecture)
 
 
-def raw_sketch(x, k, seed, kind, isa, variant, threads=0, row0=0, out=None, accumulate=False):
+def raw_sketch(x, k, seed, kind, isa, variant, threads=0, row0=0, out=None, accumulate=False,
+               colsum=None):
     """The C++ kernel called directly on one (ISA build, variant); returns (out, nonfinite)."""
     from attrkernels import _C
 
@@ -250,8 +251,43 @@ def raw_sketch(x, k, seed, kind, isa, variant, threads=0, row0=0, out=None, accu
     bad = torch.zeros(B, dtype=torch.uint8)
     dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
     _C.sketch(x.data_ptr(), dtype, B, p, x.stride(0), out.data_ptr(), out.stride(0), k, seed,
-              KINDS.index(kind), row0, accumulate, threads, bad.data_ptr(), isa, variant)
+              KINDS.index(kind), row0, accumulate, threads, bad.data_ptr(), isa, variant,
+              0 if colsum is None else colsum.data_ptr())
     return out, bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_cpu_column_sums_are_the_in_order_sums_on_every_variant_and_thread_count(isa, dtype):
+    # colsum[i] += x[0, i] + x[1, i] + ... in that order: exactly the float32 loop below, and
+    # the sketch itself is unchanged by asking for them.
+    if isa not in isas():
+        pytest.skip(f"{isa} build cannot run on this CPU")
+    from attrkernels import _C
+
+    for (B, p, k) in [(13, 3000, 777), (300, 1000, 129), (1, 700, 1), (32, 5000, 2048)]:
+        x = torch.randn(B, p, generator=torch.Generator().manual_seed(B + p)).to(dtype)
+        start = torch.randn(p, generator=torch.Generator().manual_seed(1))
+        want = start.clone()
+        for b in range(B):
+            want += x[b].float()
+        plain, _ = raw_sketch(x, k, 4, "rademacher", isa, "panel")
+        for v in _C.sketch_variants(isa):
+            for threads in (1, 2, 5):
+                colsum = start.clone()
+                got, _ = raw_sketch(x, k, 4, "rademacher", isa, v, threads=threads, colsum=colsum)
+                assert torch.equal(colsum, want), (v, threads, B, p, k)
+                assert torch.equal(got, plain), (v, threads, B, p, k)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_column_sums_through_the_api(backend):
+    x = torch.randn(7, 900, generator=torch.Generator().manual_seed(2))
+    colsum = torch.ones(900)
+    ak.sketch(x, 64, backend=backend, colsum=colsum)
+    assert rel_err(colsum, 1 + x.double().sum(0).numpy()) < 1e-6
+    with pytest.raises(ValueError, match=r"colsum must be a float32 tensor of shape \(900,\)"):
+        ak.sketch(x, 64, backend=backend, colsum=torch.zeros(899))
 
 
 @pytest.mark.parametrize("kind", KINDS)

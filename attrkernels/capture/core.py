@@ -29,6 +29,7 @@ from ..utils.checks import check_memory_budget
 from ..utils.errors import ExampleError
 from .fallback import fallback_gradients
 from .handlers import Block
+from .handlers.base import Workspace
 from .hooks import Capture, make_plan, unbatched_modules
 
 # Bytes of per-example gradient held at once by default: blocks big enough for the sketch
@@ -87,6 +88,7 @@ class PerExample:
         self.plan = make_plan(model, params, self.fallback)
         self.peak_bytes = 0  # largest per-example-gradient block of the last call
         self._grad_scale = 0.0  # norm of the whole batch gradient of the hooked parameters
+        self._workspace = Workspace()  # where handlers form blocks (one alive at a time)
         self._probed = False
 
     @property
@@ -186,20 +188,28 @@ class PerExample:
             self.model.train(was_training)
         self._route_unbatched_to_fallback(cap.handlers, 1)
 
-    def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True):
-        """All gradient blocks; checks that hooked blocks add up to batch gradients, and (when
-        ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness."""
+    def _blocks(self, handlers, fb, batch_grads, params_filter=None, check_finite=True, caller_sums=False):
+        """All gradient blocks, each valid until the next is asked for (handlers may form them in
+        one reused ``Workspace``, kept between calls); checks that hooked blocks add up to batch gradients, and (when
+        ``check_finite``; the sketch kernel checks the blocks it gets itself) finiteness. With
+        ``caller_sums`` the consumer adds each hooked block's ``values.sum(0)`` into its
+        ``blk.sums`` before asking for the next block (the sketch kernel forms these sums while
+        it reads the block, instead of a second pass over it here)."""
         fallback = {id(p) for _, p in self.plan.fallback}
         tracked = {p for p in self.plan.params if id(p) not in fallback
                    and (params_filter is None or id(p) in params_filter)}
         sums = {}
         for handler in handlers.values():
+            handler.workspace = self._workspace
             for blk in handler.blocks(tracked, self.memory_budget):
                 if check_finite:
                     self._check_finite(blk)
                 s = sums.setdefault(id(blk.param), torch.zeros(blk.param.numel(), dtype=torch.float32,
                                                                 device=blk.values.device))
-                s[blk.start:blk.start + blk.values.shape[1]] += blk.values.sum(0)
+                if caller_sums:
+                    blk.sums = s[blk.start:blk.start + blk.values.shape[1]]
+                else:
+                    s[blk.start:blk.start + blk.values.shape[1]] += blk.values.sum(0)
                 self.peak_bytes = max(self.peak_bytes, blk.values.numel() * blk.values.element_size())
                 yield blk
                 del blk

@@ -139,10 +139,11 @@ class Featurizer(PerExample):
 
     # -----------------------------------------------------------------------------------------
     def _sketch_block(self, blk, k, seed, offset, out):
-        """out += sketch of the block at its rows; a non-finite block names its parameter."""
+        """out += sketch of the block at its rows (and blk.sums += its column sums, for the
+        consistency check); a non-finite block names its parameter."""
         try:
             sketch(blk.values, k, seed=seed, kind=self.kind, backend=self.backend,
-                   row_offset=offset + blk.start, out=out, accumulate=True)
+                   row_offset=offset + blk.start, out=out, accumulate=True, colsum=blk.sums)
         except ValueError as err:
             if "NaN or Inf" not in str(err):
                 raise
@@ -156,7 +157,7 @@ class Featurizer(PerExample):
         device = next(iter(self.plan.params)).device
         phi = torch.zeros(B, self.k, dtype=torch.float32, device=device)
         if self.mode == "dense":
-            for blk in self._blocks(handlers, fb, batch_grads, check_finite=False):
+            for blk in self._blocks(handlers, fb, batch_grads, check_finite=False, caller_sums=True):
                 self._sketch_block(blk, self.k, self.seed, self.plan.offsets[id(blk.param)], phi)
                 del blk
             return phi
@@ -178,7 +179,8 @@ class Featurizer(PerExample):
             out = phi[:, self._rest_col:self._rest_col + self._rest_k]
             rest_ids = set(self._rest_offsets)
             acc = torch.zeros_like(out)
-            for blk in self._blocks(handlers, fb, batch_grads, params_filter=rest_ids, check_finite=False):
+            for blk in self._blocks(handlers, fb, batch_grads, params_filter=rest_ids, check_finite=False,
+                                    caller_sums=True):
                 self._sketch_block(blk, self._rest_k, self._rest_seed, self._rest_offsets[id(blk.param)], acc)
             out.copy_(acc)
 

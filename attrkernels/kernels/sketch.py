@@ -58,7 +58,7 @@ def check_finite_rows(bad: torch.Tensor, name: str = "x") -> None:
         )
 
 
-def _validate(x, k, seed, kind, row_offset, out):
+def _validate(x, k, seed, kind, row_offset, out, colsum):
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2:
@@ -85,12 +85,19 @@ def _validate(x, k, seed, kind, row_offset, out):
             raise ValueError(f"out is on {out.device} but x is on {x.device}")
         if out.stride(1) != 1:
             raise ValueError("out must have unit stride along its last dimension")
+    if colsum is not None:
+        if (not torch.is_tensor(colsum) or colsum.shape != (p,) or colsum.dtype != torch.float32
+                or colsum.device != x.device or colsum.stride(0) != 1):
+            raise ValueError(
+                f"colsum must be a float32 tensor of shape ({p},) with unit stride on {x.device}, got "
+                f"{getattr(colsum, 'dtype', type(colsum).__name__)} {tuple(getattr(colsum, 'shape', ()))}"
+            )
     return k
 
 
 def sketch(x: torch.Tensor, k: int, *, seed: int = 0, kind: str = "rademacher",
            backend: str = "auto", row_offset: int = 0, out: torch.Tensor | None = None,
-           accumulate: bool = False) -> torch.Tensor:
+           accumulate: bool = False, colsum: torch.Tensor | None = None) -> torch.Tensor:
     """Project the rows of ``x`` [B, p] to ``k`` dimensions: returns ``x @ P`` [B, k] float32.
 
     Args:
@@ -102,21 +109,26 @@ def sketch(x: torch.Tensor, k: int, *, seed: int = 0, kind: str = "rademacher",
         row_offset: global row of P that column 0 of x multiplies.
         out: optional float32 [B, k] tensor to write (or, with ``accumulate``, add) into.
         accumulate: add x @ P to ``out`` instead of overwriting it.
+        colsum: optional float32 [p] tensor to which the column sums sum_b x[b] are added (the
+            CPU kernel forms them while it reads x, in row order b = 0, 1, ...: the same bits for
+            any thread count; other backends add ``x.sum(0)``).
 
     Raises ValueError naming the rows when x holds NaN or Inf (``out`` is then unspecified).
     """
-    k = _validate(x, k, seed, kind, row_offset, out)
+    k = _validate(x, k, seed, kind, row_offset, out, colsum)
     name, fn = backends.resolve("sketch", backend, x.device, variant=(x.dtype, kind))
     if out is None:
         out = torch.empty(x.shape[0], k, dtype=torch.float32, device=x.device)
         accumulate = False
     if name == "cpu":
         bad = torch.zeros(x.shape[0], dtype=torch.uint8)
-        fn(x, out, k, seed, kind, row_offset, accumulate, bad)
+        fn(x, out, k, seed, kind, row_offset, accumulate, bad, colsum)
         check_finite_rows(bad)
         return out
     check_finite_rows(~torch.isfinite(x).all(dim=1))
     fn(x, out, k, seed, kind, row_offset, accumulate, None)
+    if colsum is not None:
+        colsum += x.to(torch.float32).sum(0)
     return out
 
 
@@ -142,8 +154,9 @@ def sketch_torch(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
     return out
 
 
-def sketch_cpu(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
-    """The C++ kernel (attrkernels._C.sketch); fills ``nonfinite`` [B] uint8 flags if given."""
+def sketch_cpu(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None, colsum=None):
+    """The C++ kernel (attrkernels._C.sketch); fills ``nonfinite`` [B] uint8 flags and adds the
+    column sums of x to ``colsum`` [p] if given."""
     from .. import _C
 
     if x.stride(1) != 1:
@@ -152,6 +165,7 @@ def sketch_cpu(x, out, k, seed, kind, row_offset, accumulate, nonfinite=None):
         x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0),
         out.data_ptr(), out.stride(0), k, seed, KIND_CODES[kind], row_offset, bool(accumulate),
         torch.get_num_threads(), 0 if nonfinite is None else nonfinite.data_ptr(),
+        colsum=0 if colsum is None else colsum.data_ptr(),
     )
     return out
 

@@ -198,7 +198,7 @@ PYBIND11_MODULE(_C, m) {
       "sketch",
       [](uintptr_t x, int dtype, int64_t B, int64_t p, int64_t ldx, uintptr_t out, int64_t ldo,
          int64_t k, uint64_t seed, int kind, uint64_t row0, bool accumulate, int threads,
-         uintptr_t nonfinite, const std::string& isa, const std::string& variant) {
+         uintptr_t nonfinite, const std::string& isa, const std::string& variant, uintptr_t colsum) {
         SketchArgs a;
         a.x = reinterpret_cast<const void*>(x);
         a.dtype = static_cast<DType>(dtype);
@@ -214,6 +214,7 @@ PYBIND11_MODULE(_C, m) {
         a.accumulate = accumulate;
         a.threads = threads > 0 ? threads : default_threads();
         a.nonfinite = reinterpret_cast<uint8_t*>(nonfinite);
+        a.colsum = reinterpret_cast<float*>(colsum);
         const Isa chosen = pick_isa(isa);
         a.variant = pick_variant(chosen, variant);
         py::gil_scoped_release release;
@@ -222,8 +223,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("p"), py::arg("ldx"), py::arg("out"),
       py::arg("ldo"), py::arg("k"), py::arg("seed"), py::arg("kind"), py::arg("row0"),
       py::arg("accumulate"), py::arg("threads"), py::arg("nonfinite"), py::arg("isa") = "",
-      py::arg("variant") = "",
-      "out[B, k] (+)= x[B, p] @ P[row0:row0+p, :k] (raw pointers; see attrkernels.kernels.sketch).");
+      py::arg("variant") = "", py::arg("colsum") = 0,
+      "out[B, k] (+)= x[B, p] @ P[row0:row0+p, :k]; colsum[p] += column sums of x if given (raw "
+      "pointers; see attrkernels.kernels.sketch).");
 
   m.def(
       "projection_rows",

@@ -20,6 +20,9 @@ struct SketchArgs {
   bool accumulate = false;  // out += x P (else out = x P)
   int threads = 1;
   uint8_t* nonfinite = nullptr;  // [B] set to 1 for rows of x holding NaN or Inf (optional)
+  // [p] (optional): colsum[i] += sum_b x[b, i], summed over b in order (b = 0, 1, ...), while x
+  // is read for the first column group: the same bits for any thread count and variant.
+  float* colsum = nullptr;
   // Kernel variant: index into variant_name() of the ISA build (0 = "panel"). Variants differ in
   // loop order and micro-tile only; they give the same bits (same per-chunk summation order).
   int variant = 0;

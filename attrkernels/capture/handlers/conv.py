@@ -4,8 +4,10 @@ The input is unfolded per group g to [B, L, C_in/G * prod(kernel)] and delta to 
 W_b[rows of g] = sum_l delta_blg a_blg^T (matches weight.flatten(1) row-major); b_b = sum_l delta_bl.
 EK-FAC / K-FAC factor groups = 1 only. Where it applies, the convolution avoids unfolding:
 per-example gradients from one grouped weight-gradient convolution (``kernels.conv_grad``: no
-T x d_in copy of the input) and the activation factor of a stride-1 convolution from shifted
-correlations (``kernels.conv_covariance``: fewer FLOPs than the unfolded GEMM, see there).
+T x d_in copy of the input) when that is the faster exact method (``conv_grad.direct_preferred``:
+more output positions than output channels; else unfold + one batched GEMM per block of output
+channels), and the activation factor of a stride-1 convolution from shifted correlations
+(``kernels.conv_covariance``: fewer FLOPs than the unfolded GEMM, see there).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class ConvHandler(KroneckerHandler):
     # ----------------------------------------------------------------------------- featurizer
     def blocks(self, tracked, budget):
         m = self.module
-        if conv_grad.supported(m):
+        if conv_grad.direct_preferred(m, sum(r.grad_out[0, 0].numel() for r in self.records)):
             yield from self._direct_blocks(tracked, budget)
             return
         groups = self._a_d_groups()
@@ -71,7 +73,7 @@ class ConvHandler(KroneckerHandler):
             row_len = m.weight[0].numel()
             for i, (A, D) in enumerate(groups):
                 base = i * D.shape[2] * row_len
-                for blk in outer_blocks(m.weight, A, D, budget):
+                for blk in outer_blocks(m.weight, A, D, budget, self.workspace):
                     blk.start += base
                     yield blk
         if m.bias is not None and m.bias in tracked:

@@ -43,6 +43,6 @@ class Conv1DHandler(LinearHandler):
         if m.weight in tracked:
             # outer_blocks(param, X, Y) yields rows of Y_b^T X_b: with X = D, Y = A these are
             # rows of A_b^T D_b, i.e. of grad W_b in its [d_in, d_out] storage order.
-            yield from outer_blocks(m.weight, D, A, budget)
+            yield from outer_blocks(m.weight, D, A, budget, self.workspace)
         if m.bias is not None and m.bias in tracked:
             yield Block(m.bias, 0, D.to(torch.float32).sum(1))

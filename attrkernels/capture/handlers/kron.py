@@ -110,7 +110,7 @@ class KroneckerHandler(Handler):
         A, D = self.kron()
         m = self.module
         if m.weight in tracked:
-            yield from outer_blocks(m.weight, A, D, budget)
+            yield from outer_blocks(m.weight, A, D, budget, self.workspace)
         bias = getattr(m, "bias", None)
         if bias is not None and bias in tracked:
             yield Block(bias, 0, D.to(torch.float32).sum(1))
