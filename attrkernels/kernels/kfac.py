@@ -167,12 +167,15 @@ def block_sizes(dim: int, block_width: int | None) -> list[int]:
 def _eigh(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched symmetric eigendecomposition [k, w, w] -> ([k, w], [k, w, w]) in the input's dtype.
 
-    On the CPU, LAPACK's ?syevd (divide and conquer) through SciPy with as many BLAS threads as
-    torch uses, because torch.linalg.eigh's CPU path was the slower of the two at the factor
-    widths of the benchmarked models. That needs threadpoolctl (a dependency of scikit-learn) to
-    hold SciPy's BLAS to torch's thread count; without it, and on GPUs, torch.linalg.eigh.
+    On the CPU in float64, LAPACK's dsyevd (divide and conquer) through SciPy with as many BLAS
+    threads as torch uses, because torch.linalg.eigh's CPU path (MKL) was the slower of the two
+    at the factor widths of the benchmarked models (Intel Xeon, one thread, width 3072: 7.1-7.6 s
+    against 8.1-8.3 s); in float32 MKL's ssyevd is the faster (3.1-3.8 s against 3.4-4.3 s; the 96
+    GPT-2-small factors: 92 s in kronfluence's run against 133 s through SciPy). SciPy's path
+    needs threadpoolctl (a dependency of scikit-learn) to hold its BLAS to torch's thread count;
+    without it, in float32 and on GPUs, torch.linalg.eigh.
     """
-    if stack.device.type == "cpu":
+    if stack.device.type == "cpu" and stack.dtype == torch.float64:
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:
