@@ -162,3 +162,25 @@ def test_bad_input(problem):
             batches(x, y)).score(batches(xt, yt))
     with pytest.raises(ValueError, match="does not match the model"):
         ak.InfluenceCG(model, task).fit(batches(x, y), [{"weight": torch.zeros(1)}])
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss-newton"])
+def test_curvature_products_carry_no_autograd_graph_with_untracked_parameters(curvature):
+    # With params= a subset, the other parameters (requires_grad) used to tie every product to an
+    # autograd graph of its batch, which block CG's residuals kept alive (memory grew per solve).
+    from attrkernels.capture.hooks import make_plan
+    from attrkernels.methods.curvature import Curvature
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
+    plan = make_plan(model, ["2.weight"])
+    op = Curvature(model, Classification(), plan, [(x, y)], damping=0.1, curvature=curvature)
+    P = torch.randn(plan.total, 3)
+    out = op.matvec(P)
+    assert not out.requires_grad and out.grad_fn is None
+    # the same products as with every parameter frozen (no graph possible)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model[2].weight.requires_grad_(True)
+    assert torch.allclose(out, op.matvec(P), rtol=1e-5, atol=1e-6)

@@ -89,8 +89,13 @@ class Curvature:
         self.model.eval()
         device = model_device(self.model)
         try:
-            out = hvp(self.loss, self.params(), self._split(P.to(dtype)), (to_device(b, device) for b in batches),
-                      damping=damping, outputs=self.outputs, chunk=self.chunk)
+            # no_grad: the untracked parameters (the model's own, requires_grad) would otherwise
+            # tie every product to an autograd graph of its batch, which block CG's running
+            # residuals keep alive (+3.7 GiB per solve on text-lm). torch.func's transforms
+            # ignore an outer no_grad, so the products are unchanged.
+            with torch.no_grad():
+                out = hvp(self.loss, self.params(), self._split(P.to(dtype)), (to_device(b, device) for b in batches),
+                          damping=damping, outputs=self.outputs, chunk=self.chunk)
         finally:
             self.model.train(was_training)
         return self._join(out, w).to(P.dtype)
