@@ -5,8 +5,6 @@ Run as a script (``python test_scale_trak.py STORE CKPT SHARD_INDEX SHARD_COUNT 
 one shard slowly so that a test can kill it mid-way."""
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -160,14 +158,8 @@ def test_shard_killed_mid_way_resumes_to_the_identical_result(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
                                                        os.environ.get("PYTHONPATH", "")]))
     store = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, __file__, str(store), str(ckpt), "1", "2", "0.04"], env=env)
     mask = store / "shards" / "000000000048-000000000096" / "train_0.f32.done.npy"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (mask.exists() and 2 <= np.load(mask).sum() < 6):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = np.load(mask)
+    done = trak_worker.kill_mid_run([__file__, str(store), str(ckpt), "1", "2", "0.04"], env, mask, 2, 6, 120)
     assert 2 <= done.sum() < len(done), "the worker was not killed mid-shard"
 
     calls = []

@@ -1,9 +1,6 @@
 """TRAK: closed form on a linear model, sign, ensembling, resumable store, tiling, bad input."""
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -161,15 +158,9 @@ def test_resume_after_kill_gives_identical_features(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
                                                        os.environ.get("PYTHONPATH", "")]))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "trak_worker.py"), str(killed),
-                             str(ckpt), "0.3"], env=env)
     mask = killed / "train_0.f32.done.npy"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (mask.exists() and 2 <= np.load(mask).sum() < 12):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = np.load(mask)
+    done = trak_worker.kill_mid_run([str(Path(__file__).parent / "trak_worker.py"), str(killed), str(ckpt), "0.3"],
+                                    env, mask, 2, 12, 60)
     assert 2 <= done.sum() < len(done), "the worker was not killed mid-fit"
 
     calls = []

@@ -8,6 +8,23 @@ from torch.utils.data import DataLoader, TensorDataset
 import attrkernels as ak
 
 
+def kill_mid_run(argv: list, env: dict, mask, low: int, high: int, timeout: float):
+    """Start ``python argv``, SIGKILL it once the done-mask file ``mask`` marks between ``low``
+    (inclusive) and ``high`` (exclusive) chunks, and return that mask as it was left."""
+    import signal
+    import subprocess
+
+    import numpy as np
+
+    proc = subprocess.Popen([sys.executable, *argv], env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (mask.exists() and low <= np.load(mask).sum() < high):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return np.load(mask)
+
+
 def data(other=False):
     """96 examples; ``other``: the same inputs with the labels of the second half flipped."""
     g = torch.Generator().manual_seed(0)
