@@ -1,12 +1,17 @@
-"""nn.MultiheadAttention: its packed in_proj and its out_proj are used functionally (inside
-F.multi_head_attention_forward), so no hook sees them. Their per-example gradients come from
-torch.func (checked against autograd, with a key padding mask, batch-first or not); EK-FAC /
-K-FAC list them as skipped with the reason and refuse them when named."""
+"""nn.MultiheadAttention: torch's forward uses its packed in-projection and out_proj functionally, so
+the capture replaces it with the same computation written out (``handlers.attention``). Checked
+here: that forward equals torch's (masks, need_weights, batch-first or not, cross-attention);
+per-example gradients from the hooks (no torch.func fallback) against autograd on torch's own
+module; EK-FAC / K-FAC factors of the in-projection against their definitions on an independent
+re-implementation; the settings it does not capture still go to torch.func and are skipped by
+EK-FAC with the reason."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import attrkernels as ak
+from attrkernels.capture.handlers.attention import forward as written_out
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TASK = ak.tasks.Classification()
@@ -14,26 +19,38 @@ MHA_PARAMS = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight"
 
 
 class Encoder(nn.Module):
-    """Token embedding -> MultiheadAttention (key padding mask from token 0) -> LayerNorm -> mean -> Linear."""
+    """Token embedding -> MultiheadAttention (key padding mask from token 0) -> LayerNorm -> mean -> Linear.
+    ``memory``: "self" (query = key = value), "kv" (key = value = a second embedding of the tokens,
+    reversed: another length-preserving sequence) or "cross" (key and value different tensors)."""
 
-    def __init__(self, batch_first=True, vocab=11, d=8, classes=3):
+    def __init__(self, batch_first=True, vocab=11, d=8, classes=3, memory="self", need_weights=False, **mha):
         super().__init__()
-        self.batch_first = batch_first
+        self.batch_first, self.memory, self.need_weights = batch_first, memory, need_weights
         self.emb = nn.Embedding(vocab, d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=batch_first)
+        if memory != "self":
+            self.mem = nn.Embedding(vocab, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=batch_first, **mha)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
 
     def forward(self, idx):
         x = self.emb(idx)
         pad = idx == 0
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        h, _ = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)
+        if self.memory == "self":
+            k = v = x
+        else:
+            k = self.mem(idx.flip(1)[:, :4])
+            v = k if self.memory == "kv" else torch.tanh(k)
+            pad = pad.flip(1)[:, :4]
+        q = x
+        if not self.batch_first:  # [T, B, E], keeping which inputs are the same tensor
+            moved = {}
+            q, k, v = (moved.setdefault(id(t), t.transpose(0, 1)) for t in (q, k, v))
+        h, _ = self.attn(q, k, v, key_padding_mask=pad, need_weights=self.need_weights)
         if not self.batch_first:
             h = h.transpose(0, 1)
-        h = self.norm(h + x if self.batch_first else h + x.transpose(0, 1))
-        keep = (~pad).unsqueeze(-1).float()
+        h = self.norm(h + x)
+        keep = (idx != 0).unsqueeze(-1).float()
         return self.head((h * keep).sum(1) / keep.sum(1))
 
 
@@ -51,32 +68,185 @@ def autograd_grads(model, fn, b, names):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_mha_per_example_gradients_match_autograd(batch_first):
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("inputs", ["self", "kv", "cross"])
+def test_written_out_forward_equals_torchs(batch_first, need_weights, inputs):
     torch.manual_seed(0)
-    model = Encoder(batch_first).eval()
+    m = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    B, T, S = 3, 5, 4
+    shape = (lambda n: (B, n, 8)) if batch_first else (lambda n: (n, B, 8))
+    q = torch.randn(shape(T))
+    k = q if inputs == "self" else torch.randn(shape(S))
+    v = k if inputs != "cross" else torch.randn(k.shape)
+    if inputs == "self":
+        k = v = q
+    s = k.shape[1] if batch_first else k.shape[0]
+    padding = torch.zeros(B, s, dtype=torch.bool)
+    padding[1, -1] = True
+    for attn_mask in (None, torch.randn(T, s), torch.rand(B * 2, T, s) < 0.3):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask[..., 0] = False  # every query attends to something
+        kpm = padding if attn_mask is None or attn_mask.dtype == torch.bool else padding.float() * -1e4
+        want = m(q, k, v, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=need_weights)
+        got = written_out(m, None, q, k, v, kpm, need_weights, attn_mask, True, False)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        if need_weights:
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        else:
+            assert got[1] is None and want[1] is None
+    x = torch.randn(T, 8)  # unbatched
+    want, got = m(x, x, x), written_out(m, None, x, x, x, None, True, None, True, False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first,memory,need_weights", [(True, "self", False), (False, "self", True),
+                                                             (True, "kv", False), (False, "cross", False),
+                                                             (True, "cross", True)])
+def test_mha_per_example_gradients_from_hooks_match_autograd(batch_first, memory, need_weights):
+    torch.manual_seed(0)
+    model = Encoder(batch_first, memory=memory, need_weights=need_weights).eval()
     b = batch(1)
     names = [n for n, _ in model.named_parameters()]
     assert set(MHA_PARAMS) <= set(names)
     want = autograd_grads(model, TASK.loss, b, names)
-    grads = ak.capture.Gradients(model, TASK.loss)
-    assert {n for n, _ in grads.plan.fallback} == set(MHA_PARAMS)  # no hook sees them
+    grads = ak.capture.Gradients(model, TASK.loss, params=names)
+    assert {"attn", "attn.out_proj"} <= set(grads.plan.hooked)
+    assert not grads.plan.fallback  # every parameter from the hooks
     torch.testing.assert_close(grads(b), want, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ak.Featurizer(model, TASK.loss, 32, seed=3)(b), ak.sketch(want, 32, seed=3),
-                               rtol=1e-4, atol=1e-5)
-    fz = ak.Featurizer(model, TASK.loss, 32, seed=3, mode="factored")
-    assert "attn.out_proj" not in [layer.module_name for layer in fz._kron]
+    torch.testing.assert_close(ak.Featurizer(model, TASK.loss, 32, seed=3, params=names)(b),
+                               ak.sketch(want, 32, seed=3), rtol=1e-4, atol=1e-5)
+    fz = ak.Featurizer(model, TASK.loss, 32, seed=3, mode="factored", params=names)
+    assert {"attn", "attn.out_proj"} <= {layer.module_name for layer in fz._kron}
     assert fz(b).shape == (5, 32)
+    # outside a capture the module runs torch's own forward
+    assert "forward" not in model.attn.__dict__
 
 
-def test_ekfac_skips_mha_with_the_reason_and_refuses_it_when_named():
+def test_only_out_proj_tracked_still_intercepts_the_attention():
     torch.manual_seed(0)
     model = Encoder().eval()
+    b = batch(2)
+    names = ["attn.out_proj.weight", "attn.out_proj.bias"]
+    grads = ak.capture.Gradients(model, TASK.loss, params=names)
+    assert list(grads.plan.patched) == ["attn"] and not grads.plan.fallback
+    torch.testing.assert_close(grads(b), autograd_grads(model, TASK.loss, b, names), rtol=1e-4, atol=1e-6)
+
+
+def reference_projections(model, idx):
+    """(uses, loss): the in-projection's uses [(input [B, T, E], output [B, T, rows] requiring grad,
+    rows)] of an independent re-implementation of the Encoder's attention (explicit softmax), and
+    the summed loss; checked equal to the module's logits."""
+    m, E, H = model.attn, model.attn.embed_dim, model.attn.num_heads
+    x = model.emb(idx)
+    pad = idx == 0
+    if model.memory == "self":
+        k_in = v_in = x
+    else:
+        k_in = model.mem(idx.flip(1)[:, :4])
+        v_in = k_in if model.memory == "kv" else torch.tanh(k_in)
+        pad = pad.flip(1)[:, :4]
+    uses = []
+    for inp, rows in ((x, slice(0, E)), (k_in, slice(E, 2 * E)), (v_in, slice(2 * E, 3 * E))):
+        y = (inp.detach() @ m.in_proj_weight[rows].T + m.in_proj_bias[rows]).detach().requires_grad_()
+        uses.append((inp.detach(), y, rows))
+    B = idx.shape[0]
+    q, k, v = (y.reshape(B, -1, H, E // H).transpose(1, 2) for _, y, _ in uses)
+    scores = q @ k.transpose(-1, -2) / (E // H) ** 0.5 + torch.where(pad, float("-inf"), 0.0)[:, None, None]
+    h = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, -1, E)
+    h = model.norm(m.out_proj(h) + x)
+    keep = (idx != 0).unsqueeze(-1).float()
+    logits = model.head((h * keep).sum(1) / keep.sum(1))
+    torch.testing.assert_close(logits, model(idx), rtol=1e-5, atol=1e-6)
+    return uses, logits
+
+
+@pytest.mark.parametrize("memory", ["self", "cross"])
+def test_kfac_factors_of_the_in_projection_are_their_definitions(memory):
+    # A = mean over positions of [a, 1][a, 1]^T, S = sum over positions of d d^T / examples, where a
+    # self-attention's position is one token (d: the gradient of its q|k|v) and cross-attention's
+    # uses are positions of their own (d zero outside the use's rows)
+    torch.manual_seed(0)
+    model = Encoder(memory=memory).eval()
+    idx, labels = batch(4)
+    m = ak.KFAC(model, TASK, params=["attn.in_proj_weight", "attn.in_proj_bias"], fisher="empirical",
+                verbose=False).fit([(idx, labels)])
+    f = m.factors[0]["attn"]
+    uses, logits = reference_projections(model, idx)
+    F.cross_entropy(logits, labels, reduction="sum").backward()
+    B, E = idx.shape[0], model.attn.embed_dim
+    if memory == "self":
+        a = uses[0][0]
+        d = torch.cat([y.grad for _, y, _ in uses], -1)
+        pairs = [(a, d)]
+    else:
+        pairs = []
+        for a, y, rows in uses:
+            d = torch.zeros(*y.shape[:2], 3 * E)
+            d[..., rows] = y.grad
+            pairs.append((a, d))
+    a = torch.cat([torch.cat([p[0], torch.ones(*p[0].shape[:2], 1)], -1).reshape(-1, E + 1) for p in pairs]).double()
+    d = torch.cat([p[1].reshape(-1, 3 * E) for p in pairs]).double()
+    torch.testing.assert_close(f.A, a.T @ a / a.shape[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(f.S, d.T @ d / B, rtol=1e-5, atol=1e-9)
+
+
+def kron_layout(model, grads, name):
+    """A layer's per-example gradient [n, d_out, d_in + 1] (bias column last) from autograd's
+    gradients {parameter name: [n, ...]}."""
+    weight = "in_proj_weight" if name == "attn" else "weight"
+    bias = "in_proj_bias" if name == "attn" else "bias"
+    prefix = f"{name}." if name != "attn" else "attn."
+    return torch.cat([grads[prefix + weight], grads[prefix + bias][:, :, None]], 2).double()
+
+
+def test_ekfac_scores_of_the_attention_equal_the_explicit_reference():
+    # -sum over layers of <Q_S^T G_train Q_A, Q_S^T G_test Q_A / (Lambda + damping)> with G from
+    # autograd on torch's own module, in the bases EK-FAC fitted, Lambda the mean of the rotated
+    # training gradients squared
+    torch.manual_seed(0)
+    model = Encoder(memory="kv").eval()
+    names = MHA_PARAMS
+    m = ak.EKFAC(model, TASK, params=names, fisher="empirical", damping=1e-3, verbose=False)
+    assert [layer.name for layer in m.layers] == ["attn", "attn.out_proj"]
+    train, test = [batch(2), batch(3)], [batch(4, n=2)]
+    got = m.fit(train).score(test)
+
+    def grads(fn, batches):
+        g = torch.cat([autograd_grads(model, fn, b, names) for b in batches])
+        out, start = {}, 0
+        for n in names:
+            p = dict(model.named_parameters())[n]
+            out[n] = g[:, start:start + p.numel()].reshape(-1, *p.shape)
+            start += p.numel()
+        return out
+
+    g_train, g_test = grads(TASK.loss, train), grads(TASK.measure, test)
+    want = 0
+    for name in ("attn", "attn.out_proj"):
+        f = m.factors[0][name]
+        Qa, Qs = f.basis_a.dense(), f.basis_s.dense()
+        r_train = Qs.T @ kron_layout(model, g_train, name) @ Qa
+        r_test = Qs.T @ kron_layout(model, g_test, name) @ Qa
+        lam = r_train.square().mean(0)
+        torch.testing.assert_close(f.lam.double(), lam, rtol=1e-4, atol=1e-9)
+        want = want - torch.einsum("ioc,joc->ij", r_train, r_test / (lam + 1e-3))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_uncaptured_settings_fall_back_and_ekfac_skips_them_with_the_reason():
+    torch.manual_seed(0)
+    model = Encoder(add_bias_kv=True).eval()
+    b = batch(1)
+    names = [n for n, _ in model.named_parameters()]
+    grads = ak.capture.Gradients(model, TASK.loss, params=names)
+    fallback = {n for n, _ in grads.plan.fallback}
+    assert set(MHA_PARAMS) | {"attn.bias_k", "attn.bias_v"} == fallback  # no hook sees them
+    torch.testing.assert_close(grads(b), autograd_grads(model, TASK.loss, b, names), rtol=1e-4, atol=1e-6)
     m = ak.EKFAC(model, TASK, fisher="empirical", verbose=False)
     assert set(MHA_PARAMS) <= set(m.skipped)
     assert [layer.name for layer in m.layers] == ["emb", "head"]
-    scores = m.fit([batch(2), batch(3)]).score([batch(4, n=2)])
-    assert scores.shape == (10, 2) and torch.isfinite(scores).all()
     for name in ("attn.in_proj_weight", "attn.out_proj.weight"):
-        with pytest.raises(ValueError, match=rf"{name} \(used functionally inside the MultiheadAttention 'attn'\)"
-                                             r".*Leave them out of params="):
+        with pytest.raises(ValueError, match=rf"{name} \(used functionally inside the MultiheadAttention 'attn': "
+                                             r"add_bias_kv=True\).*Leave them out of params="):
             ak.EKFAC(model, TASK, params=[name, "head.weight"], verbose=False)

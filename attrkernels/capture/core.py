@@ -30,7 +30,7 @@ from ..utils.errors import ExampleError
 from .fallback import fallback_gradients
 from .handlers import Block
 from .handlers.base import Workspace
-from .hooks import Capture, make_plan, unbatched_modules
+from .hooks import Capture, make_plan, release_outputs, unbatched_modules
 
 # Bytes of per-example gradient held at once by default: blocks big enough for the sketch
 # kernel to run at full speed, small next to what vmap-based featurizers hold.
@@ -135,6 +135,7 @@ class PerExample:
                     batch_grads[id(p)] = g.reshape(-1)
             self._grad_scale = (torch.stack([g.to(torch.float32).norm() for g in batch_grads.values()]).norm().item()
                                 if batch_grads else 0.0)
+            release_outputs(cap.handlers)
             for mname, handler in cap.handlers.items():
                 if not handler.records or any(r.grad_out is None for r in handler.records):
                     raise ValueError(f"tracked module {mname!r} received no gradient from output_fn; "

@@ -108,14 +108,16 @@ class Featurizer(PerExample):
         kron = []
         fallback = {id(p) for _, p in self.plan.fallback}
         users = {}  # id(weight) -> how many hooked modules use it (a tied weight: several)
-        for module, _ in self.plan.hooked.values():
-            if isinstance(getattr(module, "weight", None), torch.nn.Parameter):
-                users[id(module.weight)] = users.get(id(module.weight), 0) + 1
+        for module, cls in self.plan.hooked.values():
+            w = cls.weight_of(module)
+            if isinstance(w, torch.nn.Parameter):
+                users[id(w)] = users.get(id(w), 0) + 1
         for mname, (module, cls) in self.plan.hooked.items():
-            if (cls.projectable(module) and id(module.weight) in self.plan.offsets and id(module.weight) not in fallback
-                    and users[id(module.weight)] == 1):
+            w = cls.weight_of(module)
+            if (cls.projectable(module) and id(w) in self.plan.offsets and id(w) not in fallback
+                    and users[id(w)] == 1):
                 kron.append((mname, module, cls))
-        kron_ids = {id(m.weight) for _, m, _ in kron}
+        kron_ids = {id(cls.weight_of(m)) for _, m, cls in kron}
         self._rest = [(n, p) for n, p in zip(self.plan.names, self.plan.params) if id(p) not in kron_ids]
         groups = len(kron) + (1 if self._rest else 0)
         if self.k < groups:
@@ -124,7 +126,7 @@ class Featurizer(PerExample):
         shares = [self.k // groups + (1 if i < self.k % groups else 0) for i in range(groups)]
         self._kron, col = [], 0
         for l, (mname, module, cls) in enumerate(kron):
-            w = module.weight
+            w = cls.weight_of(module)
             d_in, d_out = cls.dims(module, False)
             k_in, k_out = _factor_dims(shares[l], d_in, d_out)
             self._kron.append(_KronLayer(mname, w, cls, k_in, k_out, shares[l], col,

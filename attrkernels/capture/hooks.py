@@ -17,7 +17,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .handlers import Handler, Record, functional_owner, functional_owners, handler_for
+from .handlers import Handler, functional_owner, functional_owners, handler_for
+from .handlers.base import record_call
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Plan:
     total: int  # p: length of the flattened gradient
     hooked: dict  # module name -> (module, handler class) for modules whose params we capture
     fallback: list  # [(name, param)] computed with torch.func
+    # module name -> (module, handler class) of the modules whose forward the capture replaces
+    # (``Handler.intercepts``): those hooked and those with a hooked module below them
+    patched: dict = field(default_factory=dict)
 
     def name_of(self, param) -> str:
         return self.names[[id(p) for p in self.params].index(id(param))]
@@ -132,7 +136,13 @@ def make_plan(model: nn.Module, params=None, fallback=()) -> Plan:
         hooked[mname] = (module, cls)
         owned.update(id(p) for p in direct)
     fb = [(n, by_name[n]) for n in chosen if id(by_name[n]) not in owned]
-    return Plan(chosen, [by_name[n] for n in chosen], offsets, total, hooked, fb)
+    patched = {}
+    for mname, module in model.named_modules():
+        cls = handler_for(module)
+        if cls is not None and cls.intercepts and functional_owner(mname, functional) is None and any(
+                h == mname or h.startswith(mname + ".") for h in hooked):
+            patched[mname] = (module, cls)
+    return Plan(chosen, [by_name[n] for n in chosen], offsets, total, hooked, fb, patched)
 
 
 def unbatched_modules(handlers: dict, batch_size: int) -> list:
@@ -162,10 +172,13 @@ class Capture:
             handler: Handler = cls(module)
             handler.mask = self.mask
             self.handlers[mname] = handler
-            weight = getattr(module, "weight", None)
+            weight = cls.weight_of(module)
             if isinstance(weight, nn.Parameter):
                 users.setdefault(id(weight), []).append(handler)
-            self._handles.append(module.register_forward_hook(partial(self._on_forward, mname, handler)))
+            if not cls.intercepts:
+                self._handles.append(module.register_forward_hook(partial(self._on_forward, mname, handler)))
+        for mname, (module, cls) in self.plan.patched.items():
+            self._handles.append(cls.intercept(module, self.handlers.get(mname)))
         for tied in users.values():
             for h in tied:
                 h.tied = [o for o in tied if o is not h]
@@ -182,12 +195,11 @@ class Capture:
         if not args or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
             raise TypeError(f"{mname}: cannot capture a call without a positional tensor input "
                             "and a tensor output")
-        record = Record(inputs=args[0].detach())
-        handler.records.append(record)
-        if output.requires_grad:
-            # Registered before any in-place op on the output, so it sees d f / d output.
-            output.register_hook(partial(_store_grad, record))
+        record_call(handler, args[0], output)
 
 
-def _store_grad(record: Record, grad: torch.Tensor):
-    record.grad_out = grad.detach()
+def release_outputs(handlers: dict) -> None:
+    """Drop the output tensors the records hold (after the backward passes that needed them)."""
+    for handler in handlers.values():
+        for r in handler.records:
+            r.output = None

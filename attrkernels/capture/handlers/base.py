@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -24,10 +25,32 @@ import torch.nn as nn
 
 @dataclass
 class Record:
-    """One call of a tracked module: its input (detached) and the gradient of sum_b f_b w.r.t. its output."""
+    """One call of a tracked module: its input (detached) and the gradient of sum_b f_b w.r.t. its
+    output. ``output``: the output tensor itself and its ``_version`` at the call (what a pass asks
+    autograd for; dropped after the backward pass). ``rows``: the rows of the weight's output
+    dimension this call computed (None: all; a use of part of a packed weight, e.g. the query
+    third of an attention's in-projection)."""
 
     inputs: torch.Tensor
     grad_out: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    version: int = 0
+    rows: slice | None = None
+
+
+def record_call(handler: "Handler", inputs: torch.Tensor, output: torch.Tensor, rows: slice | None = None) -> Record:
+    """Append a ``Record`` of one call (input, output, ``rows``) to the handler and hook the
+    output's gradient into it."""
+    record = Record(inputs=inputs.detach(), output=output, version=output._version, rows=rows)
+    handler.records.append(record)
+    if output.requires_grad:
+        # Registered before any in-place op on the output, so it sees d f / d output.
+        output.register_hook(partial(_store_grad, record))
+    return record
+
+
+def _store_grad(record: Record, grad: torch.Tensor):
+    record.grad_out = grad.detach()
 
 
 @dataclass
@@ -51,6 +74,12 @@ class Handler:
     """
 
     kronecker: ClassVar[bool] = False
+    # The names of the weight (and bias) parameters a Kronecker handler factors.
+    weight_name: ClassVar[str] = "weight"
+    bias_name: ClassVar[str] = "bias"
+    # Whether the module's own forward is replaced while a capture runs (``intercept``), instead
+    # of hooking its calls: for modules that use their parameters functionally.
+    intercepts: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -74,6 +103,27 @@ class Handler:
     def why_not_kronecker(cls, module: nn.Module) -> str | None:
         """Why EK-FAC / K-FAC cannot factor this module's weight, or None when they can."""
         return type(module).__name__
+
+    @classmethod
+    def why_not_captured(cls, module: nn.Module) -> str | None:
+        """Why this module's calls cannot be captured at all (its parameters then go to the
+        torch.func fallback, and EK-FAC / K-FAC leave them out), or None."""
+        return None
+
+    @classmethod
+    def weight_of(cls, module: nn.Module):
+        return getattr(module, cls.weight_name, None)
+
+    @classmethod
+    def bias_of(cls, module: nn.Module):
+        return getattr(module, cls.bias_name, None)
+
+    @classmethod
+    def intercept(cls, module: nn.Module, handler):
+        """For ``intercepts`` handlers: replace the module's forward for the capture, recording
+        into ``handler`` (None when only modules below it are tracked); returns an object whose
+        ``remove()`` restores it."""
+        raise NotImplementedError
 
     @classmethod
     def projectable(cls, module: nn.Module) -> bool:
@@ -136,13 +186,22 @@ def handler_for(module: nn.Module) -> type | None:
 
 # Modules that use their children's parameters functionally (not by calling the children), so
 # hooks on those children see nothing: MultiheadAttention calls F.multi_head_attention_forward
-# with out_proj.weight.
+# with out_proj.weight. Their handler (``intercepts``) replaces that forward while a capture runs,
+# where it can (``why_not_captured``); the others stay functional owners.
 FUNCTIONAL_OWNERS = (nn.MultiheadAttention,)
 
 
-def functional_owners(model: nn.Module) -> set:
-    """Names of the modules of ``model`` that use their parameters and children's functionally."""
-    return {n for n, m in model.named_modules() if isinstance(m, FUNCTIONAL_OWNERS)}
+def functional_owners(model: nn.Module) -> dict:
+    """{name: why} of the modules of ``model`` that use their parameters and their children's
+    functionally and that no handler intercepts."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, FUNCTIONAL_OWNERS):
+            cls = handler_for(m)
+            why = "no handler" if cls is None or not cls.intercepts else cls.why_not_captured(m)
+            if why is not None:
+                out[n] = why
+    return out
 
 
 def functional_owner(name: str, owners: set) -> str | None:

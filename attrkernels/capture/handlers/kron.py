@@ -85,7 +85,8 @@ class KroneckerHandler(Handler):
     @classmethod
     def dims(cls, module: nn.Module, bias: bool) -> tuple[int, int]:
         """(d_in, d_out) of the factored weight, d_in including the bias column when ``bias``."""
-        return module.weight[0].numel() + bias, module.weight.shape[0]
+        weight = cls.weight_of(module)
+        return weight[0].numel() + bias, weight.shape[0]
 
     def kron(self, examples: slice = slice(None)):
         raise NotImplementedError

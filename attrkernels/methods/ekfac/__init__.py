@@ -36,10 +36,12 @@ accurately (see ``benchmarks/results/ekfac_cpu.md``).
 
 Layers. Every module whose handler is Kronecker-factorable (``attrkernels.capture.handlers``:
 Linear with any leading dims, Conv1d / Conv2d with groups = 1 (T = output positions), Embedding
-(activation factor = token counts, diagonal, identity basis), and any type added with
+(activation factor = token counts, diagonal, identity basis), MultiheadAttention's packed
+in-projection (its out_proj is a Linear), and any type added with
 ``register_handler``). A bias is the homogeneous last input column. ``params=None`` tracks every
 trainable weight (and its bias) of those layers and leaves out other parameters (norms, grouped
-convolutions, parameters used functionally such as MultiheadAttention's, and layers that the
+convolutions, parameters used functionally such as those of a MultiheadAttention with
+add_bias_kv, and layers that the
 first training batch shows called without the batch dimension such as GPT-2's ``wpe``), listed
 in ``skipped``; naming such a parameter in ``params`` raises. A tied weight (GPT-2's lm_head =
 wte) is one layer whose other uses add positions to its factors (``selection``), so its

@@ -21,7 +21,7 @@ import torch
 from ...capture import Capture, make_plan
 from ...capture.core import NonFiniteExamples, nonfinite_rows
 from ...capture.handlers import CovarianceSums
-from ...capture.hooks import unbatched_modules
+from ...capture.hooks import release_outputs, unbatched_modules
 from ...distributed import shard_loader
 from ...kernels.philox import derive_seed
 from ...store import DataMismatch, StoreMismatch
@@ -222,35 +222,27 @@ class Passes:
         output was modified in place afterwards its tensor no longer holds the layer's output, and
         the parameters are asked for instead (the capture's hooks see the right gradient either way).
         """
-        outputs = []
-
-        def keep(module, args, output):
-            outputs.append((output, output._version))
-
         if what not in self._probed:
             self._probed.add(what)
             self._probe(batch, fn, what)
-        # every hooked module: the layers and the other uses of their tied weights
-        hooks = [module.register_forward_hook(keep) for module, _ in self.plan.hooked.values()]
-        try:
-            with Capture(self.plan, mask=token_mask(self.task, batch)) as cap, torch.enable_grad():
-                try:
-                    out = call_task(fn, self.model, batch, size, what)
-                except TypeError as err:  # call_task wraps what the task raised; keep ExampleErrors
-                    if isinstance(err.__cause__, ExampleError):
-                        raise err.__cause__ from None
-                    raise
-        finally:
-            for h in hooks:
-                h.remove()
+        with Capture(self.plan, mask=token_mask(self.task, batch)) as cap, torch.enable_grad():
+            try:
+                out = call_task(fn, self.model, batch, size, what)
+            except TypeError as err:  # call_task wraps what the task raised; keep ExampleErrors
+                if isinstance(err.__cause__, ExampleError):
+                    raise err.__cause__ from None
+                raise
         self._refuse_unbatched(cap.handlers, size)
         bad = nonfinite_rows(out.detach())
         if bad:
             raise NonFiniteExamples(f"the {what} loss or measurement is NaN or Inf", bad)
         if not out.requires_grad:
             raise ValueError(f"the task's output on the {what} loader does not depend on any tracked parameter")
-        intact = all(o.requires_grad and o._version == v for o, v in outputs)
-        targets = [o for o, _ in outputs] if intact else self.params
+        # every hooked call's output: the layers' and the other uses of their tied weights'
+        outputs = [r for h in cap.handlers.values() for r in h.records]
+        intact = all(r.output.requires_grad and r.output._version == r.version for r in outputs)
+        targets = [r.output for r in outputs] if intact else self.params
+        release_outputs(cap.handlers)
         torch.autograd.grad(out.sum(), targets, allow_unused=True, retain_graph=then is not None)
         for layer in self.layers:
             records = cap.handlers[layer.name].records

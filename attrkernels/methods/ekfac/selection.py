@@ -57,7 +57,7 @@ def _unsupported(mname: str, module: nn.Module, functional: set) -> str | None:
     """Why a module's parameters cannot be Kronecker-factored, or None."""
     owner = functional_owner(mname, functional)
     if owner is not None:
-        return f"used functionally inside the MultiheadAttention {owner!r}"
+        return f"used functionally inside the MultiheadAttention {owner!r}: {functional[owner]}"
     cls = handler_for(module)
     if cls is None or not cls.kronecker:
         return type(module).__name__
@@ -103,15 +103,15 @@ def select_layers(model: nn.Module, params=None) -> tuple[list, list]:
                 (mname, module), tied = uses[0], tuple(n for n, _ in uses[1:])
         else:
             reason = _unsupported(mname, module, functional)
-        if reason is None and role not in ("weight", "bias"):
+        cls = handler_for(module)
+        if reason is None and role not in (cls.weight_name, cls.bias_name):
             reason = f"parameter {role!r} of {type(module).__name__}"
-        weight = getattr(module, "weight", None)
-        if reason is None and role == "bias" and name_of.get(id(weight)) not in chosen_set:
+        if reason is None and role == cls.bias_name and name_of.get(id(cls.weight_of(module))) not in chosen_set:
             reason = "a bias without its weight"
         if reason is not None:
             (bad if explicit else skipped).append(name if not explicit else f"{name} ({reason})")
             continue
-        if role == "weight":
+        if role == cls.weight_name:
             layers[mname] = (module, name, tied)
     if bad:
         raise ValueError("EK-FAC/K-FAC cannot factor the parameters " + ", ".join(bad) +
@@ -120,7 +120,7 @@ def select_layers(model: nn.Module, params=None) -> tuple[list, list]:
     for mname, (module, weight_name, tied) in layers.items():
         cls = handler_for(module)
         cls.check(mname, module)
-        bias_param = getattr(module, "bias", None)
+        bias_param = cls.bias_of(module)
         bias_name = name_of.get(id(bias_param)) if isinstance(bias_param, nn.Parameter) else None
         bias = bias_name in chosen_set
         d_in, d_out = cls.dims(module, bias)
