@@ -33,16 +33,18 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
 
-    def forward(self, idx):
+    def inputs(self, idx):
+        """(query, key, value [B, *, E], key padding mask [B, S]) of the attention."""
         x = self.emb(idx)
         pad = idx == 0
         if self.memory == "self":
-            k = v = x
-        else:
-            k = self.mem(idx.flip(1)[:, :4])
-            v = k if self.memory == "kv" else torch.tanh(k)
-            pad = pad.flip(1)[:, :4]
-        q = x
+            return x, x, x, pad
+        k = self.mem(idx.flip(1)[:, :4])
+        return x, k, (k if self.memory == "kv" else torch.tanh(k)), pad.flip(1)[:, :4]
+
+    def forward(self, idx):
+        q, k, v, pad = self.inputs(idx)
+        x = q
         if not self.batch_first:  # [T, B, E], keeping which inputs are the same tensor
             moved = {}
             q, k, v = (moved.setdefault(id(t), t.transpose(0, 1)) for t in (q, k, v))
@@ -138,14 +140,7 @@ def reference_projections(model, idx):
     rows)] of an independent re-implementation of the Encoder's attention (explicit softmax), and
     the summed loss; checked equal to the module's logits."""
     m, E, H = model.attn, model.attn.embed_dim, model.attn.num_heads
-    x = model.emb(idx)
-    pad = idx == 0
-    if model.memory == "self":
-        k_in = v_in = x
-    else:
-        k_in = model.mem(idx.flip(1)[:, :4])
-        v_in = k_in if model.memory == "kv" else torch.tanh(k_in)
-        pad = pad.flip(1)[:, :4]
+    x, k_in, v_in, pad = model.inputs(idx)
     uses = []
     for inp, rows in ((x, slice(0, E)), (k_in, slice(E, 2 * E)), (v_in, slice(2 * E, 3 * E))):
         y = (inp.detach() @ m.in_proj_weight[rows].T + m.in_proj_bias[rows]).detach().requires_grad_()

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Block, cat, outer_blocks, positions, record_call
+from .base import cat, positions, record_call
 from .linear import LinearHandler
 
 
@@ -103,14 +103,6 @@ class MultiheadAttentionHandler(LinearHandler):
                 d = full
             parts.append(d)
         return A, cat(parts, 1)
-
-    def blocks(self, tracked, budget):
-        A, D = self.kron()
-        m = self.module
-        if m.in_proj_weight in tracked:
-            yield from outer_blocks(m.in_proj_weight, A, D, budget, self.workspace)
-        if m.in_proj_bias is not None and m.in_proj_bias in tracked:
-            yield Block(m.in_proj_bias, 0, D.to(torch.float32).sum(1))
 
 
 def forward(module: nn.MultiheadAttention, handler, query, key, value, key_padding_mask, need_weights,

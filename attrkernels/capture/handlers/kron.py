@@ -109,10 +109,9 @@ class KroneckerHandler(Handler):
     # ----------------------------------------------------------------------------- featurizer
     def blocks(self, tracked, budget):
         A, D = self.kron()
-        m = self.module
-        if m.weight in tracked:
-            yield from outer_blocks(m.weight, A, D, budget, self.workspace)
-        bias = getattr(m, "bias", None)
+        weight, bias = self.weight_of(self.module), self.bias_of(self.module)
+        if weight in tracked:
+            yield from outer_blocks(weight, A, D, budget, self.workspace)
         if bias is not None and bias in tracked:
             yield Block(bias, 0, D.to(torch.float32).sum(1))
 
