@@ -245,3 +245,31 @@ def test_uncaptured_settings_fall_back_and_ekfac_skips_them_with_the_reason():
         with pytest.raises(ValueError, match=rf"{name} \(used functionally inside the MultiheadAttention 'attn': "
                                              r"add_bias_kv=True\).*Leave them out of params="):
             ak.EKFAC(model, TASK, params=[name, "head.weight"], verbose=False)
+
+
+class TransformerClassifier(nn.Module):
+    """torch's own nn.TransformerEncoder (2 layers, key padding mask) over token embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, idx):
+        return self.head(self.enc(self.emb(idx), src_key_padding_mask=idx == 0).mean(1))
+
+
+def test_torch_transformer_encoder_layers_are_captured_and_factored():
+    torch.manual_seed(0)
+    model = TransformerClassifier().eval()
+    b = batch(5)
+    names = [n for n, _ in model.named_parameters()]
+    grads = ak.capture.Gradients(model, TASK.loss)
+    assert list(grads.plan.patched) == ["enc.layers.0.self_attn", "enc.layers.1.self_attn"]
+    assert not grads.plan.fallback
+    torch.testing.assert_close(grads(b), autograd_grads(model, TASK.loss, b, names), rtol=1e-4, atol=1e-6)
+    m = ak.EKFAC(model, TASK, fisher="empirical", verbose=False)
+    assert {"enc.layers.0.self_attn", "enc.layers.1.self_attn.out_proj"} <= {layer.name for layer in m.layers}
+    assert all(".norm" in name for name in m.skipped)
