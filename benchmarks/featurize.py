@@ -4,6 +4,10 @@ Three models on random inputs, k = 2048, per-example gradients of the correct-cl
   mlp          784-1024-512-10 MLP (1.33 M parameters)
   resnet9      ResNet-9 of width 32 on 32x32x3 inputs (BatchNorm in eval mode, 1.65 M parameters)
   transformer  2 pre-norm blocks with F.scaled_dot_product_attention, d = 128, 64 tokens
+  mha          the same shape from torch's nn.TransformerEncoder (nn.MultiheadAttention inside,
+               causal mask, sinusoidal positions); also ``ours-dense, MHA via torch.func``: the
+               attention's parameters forced to the torch.func fallback, as before the
+               MultiheadAttention handler
 Implementations:
   ours-dense      ak.Featurizer(mode="dense"), Rademacher (exact sketch of the gradient)
   ours-factored   ak.Featurizer(mode="factored") (LoGra-style Kronecker projection)
@@ -92,6 +96,28 @@ class _Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
+class TorchTransformer(nn.Module):
+    """``Transformer``'s shape from torch's own layers: nn.TransformerEncoder (pre-norm, GELU),
+    fixed sinusoidal positions (a buffer: no parameter outside a module)."""
+
+    def __init__(self, vocab=1000, d=128, heads=4, T=64, blocks=2, classes=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        pos = torch.arange(T)[:, None] / 10000 ** (torch.arange(0, d, 2) / d)
+        self.register_buffer("pos", torch.cat([pos.sin(), pos.cos()], 1))
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
+        x = self.enc(self.emb(idx) + self.pos[:T], mask=mask, is_causal=True)
+        return self.head(self.ln(x).mean(1))
+
+
 def make(name, batch, count, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -106,7 +132,7 @@ def make(name, batch, count, seed=0):
                 m.running_var.uniform_(0.5, 1.5)
         xs = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(count)]
     else:
-        model = Transformer()
+        model = Transformer() if name == "transformer" else TorchTransformer()
         xs = [torch.randint(0, 1000, (batch, 64), generator=g) for _ in range(count)]
     model.eval()
     batches = [(x, torch.randint(0, 10, (batch,), generator=g)) for x in xs]
@@ -120,6 +146,10 @@ def required_gemm_flops(model, batch) -> int:
 
     def hook(module, inputs, output):
         nonlocal total
+        if isinstance(module, nn.MultiheadAttention):  # in_proj (3 d x d) and out_proj (d x d), T tokens
+            d = module.embed_dim
+            total += 3 * 2 * inputs[0].shape[1] * 4 * d * d
+            return
         if isinstance(module, nn.Linear):
             d_in, d_out = module.in_features, module.out_features
         else:
@@ -129,7 +159,7 @@ def required_gemm_flops(model, batch) -> int:
         total += (3 if inputs[0].requires_grad else 2) * 2 * T * d_in * d_out
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention))]
     try:
         with torch.enable_grad():
             model(batch[0][:1])
@@ -198,7 +228,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=3, help="timed batches (after one warm-up)")
-    parser.add_argument("--models", default="mlp,resnet9,transformer")
+    parser.add_argument("--models", default="mlp,resnet9,transformer,mha")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -214,6 +244,9 @@ def main(argv=None):
         full_floor = full_flops / (peak * 1e9)
         dense = ak.Featurizer(model, task.measure, K, seed=0)
         impls = {"ours-dense": dense, "ours-factored": ak.Featurizer(model, task.measure, K, seed=0, mode="factored")}
+        attention = [n for n, _ in model.named_parameters() if ".self_attn." in n]
+        if attention:  # the same features with the attention's parameters through torch.func
+            impls["ours-dense, MHA via torch.func"] = ak.Featurizer(model, task.measure, K, seed=0, fallback=attention)
         n = args.batch * len(batches)
         trakers, results = {}, {}
         for impl, projector in (("traker", None), ("traker+ours-P", ak.SketchProjector(p, K, seed=0))):
@@ -231,7 +264,9 @@ def main(argv=None):
             want = ak.Featurizer(model, task.measure, K, seed=ak.derive_seed(0, 0))(batches[0])
             results["traker+ours-P check"] = (got - want).abs().max().item() / want.abs().max().item()
         dense_t = results["ours-dense"][0]
-        for impl in ("ours-dense", "ours-factored", "traker", "traker+ours-P"):
+        for impl in ("ours-dense", "ours-factored", "ours-dense, MHA via torch.func", "traker", "traker+ours-P"):
+            if impl not in results:
+                continue
             res = results[impl]
             r = dict(model=name, params=p, batch=args.batch, impl=impl)
             if isinstance(res, Exception):

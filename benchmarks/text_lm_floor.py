@@ -1,0 +1,147 @@
+"""The floor of EK-FAC fit + score on text-lm, beside our time and kronfluence's from the same run.
+
+On this task (a byte-level GPT-2 of width 64, 1,000 training sequences of 64 tokens, 100 queries)
+the time goes to the Hugging Face model's own passes, not to GEMMs. The floor of any EK-FAC here:
+
+* model passes (measured, ``model_s``): the forward pass over the training data with its autograd
+  graph, once, and three backward passes from it to the tracked layers' outputs (the covariance
+  pass's sampled labels, the correction's independent sampled labels, the training gradients the
+  scores need), plus one forward + backward over the queries. Each pass is timed on its own, best
+  of ``--reps``, on the first checkpoint of the frontier (same batches of ``BATCH``).
+* arithmetic (``gemm_s``), at the fp32 matmul peak measured in this run, for every tracked layer
+  (d_in = i with the bias column, d_out = o), N = n T tokens, n training sequences, q queries:
+
+      covariances   N (i^2 + o^2)                                 (symmetric products)
+      correction    n min(2 T (i^2 + o^2) + 2 T i o, 2 T i o + 2 i o (i + o))
+      scores        2 (n + q) T i o  +  2 n q i o                 (form each G, one inner product)
+
+  and the eigendecompositions at the fp64 peak (4.7 (i^3 + o^3), ``benchmarks.ekfac.EIGH_FLOPS``).
+
+kronfluence runs the same model (its Conv1D -> Linear copy) and needs the same passes; it runs
+three forward passes where the floor has one. ``floor_share_for_3x`` = floor / (kronfluence / 3):
+above 1, 3x lies beyond the floor; below 1, the fraction of the floor's speed a whole fit + score
+must reach for the issue's 3x (``floor_share`` = floor / ours: the fraction ours reaches).
+
+    python -m benchmarks.text_lm_floor        # ~1 minute on one core
+
+Writes benchmarks/results/text_lm_floor.{md,csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+import attrkernels as ak
+from attrkernels.eval.checkpoints import CheckpointCache
+from attrkernels.integrations.hf import conv1d_names, conv1d_params, conv1d_to_linear
+
+from .common import RESULTS, matmul_peak_gflops, provenance, write_results
+from .ekfac import EIGH_FLOPS, kronfluence
+from .text_lm import BATCH
+
+
+def arithmetic_flops(dims, n: int, q: int, T: int) -> tuple[float, float]:
+    """(fp32 FLOPs of covariances + correction + scores, fp64 FLOPs of the eigendecompositions)."""
+    N = n * T
+    fp32 = 0.0
+    for i, o in dims:
+        fp32 += N * (i * i + o * o)
+        fp32 += n * min(2 * T * (i * i + o * o) + 2 * T * i * o, 2 * T * i * o + 2 * i * o * (i + o))
+        fp32 += 2 * (n + q) * T * i * o + 2 * n * q * i * o
+    return fp32, sum(EIGH_FLOPS * (i ** 3 + o ** 3) for i, o in dims)
+
+
+def pass_seconds(model, task, loader, fn, reps: int) -> tuple[float, float]:
+    """(forward, backward) seconds of one pass over the loader: ``fn`` with the autograd graph,
+    then autograd to the outputs of the tracked Conv1D layers; best of ``reps``."""
+    modules = [model.get_submodule(n) for n in conv1d_names(model)]
+    best_f = best_b = float("inf")
+    for _ in range(reps):
+        fwd = bwd = 0.0
+        for (x,) in loader:
+            outs = []
+            hooks = [m.register_forward_hook(lambda mod, a, o: outs.append(o)) for m in modules]
+            t0 = time.perf_counter()
+            out = fn(model, (x,)).sum()
+            t1 = time.perf_counter()
+            torch.autograd.grad(out, outs)
+            t2 = time.perf_counter()
+            for h in hooks:
+                h.remove()
+            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+        best_f, best_b = min(best_f, fwd), min(best_b, bwd)
+    return best_f, best_b
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bench = ak.tasks.get("text-lm")
+    states, _ = CheckpointCache(bench, args.runs).models(1)
+    train, test = DataLoader(bench.train_data(), batch_size=BATCH), DataLoader(bench.test_data(), batch_size=BATCH)
+
+    def model():
+        m = bench.make_model(0).eval()
+        m.load_state_dict(states[0])
+        return m
+
+    m = model()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    layers = conv1d_params(m)
+    for name in layers:
+        m.get_parameter(name).requires_grad_(True)
+    fwd, bwd = pass_seconds(m, bench.task, train, bench.task.loss, args.reps)
+    tfwd, tbwd = pass_seconds(m, bench.task, test, bench.task.measure, args.reps)
+    model_s = fwd + 3 * bwd + tfwd + tbwd
+    dims = [(mod.weight.shape[0] + 1, mod.weight.shape[1]) for mod in map(m.get_submodule, conv1d_names(m))]
+    fp32, fp64 = arithmetic_flops(dims, len(bench.train_data()), len(bench.test_data()), bench.length)
+    cpu = torch.device("cpu")
+    peak32, peak64 = matmul_peak_gflops(cpu, 2048), matmul_peak_gflops(cpu, 2048, torch.float64)
+    gemm_s = fp32 / (peak32 * 1e9) + fp64 / (peak64 * 1e9)
+    floor = model_s + gemm_s
+
+    timed = {}
+    for label in ("ours", "kronfluence"):
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            if label == "ours":
+                ak.EKFAC(model(), bench.task, params=layers, verbose=False).fit(train, states).score(test, train=train)
+            else:
+                mm = model()
+                kronfluence(conv1d_to_linear(mm), bench.train_data(), bench.test_data(), BATCH, task=bench.task,
+                            modules=conv1d_names(mm))
+            best = min(best, time.perf_counter() - t0)
+        timed[label] = best
+    info = provenance()
+    row = dict(forward_s=f"{fwd:.2f}", backward_s=f"{bwd:.2f}", test_pass_s=f"{tfwd + tbwd:.2f}",
+               model_s=f"{model_s:.2f}", gemm_s=f"{gemm_s:.2f}", floor_s=f"{floor:.2f}",
+               ours_s=f"{timed['ours']:.2f}", kronfluence_s=f"{timed['kronfluence']:.2f}",
+               speedup=f"{timed['kronfluence'] / timed['ours']:.2f}",
+               floor_share=f"{floor / timed['ours']:.2f}",
+               floor_share_for_3x=f"{floor / (timed['kronfluence'] / 3):.2f}",
+               peak_fp32=f"{peak32:.0f}", peak_fp64=f"{peak64:.0f}")
+    print(row, flush=True)
+    write_results(RESULTS / "text_lm_floor", [row], list(row), info,
+                  f"text-lm EK-FAC fit + score (1,000 x 100 sequences, first checkpoint, {args.threads} torch "
+                  f"thread(s)), {info['device']}, {info['date']}, commit {info['commit']}. Floor = the model "
+                  "passes any EK-FAC needs (one forward + three backward passes over the training data, one of "
+                  "each over the queries; measured) + covariance, correction and score GEMMs at the matmul peak "
+                  f"({fp32 / 1e9:.1f} GFLOP fp32) + eigendecompositions ({fp64 / 1e9:.2f} GFLOP fp64). "
+                  "`ours_s`, `kronfluence_s`: best of 2 in this run. `floor_share` = floor / ours (the fraction of "
+                  "the floor's speed ours reaches); `floor_share_for_3x` = floor / (kronfluence / 3), the fraction 3x "
+                  "needs (above 1: 3x lies beyond the floor).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
