@@ -73,3 +73,64 @@ def test_replay_counts_each_storage_once_and_drops_everything_beyond_the_budget(
     assert not keep.serves(0, None) and keep.batches == []
     assert not Replay(0, None, 0).serves(0, None)
     assert default_budget(torch.device("cpu")) > 0
+
+
+class CountedNet(torch.nn.Module):
+    """The test net, counting the examples its forward sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.examples = make_net(), 0
+
+    def forward(self, inputs):
+        self.examples += inputs[0].shape[0]
+        return self.net(inputs)
+
+
+@pytest.mark.parametrize("cls,fisher", [(ak.EKFAC, "true"), (ak.EKFAC, "empirical"), (ak.KFAC, "true")])
+def test_scores_read_the_training_gradients_the_covariance_pass_kept(cls, fisher, tmp_path):
+    train, test = net_data(24, 4), net_data(6, 9)
+    # the reference: a store (factors kept on disk, for a later process) keeps nothing for the scores
+    ref_model = CountedNet()
+    ref = cls(ref_model, NetTask(), fisher=fisher, store=tmp_path / "store", verbose=False).fit(train)
+    assert ref.passes.held == {}
+    ref_model.examples = 0
+    want = ref.score(test, train=train)
+    model = CountedNet()
+    m = cls(model, NetTask(), fisher=fisher, verbose=False).fit(train)
+    assert list(m.passes.held) == [0]
+    model.examples = 0
+    got = m.score(test, train=train)
+    assert ref_model.examples - model.examples == 24  # no model pass over the training data
+    assert torch.equal(got, want)
+    # a loader whose batches do not line up with the kept ones: a model pass, the same scores
+    model.examples = 0
+    rebatched = net_data(24, 4, batch=6)
+    torch.testing.assert_close(m.score(test, train=rebatched), want, rtol=1e-5, atol=1e-6)
+    assert model.examples == 24 + 6
+
+
+def test_kept_training_gradients_give_way_to_the_correction_within_the_budget():
+    train = net_data(24, 4)
+    probe = ak.EKFAC(make_net(), NetTask(), verbose=False)
+    keep = []
+    orig_probe = probe.passes.correction
+
+    def seen_replay(*args, **kwargs):
+        keep.append(probe.passes.replay.bytes)
+        return orig_probe(*args, **kwargs)
+
+    probe.passes.correction = seen_replay
+    probe.fit(train)
+    both = keep[0] + probe.passes.held[0].bytes  # the correction's captures and the scores' output-gradients
+    m = ak.EKFAC(make_net(), NetTask(), replay_budget=both - 1, verbose=False)
+    passes = []
+    orig = m.passes.correction
+
+    def counting(*args, **kwargs):
+        passes.append(m.passes.replay is not None and not m.passes.replay.dropped)
+        return orig(*args, **kwargs)
+
+    m.passes.correction = counting
+    m.fit(train)
+    assert passes == [True] and m.passes.held == {}  # the correction replayed, the scores' captures dropped

@@ -13,8 +13,9 @@ What each method needs:
 ``measure``        every method (what attribution predicts, [B])
 ``out_to_loss``    TRAK (its per-example weight 1 - p)
 ``sampled_loss``   EK-FAC / K-FAC with ``fisher="true"`` (loss at targets drawn from the model)
-``sampled_losses`` EK-FAC (optional): several draws from one forward pass, so the eigenvalue
-                   correction needs no second pass over the model (``methods.ekfac.replay``)
+``sampled_losses`` EK-FAC (optional): several draws (and, ``with_loss``, the loss) from one
+                   forward pass, so neither the eigenvalue correction nor the scores' training
+                   gradients need another pass over the model (``methods.ekfac.replay``)
 ``logits`` and     influence with ``curvature="gauss-newton"``: loss(model, batch) must equal
 ``logit_loss``     logit_loss(logits(model, batch), batch), convex in the logits
 ``token_mask``     EK-FAC / K-FAC on sequences (optional): which positions are tokens, so that
@@ -57,10 +58,12 @@ class Task:
             "true Fisher needs; define it or pass fisher='empirical'"
         )
 
-    def sampled_losses(self, model: torch.nn.Module, batch, generators: list) -> list:
+    def sampled_losses(self, model: torch.nn.Module, batch, generators: list, with_loss: bool = False) -> list:
         """``[sampled_loss(model, batch, g) for g in generators]`` from one forward pass (each [B],
-        each draw from its generator exactly as ``sampled_loss`` draws). Optional: without it
-        EK-FAC's two factor stages each run the model."""
+        each draw from its generator exactly as ``sampled_loss`` draws), followed, ``with_loss``,
+        by ``loss(model, batch)`` from the same forward pass. Optional: without it EK-FAC's two
+        factor stages each run the model, and without ``with_loss`` its scores run the model
+        over the training data once more."""
         raise NotImplementedError(f"{type(self).__name__} does not define sampled_losses")
 
     def logits(self, model: torch.nn.Module, batch) -> torch.Tensor:
@@ -204,10 +207,11 @@ class Classification(Task):
     def sampled_loss(self, model, batch, generator):
         return self.sampled_losses(model, batch, [generator])[0]
 
-    def sampled_losses(self, model, batch, generators):
+    def sampled_losses(self, model, batch, generators, with_loss=False):
         # Labels drawn from softmax(logits) (one per example and generator), then the cross-entropy.
         logits = self.logits(model, batch)
-        return [F.cross_entropy(logits, sample_categorical(logits, g), reduction="none") for g in generators]
+        out = [F.cross_entropy(logits, sample_categorical(logits, g), reduction="none") for g in generators]
+        return out + [self.logit_loss(logits, batch)] if with_loss else out
 
     def measure(self, model, batch):
         inputs, labels = self._split(batch)

@@ -167,7 +167,7 @@ class LanguageModeling(Task):
     def sampled_loss(self, model, batch, generator) -> torch.Tensor:
         return self.sampled_losses(model, batch, [generator])[0]
 
-    def sampled_losses(self, model, batch, generators) -> list:
+    def sampled_losses(self, model, batch, generators, with_loss=False) -> list:
         # Every target token drawn from softmax of the model's prediction at its position (one
         # draw per token and generator); padding / -100 positions stay ignored.
         logits, labels = self._forward(model, batch)
@@ -177,7 +177,7 @@ class LanguageModeling(Task):
         for g in generators:
             drawn = sample_categorical(z.reshape(-1, z.shape[-1]), g).reshape(y.shape)
             out.append(_summed_cross_entropy(z, torch.where(y == IGNORE, y, drawn)))
-        return out
+        return out + [_summed_cross_entropy(z, y)] if with_loss else out
 
 
 def _takes(model, name: str) -> bool:

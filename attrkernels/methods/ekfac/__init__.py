@@ -56,9 +56,15 @@ then Lambda; one for K-FAC) and a batched eigendecomposition (float64, or float3
 and output-gradients fit in ``replay_budget`` (default a quarter of the available memory) the
 Lambda stage reads them instead of running the model (``replay``; with the true Fisher the
 covariance pass then runs a second backward pass at the Lambda stage's labels, from the same
-forward pass: ``task.sampled_losses``). ``score`` makes one pass
+forward pass: ``task.sampled_losses``). Without a store (the factors then serve only this
+process) the covariance pass also keeps, within the same budget, the output-gradients of the
+training loss (a last backward pass from the same forward pass, ``sampled_losses(...,
+with_loss=True)``; with the empirical Fisher its own captures), and ``score`` / ``self_influence``
+read them instead of running the model over the training data: fit + score then make one forward
+pass over it. ``score`` makes one pass
 over the test set (preconditioned query gradients held in memory: n_test x tracked parameters
-floats) and one over the training set, streaming [batch, n_test] tiles into ``out``; per layer
+floats) and one over the training set (checked example by example, a model pass only when
+nothing was kept), streaming [batch, n_test] tiles into ``out``; per layer
 the training gradients are either rotated into the eigenbasis or the queries rotated back,
 whichever costs fewer FLOPs. Per-example gradients exist only per layer, in chunks of at most
 ``memory_budget`` bytes. The backward passes ask only for the layers' output gradients (no weight

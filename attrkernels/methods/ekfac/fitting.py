@@ -67,8 +67,11 @@ def stage_sums(method, stage: str, train, k: int, fp: str, store, data, split: S
 
     def compute(shard):
         if stage == "covariance":
+            # without a store the factors live in this process only, so its score will follow:
+            # keep the training loss's captures for it (``replay``)
             return passes.covariances(train, k, method.fisher, method.seed, data, shard,
-                                      replay="lambda" in method.stages)
+                                      replay="lambda" in method.stages,
+                                      hold=method.store_path is None and split.shard is None)
         return passes.correction(train, k, factors, method.fisher, method.seed, data, shard)
 
     def merged(partials):

@@ -115,6 +115,7 @@ class EKFAC(AttributionMethod):
         with together("the check of the training data's first batch", split.shard, split.group):
             self.passes.check_first_batch(train, data, shard=split.shard)
         fitted = []
+        self.passes.held = {}  # the captures an earlier fit kept for its scores
         try:
             with checkpoint_loop(self.model, checkpoints) as loop:
                 for k, ckpt in loop:
@@ -160,9 +161,12 @@ class EKFAC(AttributionMethod):
                     dest = stack.enter_context(ScoreOutput(out, n_test, group=split.group,
                                                            n_train=None if out is None else n_train_hint))
                 offset = 0 if split.shard is None else split.shard.start
+                held = self._held(k, split)
                 with together(f"the score pass of checkpoint {k}", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
-                        handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        handlers = held.get(start, size) if held is not None else None
+                        if handlers is None:
+                            handlers = self.passes.record(batch, size, self.task.loss, "train")
                         tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
                         tile.div_(-len(fitted))
                         dest.write(offset + start, tile, first=k == 0)
@@ -188,9 +192,12 @@ class EKFAC(AttributionMethod):
                 factors = fitted[k].factors
                 inverse = self._inverses(factors)
                 parts, what = [], f"self-influence (checkpoint {k})"
+                held = self._held(k, split)
                 with together(f"the {what} pass", split.shard, split.group), ExitStack() as inner:
-                    for _, batch, size in self._train_batches(train, what, k, split, inner):
-                        handlers = self.passes.record(batch, size, self.task.loss, "train")
+                    for start, batch, size in self._train_batches(train, what, k, split, inner):
+                        handlers = held.get(start, size) if held is not None else None
+                        if handlers is None:
+                            handlers = self.passes.record(batch, size, self.task.loss, "train")
                         parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
                 total = values if total is None else total + values
@@ -208,6 +215,12 @@ class EKFAC(AttributionMethod):
         if split.shard is not None and not len(split.shard):
             return []
         return stack.enter_context(self.passes.over(train, "train", desc, f"checkpoint {k}", self.data, split.shard))
+
+    def _held(self, k: int, split):
+        """The training loss's captures the covariance pass of checkpoint k kept (``replay``),
+        served batch by batch while the pass's batches line up with them, or None."""
+        held = self.passes.held.get(k)
+        return None if held is None or split.shard is not None else _HeldBatches(held)
 
     def _train_loader(self, train):
         if train is not None:
@@ -253,6 +266,26 @@ class EKFAC(AttributionMethod):
         self.fitted = [_Fitted(state, fp, store.load(self.stages, fp, self.layers, self._device()))]
         self.data = data
         return self.fitted
+
+
+class _HeldBatches:
+    """Kept captures handed out in order: ``get(start, size)`` gives the handlers of the batch
+    kept at that first example and size, or None (for that batch and every later one) once the
+    batches stop lining up (a loader with another batch size)."""
+
+    def __init__(self, held):
+        self.items = list(zip(held.starts, held.batches))
+        self.i = 0
+
+    def get(self, start: int, size: int):
+        if self.i >= len(self.items):
+            return None
+        kept_start, (kept_size, handlers) = self.items[self.i]
+        if (kept_start, kept_size) != (start, size):
+            self.items = []
+            return None
+        self.i += 1
+        return handlers
 
 
 def probe(method, train) -> None:

@@ -15,6 +15,10 @@ knows a layer type.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
+
 import numpy as np
 import torch
 
@@ -31,7 +35,7 @@ from ...utils.errors import ExampleError
 from ..base import call_task
 from ..passes import CheckedPass
 from ..checkpoints import model_device
-from .replay import Replay, default_budget
+from .replay import Budget, Replay, default_budget
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch
 
@@ -60,15 +64,27 @@ def fisher_loss(task, fisher: str, seed: int, stage: int, checkpoint: int, start
     return FisherDraws(task, seed, (stage,), checkpoint, start)
 
 
+def gives_loss(task) -> bool:
+    """Whether the task's ``sampled_losses`` can add the training loss from the same forward pass
+    (its ``with_loss`` argument)."""
+    if not implements(task, "sampled_losses"):
+        return False
+    try:
+        return "with_loss" in inspect.signature(task.sampled_losses).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class FisherDraws:
     """The sampled losses of ``stages`` (a stage's labels as ``fisher_loss`` draws them) from one
-    forward pass (``task.sampled_losses``; ``task.sampled_loss`` for one stage): called as a task
-    function it returns the first stage's loss [B] and keeps the others in ``rest``."""
+    forward pass (``task.sampled_losses``; ``task.sampled_loss`` for one stage), then, with
+    ``with_loss``, the task's loss from that pass: called as a task function it returns the first
+    stage's loss [B] and keeps the others (the loss last) in ``rest``."""
 
     __name__ = "sampled_loss"
 
-    def __init__(self, task, seed: int, stages: tuple, checkpoint: int, start: int):
-        self.task, self.stages = task, stages
+    def __init__(self, task, seed: int, stages: tuple, checkpoint: int, start: int, with_loss: bool = False):
+        self.task, self.stages, self.with_loss = task, stages, with_loss
         self.seeds = [derive_seed(derive_seed(derive_seed(seed, s), checkpoint), start) for s in stages]
         self.rest: list = []
 
@@ -76,6 +92,9 @@ class FisherDraws:
         device = next(model.parameters()).device
         gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
         try:
+            if self.with_loss:
+                first, *self.rest = self.task.sampled_losses(model, batch, gens, with_loss=True)
+                return first
             if len(gens) == 1:
                 return self.task.sampled_loss(model, batch, gens[0])
             first, *self.rest = self.task.sampled_losses(model, batch, gens)
@@ -131,6 +150,7 @@ class Passes:
         self.memory_budget, self.verbose = memory_budget, verbose
         self.replay_budget = replay_budget  # None: ``replay.default_budget`` at each covariance pass
         self.replay: Replay | None = None  # the last covariance pass's captures (``replay``)
+        self.held: dict = {}  # checkpoint index -> Replay of the training loss's captures for ``score``
         self.plan = make_plan(model, tracked_names(layers))
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
@@ -210,12 +230,12 @@ class Passes:
         raise ValueError(f"{', '.join(names)} overflowed float32 on a batch of the {what} loader (the inputs and "
                          "output gradients of every layer are finite); rescale the inputs or the model")
 
-    def record(self, batch, size, fn, what, then=None) -> dict:
+    def record(self, batch, size, fn, what, then=()) -> dict:
         """Run ``fn(model, batch)`` under capture and backpropagate its sum; returns the handlers.
 
-        ``then``: (use, second): after the backward pass ``use(handlers)`` reads the captures,
-        then the sum of ``second()`` (another [B] loss of the same forward pass) is backpropagated
-        too, so the handlers end with its output-gradients.
+        ``then``: (use, second) pairs, in order: after each backward pass ``use(handlers)`` reads
+        the captures, then the sum of ``second()`` (another [B] loss of the same forward pass) is
+        backpropagated too, so the handlers end with the last one's output-gradients.
 
         The backward pass asks autograd for the gradients of the tracked layers' outputs, not of
         their parameters, so no weight gradient is computed (a third of a backward pass). When an
@@ -243,39 +263,43 @@ class Passes:
         intact = all(r.output.requires_grad and r.output._version == r.version for r in outputs)
         targets = [r.output for r in outputs] if intact else self.params
         release_outputs(cap.handlers)
-        torch.autograd.grad(out.sum(), targets, allow_unused=True, retain_graph=then is not None)
+        torch.autograd.grad(out.sum(), targets, allow_unused=True, retain_graph=bool(then))
         for layer in self.layers:
             records = cap.handlers[layer.name].records
             if not records or any(r.grad_out is None for r in records):
                 raise ValueError(f"layer {layer.name!r} received no gradient from the task on the {what} "
                                  "loader; leave its parameters out of params=")
-        if then is not None:
-            use, second = then
+        for i, (use, second) in enumerate(then):
             use(cap.handlers)
             again = second()
             bad = nonfinite_rows(again.detach())
             if bad:
                 raise NonFiniteExamples(f"the {what} loss is NaN or Inf", bad)
-            torch.autograd.grad(again.sum(), targets, allow_unused=True)
+            torch.autograd.grad(again.sum(), targets, allow_unused=True, retain_graph=i + 1 < len(then))
         return cap.handlers
 
     def covariances(self, train, k: int, fisher: str, seed: int, data: Recorded, shard=None,
-                    replay: bool = False) -> dict:
+                    replay: bool = False, hold: bool = False) -> dict:
         """Stage "covariance" of checkpoint k over the loader (or its ``shard``): the unnormalised
         sums (``factors.covariance_factors`` normalises them), float64 on the model's device:
         ``<layer>/A`` (sum of a a^T over positions, or token counts), ``<layer>/S`` (sum of
         delta delta^T), ``<layer>/positions`` and ``examples`` (int64 [1] counts); zeros for an
-        empty shard. ``replay``: keep the pass's captures for the ``correction`` that follows (``replay``)."""
+        empty shard. ``replay``: keep the pass's captures for the ``correction`` that follows
+        (``replay``); ``hold``: keep the captures of the training loss's gradients for ``score``
+        (``held[k]``; a whole pass only)."""
         sums = {layer.name: CovarianceSums() for layer in self.layers}
         n = 0
         offset = 0 if shard is None else shard.start
         device = model_device(self.model)
         self.replay = None
-        budget = default_budget(device) if self.replay_budget is None else self.replay_budget
-        keep = Replay(k, _span(shard), budget if replay else 0)
+        self.held.pop(k, None)
+        budget = Budget(default_budget(device) if self.replay_budget is None else self.replay_budget)
+        hold = hold and shard is None and (fisher == "empirical" or gives_loss(self.task))
+        held = Replay(k, None, budget if hold else 0)
+        keep = Replay(k, _span(shard), budget if replay else 0, yields=held)  # the correction's come first
         # With the true Fisher the correction draws other labels: kept captures hold the
         # output-gradients of a second backward pass at those labels (``task.sampled_losses``).
-        two = fisher == "true" and replay and budget > 0 and implements(self.task, "sampled_losses")
+        two = fisher == "true" and replay and budget.total > 0 and implements(self.task, "sampled_losses")
         if fisher == "true" and not two:
             keep.dropped = True
 
@@ -288,16 +312,40 @@ class Passes:
         if shard is None or len(shard):
             with self.over(train, "train", f"covariances (checkpoint {k})", f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
-                    if two and not keep.dropped:
-                        draws = FisherDraws(self.task, seed, (0, 1), k, offset + start)
-                        handlers = self.record(batch, size, draws, "train", then=(add, lambda: draws.rest[0]))
-                    else:
-                        handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, offset + start),
-                                               "train")
+                    first = offset + start
+                    correction = None  # the handlers holding the correction's output-gradients
+                    if fisher == "empirical":
+                        handlers = correction = self.record(batch, size, self.task.loss, "train")
                         add(handlers)
-                    keep.add(size, handlers)
+                    else:
+                        stages = (0, 1) if two and not keep.dropped else (0,)
+                        with_loss = not held.dropped
+                        if len(stages) == 1 and not with_loss:
+                            handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, first),
+                                                   "train")
+                            add(handlers)
+                        else:
+                            draws = FisherDraws(self.task, seed, stages, k, first, with_loss)
+                            steps = [(add, lambda: draws.rest[0])]
+                            if len(stages) == 2 and with_loss:  # the correction's captures, then the loss's
+
+                                def snap(h):
+                                    nonlocal correction
+                                    correction = snapshot(h)
+
+                                steps.append((snap, lambda: draws.rest[1]))
+                            handlers = self.record(batch, size, draws, "train", then=steps)
+                            if len(stages) == 2 and not with_loss:
+                                correction = handlers
+                    seen = set()  # storages both keep (the inputs) are counted once
+                    if correction is not None:
+                        keep.add(size, correction, start, seen)
+                    if fisher == "empirical" or with_loss:
+                        held.add(size, handlers, start, seen)
                     n += size
         self.replay = keep
+        if hold and not held.dropped:
+            self.held[k] = held
         out = {"examples": torch.tensor([n], device=device)}
         for layer in self.layers:
             s, name = sums[layer.name], layer.name
@@ -337,6 +385,17 @@ class Passes:
         out = {f"{name}/lam": t.to(torch.float64) for name, t in sums.items()}
         out["examples"] = torch.tensor([n], device=device)
         return out
+
+
+def snapshot(handlers: dict) -> dict:
+    """Copies of the handlers whose records keep the current output-gradients (and share the
+    inputs) after a later backward pass overwrites the originals' (tied uses relinked)."""
+    new = {name: copy.copy(h) for name, h in handlers.items()}
+    relink = {id(h): new[name] for name, h in handlers.items()}
+    for name, h in new.items():
+        h.records = [dataclasses.replace(r, output=None) for r in handlers[name].records]
+        h.tied = [relink[id(t)] for t in handlers[name].tied]
+    return new
 
 
 def _span(shard) -> tuple | None:

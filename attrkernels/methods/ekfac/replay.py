@@ -17,8 +17,16 @@ bytes they are kept, and the correction stage reads them instead of running the 
 The stage sums are the same either way: the model, the batches and the labels drawn are the
 same, so the replayed captures are the ones a second pass would recompute (tested bit for bit).
 
+The same pass can keep the captures of the training loss's gradients for ``score`` (``held``):
+with the true Fisher the task gives the loss from the same forward pass (``sampled_losses(...,
+with_loss=True)``) and a last backward pass captures its output-gradients (the inputs are shared
+with the correction's captures); with the empirical Fisher the covariance pass's captures are
+those gradients already. ``score`` then reads them instead of running the model over the
+training data (its pass still checks every example against the fit's).
+
 ``default_budget(device)``: a quarter of the memory available when the fit starts (the host's
-MemAvailable for a CPU model, the free memory of a CUDA device), 0 elsewhere.
+MemAvailable for a CPU model, the free memory of a CUDA device), 0 elsewhere. The captures kept
+for the correction and for the scores share it (``Budget``); the scores' are dropped first.
 """
 from __future__ import annotations
 
@@ -46,9 +54,11 @@ def default_budget(device: torch.device) -> int:
         return 0
 
 
-def capture_bytes(handlers: dict) -> int:
-    """Bytes of the storages the records of ``handlers`` keep alive (each storage counted once)."""
-    seen, total = set(), 0
+def capture_bytes(handlers: dict, seen: set | None = None) -> int:
+    """Bytes of the storages the records of ``handlers`` keep alive (each storage counted once,
+    also across calls that share ``seen``)."""
+    seen = set() if seen is None else seen
+    total = 0
     for handler in handlers.values():
         for record in handler.records:
             for t in (record.inputs, record.grad_out):
@@ -60,24 +70,47 @@ def capture_bytes(handlers: dict) -> int:
     return total
 
 
+class Budget:
+    """Bytes that the captures kept by one or more ``Replay`` s may hold together."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+
+
 class Replay:
     """The (size, handlers) of every batch of one covariance pass (checkpoint ``k``, shard
-    range ``span``) while their captures stay under ``budget`` bytes; dropped beyond it."""
+    range ``span``) while the captures kept under ``budget`` (bytes, or a shared ``Budget``)
+    stay within it; dropped beyond it (its bytes then return to the budget), after dropping
+    ``yields`` (another Replay on the same budget) if that makes them fit. ``starts``: the
+    first example of each kept batch."""
 
-    def __init__(self, k: int, span, budget: int):
-        self.k, self.span, self.budget = k, span, budget
+    def __init__(self, k: int, span, budget, yields: "Replay | None" = None):
+        self.k, self.span, self.yields = k, span, yields
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
         self.batches: list = []
+        self.starts: list = []
         self.bytes = 0
-        self.dropped = budget <= 0
+        self.dropped = self.budget.total <= 0
 
-    def add(self, size: int, handlers: dict) -> None:
+    def add(self, size: int, handlers: dict, start: int | None = None, seen: set | None = None) -> None:
+        """Keep a batch's captures (``seen``: storages counted already, by this batch's other Replay)."""
         if self.dropped:
             return
-        self.bytes += capture_bytes(handlers)
-        if self.bytes > self.budget:
-            self.batches, self.dropped = [], True
+        added = capture_bytes(handlers, seen)
+        self.bytes += added
+        self.budget.used += added
+        if self.budget.used > self.budget.total and self.yields is not None:
+            self.yields.drop()
+        if self.budget.used > self.budget.total:
+            self.drop()
         else:
             self.batches.append((size, handlers))
+            self.starts.append(start)
+
+    def drop(self) -> None:
+        if not self.dropped:
+            self.budget.used -= self.bytes
+            self.batches, self.starts, self.bytes, self.dropped = [], [], 0, True
 
     def serves(self, k: int, span) -> bool:
         """Whether this holds the whole covariance pass of checkpoint ``k`` over ``span``."""
