@@ -134,3 +134,19 @@ def test_kept_training_gradients_give_way_to_the_correction_within_the_budget():
     m.passes.correction = counting
     m.fit(train)
     assert passes == [True] and m.passes.held == {}  # the correction replayed, the scores' captures dropped
+
+
+class SmoothedTask(NetTask):
+    """Overrides loss (label smoothing) but inherits Classification.sampled_losses, whose
+    with_loss value is the plain cross-entropy: the fit must notice and keep nothing."""
+
+    def loss(self, model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none", label_smoothing=0.2)
+
+
+def test_a_task_whose_loss_differs_from_sampled_losses_keeps_no_training_gradients(tmp_path):
+    train, test = net_data(24, 4), net_data(6, 9)
+    m = ak.EKFAC(make_net(), SmoothedTask(), verbose=False).fit(train)
+    assert m.passes.held == {}
+    want = ak.EKFAC(make_net(), SmoothedTask(), store=tmp_path, verbose=False).fit(train).score(test, train=train)
+    assert torch.equal(m.score(test, train=train), want)

@@ -337,6 +337,9 @@ class Passes:
                             handlers = self.record(batch, size, draws, "train", then=steps)
                             if len(stages) == 2 and not with_loss:
                                 correction = handlers
+                            if with_loss and not held.batches and not self._same_loss(draws.rest[-1], batch, size):
+                                held.drop()  # keep nothing the scores could misread
+                                with_loss = False
                     seen = set()  # storages both keep (the inputs) are counted once
                     if correction is not None:
                         keep.add(size, correction, start, seen)
@@ -355,6 +358,14 @@ class Passes:
                                         else value.to(torch.float64))
             out[f"{name}/positions"] = torch.tensor([s.positions], device=device)
         return out
+
+    def _same_loss(self, given: torch.Tensor, batch, size: int) -> bool:
+        """Whether the loss the task's ``sampled_losses(..., with_loss=True)`` gave equals
+        ``task.loss`` on the batch (a task that overrides ``loss`` but not ``sampled_losses``
+        would otherwise have the scores read the gradients of another loss)."""
+        with torch.no_grad():
+            want = call_task(self.task.loss, self.model, batch, size, "train")
+        return torch.allclose(given.detach(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
     def correction(self, train, k: int, factors: dict, fisher: str, seed: int, data: Recorded, shard=None) -> dict:
         """Stage "lambda" of checkpoint k over the loader (or its ``shard``): the unnormalised
