@@ -98,9 +98,11 @@ class Task:
 
 
 def token_mask(task, batch) -> torch.Tensor | None:
-    """The task's ``token_mask(batch)``, or None for a task without one."""
+    """The task's ``token_mask(batch)``, or None for a task without one or when every position
+    of the batch is a token (the factors then need no weighting)."""
     fn = getattr(task, "token_mask", None)
-    return fn(batch) if callable(fn) else None
+    mask = fn(batch) if callable(fn) else None
+    return None if mask is None or bool((mask == 1).all()) else mask
 
 
 def implements(task, name: str) -> bool:
