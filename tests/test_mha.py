@@ -94,6 +94,9 @@ def test_written_out_forward_equals_torchs(batch_first, need_weights, inputs):
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
         if need_weights:
             torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+            per_head = m(q, k, v, key_padding_mask=kpm, attn_mask=attn_mask, average_attn_weights=False)[1]
+            torch.testing.assert_close(written_out(m, None, q, k, v, kpm, True, attn_mask, False, False)[1],
+                                       per_head, rtol=1e-5, atol=1e-6)
         else:
             assert got[1] is None and want[1] is None
     x = torch.randn(T, 8)  # unbatched
