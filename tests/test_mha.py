@@ -23,9 +23,10 @@ class Encoder(nn.Module):
     ``memory``: "self" (query = key = value), "kv" (key = value = a second embedding of the tokens,
     reversed: another length-preserving sequence) or "cross" (key and value different tensors)."""
 
-    def __init__(self, batch_first=True, vocab=11, d=8, classes=3, memory="self", need_weights=False, **mha):
+    def __init__(self, batch_first=True, vocab=11, d=8, classes=3, memory="self", need_weights=False, mem_len=4,
+                 **mha):
         super().__init__()
-        self.batch_first, self.memory, self.need_weights = batch_first, memory, need_weights
+        self.batch_first, self.memory, self.need_weights, self.mem_len = batch_first, memory, need_weights, mem_len
         self.emb = nn.Embedding(vocab, d)
         if memory != "self":
             self.mem = nn.Embedding(vocab, d)
@@ -39,10 +40,11 @@ class Encoder(nn.Module):
         pad = idx == 0
         if self.memory == "self":
             return x, x, x, pad
-        k = self.mem(idx.flip(1)[:, :4])
-        return x, k, (k if self.memory == "kv" else torch.tanh(k)), pad.flip(1)[:, :4]
+        k = self.mem(idx.flip(1)[:, :self.mem_len])
+        return x, k, (k if self.memory == "kv" else torch.tanh(k)), pad.flip(1)[:, :self.mem_len]
 
-    def forward(self, idx):
+    def forward(self, idx=None, attention_mask=None, input_ids=None):  # attention_mask: read as idx != 0
+        idx = input_ids if idx is None else idx
         q, k, v, pad = self.inputs(idx)
         x = q
         if not self.batch_first:  # [T, B, E], keeping which inputs are the same tensor
@@ -159,31 +161,36 @@ def reference_projections(model, idx):
     return uses, logits
 
 
-@pytest.mark.parametrize("memory", ["self", "cross"])
-def test_kfac_factors_of_the_in_projection_are_their_definitions(memory):
+@pytest.mark.parametrize("memory,masked", [("self", False), ("cross", False), ("self", True), ("cross", True)])
+def test_kfac_factors_of_the_in_projection_are_their_definitions(memory, masked):
     # A = mean over positions of [a, 1][a, 1]^T, S = sum over positions of d d^T / examples, where a
     # self-attention's position is one token (d: the gradient of its q|k|v) and cross-attention's
-    # uses are positions of their own (d zero outside the use's rows)
+    # uses are positions of their own (d zero outside the use's rows). With a dict batch's
+    # attention_mask (``masked``), padded query tokens leave A; cross-attention's key / value
+    # positions (a memory of the same length here) all stay, the mask not being theirs.
     torch.manual_seed(0)
-    model = Encoder(memory=memory).eval()
+    model = Encoder(memory=memory, mem_len=6).eval()
     idx, labels = batch(4)
+    mask = (idx != 0).long()
+    data = {"input_ids": idx, "attention_mask": mask, "labels": labels} if masked else (idx, labels)
     m = ak.KFAC(model, TASK, params=["attn.in_proj_weight", "attn.in_proj_bias"], fisher="empirical",
-                verbose=False).fit([(idx, labels)])
+                verbose=False).fit([data])
     f = m.factors[0]["attn"]
     uses, logits = reference_projections(model, idx)
     F.cross_entropy(logits, labels, reduction="sum").backward()
     B, E = idx.shape[0], model.attn.embed_dim
+    keep = mask.bool() if masked else torch.ones_like(idx, dtype=torch.bool)
     if memory == "self":
         a = uses[0][0]
         d = torch.cat([y.grad for _, y, _ in uses], -1)
-        pairs = [(a, d)]
+        pairs = [(a, d, keep)]
     else:
         pairs = []
         for a, y, rows in uses:
             d = torch.zeros(*y.shape[:2], 3 * E)
             d[..., rows] = y.grad
-            pairs.append((a, d))
-    a = torch.cat([torch.cat([p[0], torch.ones(*p[0].shape[:2], 1)], -1).reshape(-1, E + 1) for p in pairs]).double()
+            pairs.append((a, d, keep if rows.start == 0 else torch.ones(y.shape[:2], dtype=torch.bool)))
+    a = torch.cat([torch.cat([p[0], torch.ones(*p[0].shape[:2], 1)], -1)[p[2]] for p in pairs]).double()
     d = torch.cat([p[1].reshape(-1, 3 * E) for p in pairs]).double()
     torch.testing.assert_close(f.A, a.T @ a / a.shape[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(f.S, d.T @ d / B, rtol=1e-5, atol=1e-9)

@@ -105,6 +105,23 @@ class MultiheadAttentionHandler(LinearHandler):
         return A, cat(parts, 1)
 
 
+    def token_weights(self, examples: slice = slice(None)):
+        # the task's mask describes the query's tokens; key / value positions of cross-attention
+        # belong to another sequence, even when it has the same length
+        mask = self.mask
+        if mask is None:
+            return None
+
+        def on_query(r):
+            return (r.rows is None or r.rows.start == 0) and r.inputs.shape[:-1] == mask.shape
+
+        if not any(on_query(r) for r in self.records):
+            return None
+        return cat([mask[examples].to(torch.float32) if on_query(r)
+                    else r.inputs.new_ones(r.inputs[examples].shape[:2], dtype=torch.float32)
+                    for r in self.records], 1)
+
+
 def forward(module: nn.MultiheadAttention, handler, query, key, value, key_padding_mask, need_weights,
             attn_mask, average_attn_weights, is_causal):
     """``nn.MultiheadAttention.forward`` written out (the same function as torch's), recording the
