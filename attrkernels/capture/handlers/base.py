@@ -204,7 +204,7 @@ def functional_owners(model: nn.Module) -> dict:
     return out
 
 
-def functional_owner(name: str, owners: set) -> str | None:
+def functional_owner(name: str, owners) -> str | None:
     """The owner (from ``functional_owners``) that module ``name`` is or lies under, or None."""
     for o in owners:
         if name == o or name.startswith(o + "."):

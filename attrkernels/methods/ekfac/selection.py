@@ -64,7 +64,7 @@ def _unsupported(mname: str, module: nn.Module, functional: set) -> str | None:
     return cls.why_not_kronecker(module)
 
 
-def _tied(entries: list, functional: set) -> tuple[tuple | None, str | None]:
+def _tied(entries: list, functional: dict) -> tuple[tuple | None, str | None]:
     """For a parameter used by several modules (``entries``: (param name, module name, module,
     role)): ((primary module name, module), ...) ordered primary first, or (None, why not)."""
     uses = {id(m): (n, m, role) for _, n, m, role in entries}
