@@ -178,22 +178,25 @@ def pass_flops(a, dims) -> float:
 
 def ekfac_flops(a, dims) -> dict:
     """fp32 FLOPs of our EK-FAC per stage (fp64 for the eigendecompositions), n = --train, q = --test,
-    for each layer (d_in = i with the bias column, d_out = o, T tokens):
+    for each layer (d_in = i with the bias column, d_out = o, T tokens), as it runs with its
+    captures kept (``methods.ekfac.replay``): over the training data one forward pass and three
+    backward passes (the covariances' labels, the correction's, the training loss for the scores),
+    each backward half of ``pass_flops``; the correction and the scores then run no model pass:
 
-    covariances: n x (pass + T (i^2 + o^2))          (symmetric products: half the GEMM)
+    covariances: n x (2 pass + T (i^2 + o^2))        (symmetric products: half the GEMM)
     eigendecompositions: 4.7 (i^3 + o^3)             (float64)
-    correction: n x (pass + min(rotate A and D then form, form G then rotate) + square)
-    scores: q x (pass + form G_q) + n x (pass + form G_i) + n q 2 i o, plus the cheaper of
+    correction: n x (min(rotate A and D then form, form G then rotate) + square)
+    scores: q x (pass + form G_q) + n x form G_i + n q 2 i o, plus the cheaper of
             preconditioning each query in parameter space (q x 4 i o (i + o)) and rotating both
             sides into the eigenbasis (q x 2 i o (i + o) + n x 2 T (i^2 + o^2)).
     """
     T, n, q, p = a.length, a.train, a.test, pass_flops(a, dims)
-    cov = n * (p + sum(T * (i * i + o * o) for i, o in dims))
+    cov = n * (2 * p + sum(T * (i * i + o * o) for i, o in dims))
     eig = sum(EIGH_FLOPS * (i ** 3 + o ** 3) for i, o in dims)
     rot = sum(min(2 * T * (i * i + o * o) + 2 * T * i * o, 2 * T * i * o + 2 * i * o * (i + o)) + 2 * i * o
               for i, o in dims)
-    lam = n * (p + rot)
-    score = (q + n) * p + sum(2 * T * i * o * (q + n) + 2 * q * n * i * o
+    lam = n * rot
+    score = q * p + sum(2 * T * i * o * (q + n) + 2 * q * n * i * o
                               + min(4 * q * i * o * (i + o), 2 * q * i * o * (i + o) + 2 * n * T * (i * i + o * o))
                               for i, o in dims)
     return {"fit": cov + lam, "eigh64": eig, "score": score}
