@@ -166,9 +166,7 @@ class EKFAC(AttributionMethod):
                 held = self._held(k, split)
                 with together(f"the score pass of checkpoint {k}", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
-                        handlers = held.get(start, size) if held is not None else None
-                        if handlers is None:
-                            handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        handlers = self._train_captures(held, start, batch, size)
                         tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
                         tile.div_(-len(fitted))
                         dest.write(offset + start, tile, first=k == 0)
@@ -197,9 +195,7 @@ class EKFAC(AttributionMethod):
                 held = self._held(k, split)
                 with together(f"the {what} pass", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, what, k, split, inner):
-                        handlers = held.get(start, size) if held is not None else None
-                        if handlers is None:
-                            handlers = self.passes.record(batch, size, self.task.loss, "train")
+                        handlers = self._train_captures(held, start, batch, size)
                         parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
                 total = values if total is None else total + values
@@ -223,6 +219,11 @@ class EKFAC(AttributionMethod):
         served batch by batch while the pass's batches line up with them, or None."""
         held = self.passes.held.get(k)
         return None if held is None or split.shard is not None else _HeldBatches(held)
+
+    def _train_captures(self, held, start: int, batch, size: int) -> dict:
+        """The handlers with the training loss's captures of a batch: kept (``_held``) or recorded."""
+        handlers = held.get(start, size) if held is not None else None
+        return handlers if handlers is not None else self.passes.record(batch, size, self.task.loss, "train")
 
     def _train_loader(self, train):
         if train is not None:
