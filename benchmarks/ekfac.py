@@ -137,13 +137,16 @@ class KronfluenceTask:
 
 
 def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=False, *, task=None, modules=None,
-                query_batch=None, seed: int = 0, stages: dict | None = None, eigh_dtype=torch.float64):
+                query_batch=None, seed: int = 0, stages: dict | None = None, eigh_dtype=torch.float64,
+                fisher: str = "true"):
     """kronfluence EK-FAC: (scores [n_train, n_test] or self-influence [n_train], fit (wall, cpu),
     score (wall, cpu)). ``task``, ``modules``, ``seed``: as ``KronfluenceTask``; ``query_batch``:
     queries preconditioned at once (default ``batch``; kronfluence holds their preconditioned
     gradients, one model-size vector each, and passes over the training set once per block);
     ``stages``: a dict to fill with the wall seconds of the fit's three stages (covariances,
-    eigendecomposition, eigenvalue correction); ``eigh_dtype``: its ``eigendecomposition_dtype``."""
+    eigendecomposition, eigenvalue correction); ``eigh_dtype``: its ``eigendecomposition_dtype``;
+    ``fisher``: "true" (its default: labels sampled from the model) or "empirical" (the dataset's
+    labels, its ``use_empirical_fisher``), as our ``EKFAC(fisher=...)``."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -153,7 +156,8 @@ def kronfluence(model, train_set, test_set, batch, damping=None, self_scores=Fal
     model = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
-        clock, factor_args = Clock(), FactorArguments(strategy="ekfac", eigendecomposition_dtype=eigh_dtype)
+        clock, factor_args = Clock(), FactorArguments(strategy="ekfac", eigendecomposition_dtype=eigh_dtype,
+                                                       use_empirical_fisher=fisher == "empirical")
         laps, times = Clock(), {}  # the three calls of kronfluence's fit_all_factors, timed one by one
 
         def lap(name):

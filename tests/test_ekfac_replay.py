@@ -150,3 +150,49 @@ def test_a_task_whose_loss_differs_from_sampled_losses_keeps_no_training_gradien
     assert m.passes.held == {}
     want = ak.EKFAC(make_net(), SmoothedTask(), store=tmp_path, verbose=False).fit(train).score(test, train=train)
     assert torch.equal(m.score(test, train=train), want)
+
+
+DENSE = [f"{name}.{p}" for name in ("seq", "conv", "conv2", "head") for p in ("weight", "bias")]
+
+
+def test_empirical_fisher_scores_read_the_rotated_gradients_the_correction_kept(tmp_path):
+    # without the Embedding every layer's rotated gradient is dense: the correction keeps them
+    train, test = net_data(24, 4), net_data(6, 9)
+    ref = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, store=tmp_path, verbose=False).fit(train)
+    want, want_self = ref.score(test, train=train), ref.self_influence(train)
+    assert ref.passes.rotated == {}
+    model = CountedNet()
+    m = ak.EKFAC(model, NetTask(), fisher="empirical", params=[f"net.{p}" for p in DENSE], verbose=False).fit(train)
+    assert list(m.passes.rotated) == [0] and m.passes.held == {}  # the captures are released
+    kept = m.passes.rotated[0]
+    assert [size for size, _ in kept.batches] == [8, 8, 8] and kept.starts == [0, 8, 16]
+    model.examples = 0
+    got = m.score(test, train=train)
+    assert model.examples == 6 + 1  # the queries and the test loader's one-example probe
+    assert set(m.query_modes.values()) == {"eigenbasis"}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.self_influence(train), want_self, rtol=1e-4, atol=1e-5)
+    assert model.examples == 7
+    # batches that do not line up: a model pass, the same scores
+    torch.testing.assert_close(m.score(test, train=net_data(24, 4, batch=6)), want, rtol=1e-4, atol=1e-5)
+    assert model.examples == 7 + 6 + 24
+
+
+def test_rotated_gradients_beyond_the_budget_leave_the_kept_captures():
+    train = net_data(24, 4)
+    full = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, verbose=False)
+    seen = []
+    orig = full.passes.correction
+
+    def captures(*args, **kwargs):
+        seen.append(full.passes.replay.budget.used)
+        return orig(*args, **kwargs)
+
+    full.passes.correction = captures
+    full.fit(train)
+    rotations = full.passes.rotated[0].bytes
+    m = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, replay_budget=seen[0] + rotations - 1,
+                 verbose=False).fit(train)
+    assert m.passes.rotated == {} and list(m.passes.held) == [0]
+    torch.testing.assert_close(m.score(net_data(6, 9), train=train), full.score(net_data(6, 9), train=train),
+                               rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from attrkernels.kernels.conv_covariance import conv_covariance
 from attrkernels.kernels.conv_covariance import supported as conv_supported
 from attrkernels.kernels.conv_grad import conv_example_gradients, conv_rotated_gradients
 from attrkernels.kernels.conv_grad import supported as conv_grad_supported
-from attrkernels.kernels.kfac import (Basis, _eigh, block_sizes, covariance, ekfac_correction, homogeneous,
+from attrkernels.kernels.kfac import (Basis, _eigh, block_sizes, covariance, ekfac_correction, gram_block, homogeneous,
                                       kron_eigh, rotated_gradients, rotation_plan, token_counts)
 from attrkernels.kernels.kron_score import (kron_inner, kron_self_inner, sparse_rows_inner,
                                             sparse_rows_self_inner)
@@ -289,12 +289,15 @@ def test_conv_covariance_applies_only_to_stride_one_convolutions():
         conv_covariance(torch.zeros(1, 2, 4, 4), nn.Conv2d(2, 2, 3, stride=2))
 
 
-def test_covariance_of_wide_factors_is_the_mirrored_block_triangle():
+@pytest.mark.parametrize("d", [200, 700])  # blocks of NARROW_GRAM_BLOCK, of GRAM_BLOCK
+def test_covariance_of_wide_factors_is_the_mirrored_block_triangle(d):
+    assert gram_block(d) is not None and gram_block(128) is None
     gen = torch.Generator().manual_seed(70)
-    x = torch.randn(40, 3, 700, generator=gen)  # wider than 2 GRAM_BLOCK: blocked
-    ref = x.reshape(-1, 700).double().T @ x.reshape(-1, 700).double()
+    x = torch.randn(40, 3, d, generator=gen)
+    ref = x.reshape(-1, d).double().T @ x.reshape(-1, d).double()
     got = covariance(x)
     assert rel(got, ref) < 1e-5 and torch.equal(got, got.T)
+    assert rel(covariance(x, out=torch.eye(d)), ref + torch.eye(d, dtype=torch.float64)) < 1e-5  # accumulates
     assert rel(covariance(x.transpose(1, 2).contiguous().transpose(1, 2)), ref) < 1e-5  # positions-major
 
 

@@ -46,17 +46,27 @@ def position_major(x: torch.Tensor) -> bool:
     return x.ndim == 3 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) != 1
 
 
-GRAM_BLOCK = 256  # rows per block of the symmetric product in ``covariance``
+GRAM_BLOCK = 256  # rows per block of the symmetric product in ``covariance`` (widths above 512)
+NARROW_GRAM_BLOCK = 64  # the same for widths 129-512: one Intel Xeon core, N = 3,200 positions,
+# d = 192 / 256 / 384: 2.3 / 3.3 / 7.2 ms against 3.1 / 5.7 / 11.4 ms for one full GEMM (blocks of
+# 128 or 256 saved little there); up to 128 the full GEMM is the faster
+
+
+def gram_block(d: int) -> int | None:
+    """Rows per block of ``covariance``'s symmetric product for width d, or None for one GEMM."""
+    if d <= 128:
+        return None
+    return NARROW_GRAM_BLOCK if d <= 512 else GRAM_BLOCK
 
 
 def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out += sum over all leading positions of x x^T: x [..., d] -> out [d, d] (float32).
 
-    With X = x as [n, d] rows (n = prod(leading dims)), out += X^T X. Up to d = 2 GRAM_BLOCK one
-    GEMM (2 n d^2 FLOPs); wider, only the block upper triangle is multiplied, a GEMM per block
-    row [GRAM_BLOCK, n] x [n, d - i] (a symmetric rank-n update: about half the FLOPs, in GEMMs
-    still wide enough to run near the matmul peak; ``benchmarks/ekfac.py`` times both) and
-    mirrored. For the activation factor pass A with a column of ones appended (``homogeneous``)
+    With X = x as [n, d] rows (n = prod(leading dims)), out += X^T X. Up to d = 128 one GEMM
+    (2 n d^2 FLOPs); wider, only the block upper triangle is multiplied, a GEMM per block row
+    [b, n] x [n, d - i] (b = ``gram_block(d)``; a symmetric rank-n update: about half the FLOPs,
+    in GEMMs still wide enough to run near the matmul peak; ``benchmarks/ekfac.py`` times both)
+    and mirrored. For the activation factor pass A with a column of ones appended (``homogeneous``)
     when the layer has a bias. A positions-major x is multiplied as [d, n] columns (one copy
     with contiguous runs).
     """
@@ -67,10 +77,11 @@ def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     elif out.shape != (d, d):
         raise ValueError(f"out must have shape {(d, d)}, got {tuple(out.shape)}")
     cols = x.transpose(1, 2).permute(1, 0, 2).reshape(d, -1) if position_major(x) else x.reshape(-1, d).T
-    if d <= 2 * GRAM_BLOCK:
+    block = gram_block(d)
+    if block is None:
         return out.addmm_(cols, cols.T)
-    for i in range(0, d, GRAM_BLOCK):
-        j = min(d, i + GRAM_BLOCK)
+    for i in range(0, d, block):
+        j = min(d, i + block)
         part = cols[i:j] @ cols[i:].T  # rows i:j, columns i:d
         out[i:j, i:] += part
         out[j:, i:j] += part[:, j - i:].T

@@ -21,6 +21,7 @@ from .kron import KroneckerHandler, Query
 class EmbeddingHandler(KroneckerHandler):
     tie_primary = False
     diagonal_activation = True
+    keeps_rotated = False  # its rotated gradient [B, d, vocabulary] would be mostly zeros
 
     @classmethod
     def check(cls, name, module):
@@ -92,7 +93,7 @@ class EmbeddingHandler(KroneckerHandler):
         sums.S = covariance(D, out=sums.S)
         return sums
 
-    def correction(self, out, bases, bias, budget):
+    def correction(self, out, bases, bias, budget, keep=None):  # keep: never asked (keeps_rotated)
         rows, R = self.sparse_rows()
         out[:, rows] += bases[1].rotate(R).square().sum(0).T
         return out

@@ -61,7 +61,11 @@ process) the covariance pass also keeps, within the same budget, the output-grad
 training loss (a last backward pass from the same forward pass, ``sampled_losses(...,
 with_loss=True)``; with the empirical Fisher its own captures), and ``score`` / ``self_influence``
 read them instead of running the model over the training data: fit + score then make one forward
-pass over it. ``score`` makes one pass
+pass over it. With the empirical Fisher those captures are the correction's own, so the
+correction also keeps the rotated gradients Q_S^T G_b Q_A it forms (within the budget the
+captures leave, when no layer is an Embedding) and the scores are their inner products with the
+queries in the eigenbasis: no training gradient is formed twice (text-lm: one forward and one
+backward pass over the training data, ``benchmarks/text_lm_floor.py``). ``score`` makes one pass
 over the test set (preconditioned query gradients held in memory: n_test x tracked parameters
 floats) and one over the training set (checked example by example, a model pass only when
 nothing was kept), streaming [batch, n_test] tiles into ``out``; per layer

@@ -117,7 +117,7 @@ class EKFAC(AttributionMethod):
         with together("the check of the training data's first batch", split.shard, split.group):
             self.passes.check_first_batch(train, data, shard=split.shard)
         fitted = []
-        self.passes.held = {}  # the captures an earlier fit kept for its scores
+        self.passes.held, self.passes.rotated = {}, {}  # what an earlier fit kept for its scores
         try:
             with checkpoint_loop(self.model, checkpoints) as loop:
                 for k, ckpt in loop:
@@ -157,7 +157,9 @@ class EKFAC(AttributionMethod):
             for k, _ in loop:
                 factors = fitted[k].factors
                 inverse = self._inverses(factors)
-                queries, n_test = precondition.queries(self.passes, test, factors, inverse, n_train_hint, k, test_data)
+                rotated = self._rotated(k, split)
+                queries, n_test = precondition.queries(self.passes, test, factors, inverse, n_train_hint, k, test_data,
+                                                       eigenbasis=rotated is not None)
                 self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
                 if dest is None:
                     dest = stack.enter_context(ScoreOutput(out, n_test, group=split.group,
@@ -166,8 +168,12 @@ class EKFAC(AttributionMethod):
                 held = self._held(k, split)
                 with together(f"the score pass of checkpoint {k}", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
-                        handlers = self._train_captures(held, start, batch, size)
-                        tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
+                        parts = rotated.get(start, size) if rotated is not None else None
+                        if parts is not None:
+                            tile = precondition.rotated_tile(self.passes, parts, queries, size, n_test)
+                        else:
+                            handlers = self._train_captures(held, start, batch, size)
+                            tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
                         tile.div_(-len(fitted))
                         dest.write(offset + start, tile, first=k == 0)
                         rows = start + size
@@ -192,9 +198,13 @@ class EKFAC(AttributionMethod):
                 factors = fitted[k].factors
                 inverse = self._inverses(factors)
                 parts, what = [], f"self-influence (checkpoint {k})"
-                held = self._held(k, split)
+                held, rotated = self._held(k, split), self._rotated(k, split)
                 with together(f"the {what} pass", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, what, k, split, inner):
+                        kept = rotated.get(start, size) if rotated is not None else None
+                        if kept is not None:
+                            parts.append(precondition.rotated_self_inner(self.passes, kept, inverse, size))
+                            continue
                         handlers = self._train_captures(held, start, batch, size)
                         parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
@@ -219,6 +229,12 @@ class EKFAC(AttributionMethod):
         served batch by batch while the pass's batches line up with them, or None."""
         held = self.passes.held.get(k)
         return None if held is None or split.shard is not None else _HeldBatches(held)
+
+    def _rotated(self, k: int, split):
+        """The rotated training gradients the correction of checkpoint k kept (``replay.Rotations``),
+        served as ``_held`` serves captures, or None."""
+        kept = self.passes.rotated.get(k)
+        return None if kept is None or split.shard is not None else _HeldBatches(kept)
 
     def _train_captures(self, held, start: int, batch, size: int) -> dict:
         """The handlers with the training loss's captures of a batch: kept (``_held``) or recorded."""
@@ -272,9 +288,9 @@ class EKFAC(AttributionMethod):
 
 
 class _HeldBatches:
-    """Kept captures handed out in order: ``get(start, size)`` gives the handlers of the batch
-    kept at that first example and size, or None (for that batch and every later one) once the
-    batches stop lining up (a loader with another batch size)."""
+    """What the fit kept per batch (captures, or rotated gradients) handed out in order:
+    ``get(start, size)`` gives the batch kept at that first example and size, or None (for that
+    batch and every later one) once the batches stop lining up (a loader with another batch size)."""
 
     def __init__(self, held):
         self.items = list(zip(held.starts, held.batches))

@@ -35,7 +35,7 @@ from ...utils.errors import ExampleError
 from ..base import call_task
 from ..passes import CheckedPass
 from ..checkpoints import model_device
-from .replay import Budget, Replay, default_budget
+from .replay import Budget, Replay, Rotations, default_budget
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch
 
@@ -151,6 +151,7 @@ class Passes:
         self.replay_budget = replay_budget  # None: ``replay.default_budget`` at each covariance pass
         self.replay: Replay | None = None  # the last covariance pass's captures (``replay``)
         self.held: dict = {}  # checkpoint index -> Replay of the training loss's captures for ``score``
+        self.rotated: dict = {}  # checkpoint index -> the correction's rotated gradients for ``score`` (``Rotations``)
         self.plan = make_plan(model, tracked_names(layers))
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
@@ -208,9 +209,9 @@ class Passes:
 
     def check_finite(self, handlers: dict, values: dict, what: str, rows: torch.Tensor | None = None) -> None:
         """Refuse non-finite statistics of a batch (``values``: {description: tensor}): an
-        ``ExampleError`` naming the examples whose captured inputs or output gradients are
-        non-finite (or the non-finite rows of ``rows``, a per-example result), else a ValueError
-        naming what overflowed."""
+        ``ExampleError`` naming the examples whose captured inputs or output gradients (of
+        ``handlers``, {layer: handler}, possibly empty) are non-finite (or the non-finite rows of
+        ``rows``, a per-example result), else a ValueError naming what overflowed."""
         # NaN / Inf propagate through sums: one reduction per tensor (isfinite is ~8x slower on
         # the CPU); a sum that only overflowed is told apart by the full check.
         if bool(torch.isfinite(torch.stack([v.sum() for v in values.values()]).sum())):
@@ -218,7 +219,7 @@ class Passes:
         if all(bool(torch.isfinite(v).all()) for v in values.values()):
             return
         for layer in self.layers:
-            for r in handlers[layer.name].records:
+            for r in handlers[layer.name].records if layer.name in handlers else ():
                 for kind, t in (("inputs", r.inputs), ("output gradients", r.grad_out)):
                     bad = nonfinite_rows(t)
                     if bad:
@@ -293,6 +294,7 @@ class Passes:
         device = model_device(self.model)
         self.replay = None
         self.held.pop(k, None)
+        self.rotated.pop(k, None)
         budget = Budget(default_budget(device) if self.replay_budget is None else self.replay_budget)
         hold = hold and shard is None and (fisher == "empirical" or gives_loss(self.task))
         held = Replay(k, None, budget if hold else 0)
@@ -376,17 +378,25 @@ class Passes:
         n = 0
         offset = 0 if shard is None else shard.start
         desc = f"eigenvalue correction (checkpoint {k})"
-        def add(handlers, size):
+        def add(handlers, size, start=None, kept=None):
+            parts = {} if kept is not None and not kept.dropped else None
             for layer in self.layers:
+                keep = None if parts is None else parts.setdefault(layer.name, [])
                 handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
-                                                self.memory_budget)
+                                                self.memory_budget, **({} if keep is None else {"keep": keep}))
             self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
                                          for name, t in sums.items()}, "train")
+            if parts is not None:
+                kept.add(start, size, parts)
             return size
 
         replay, self.replay = self.replay, None
         if replay is not None and replay.serves(k, _span(shard)):
-            n = sum(add(handlers, size) for size, handlers in replay.batches)
+            kept = self._rotations(k, fisher, replay)
+            n = sum(add(handlers, size, start, kept) for start, (size, handlers) in zip(replay.starts, replay.batches))
+            if kept is not None and not kept.dropped:
+                self.rotated[k] = kept
+                self.held.pop(k, None)  # the scores read the rotated gradients instead
         elif shard is None or len(shard):
             with self.over(train, "train", desc, f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
@@ -396,6 +406,15 @@ class Passes:
         out = {f"{name}/lam": t.to(torch.float64) for name, t in sums.items()}
         out["examples"] = torch.tensor([n], device=device)
         return out
+
+
+    def _rotations(self, k: int, fisher: str, replay: Replay) -> Rotations | None:
+        """Where to keep the correction's rotated gradients for ``score``: with the empirical Fisher
+        the replayed captures are the training loss's (``held[k]`` holds the same batches), so
+        their rotations are the scores' too; kept in the bytes the captures leave of the budget."""
+        if fisher != "empirical" or k not in self.held or not all(l.handler.keeps_rotated for l in self.layers):
+            return None
+        return Rotations(k, replay.budget.total - replay.budget.used)
 
 
 def snapshot(handlers: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...capture.core import NonFiniteExamples, nonfinite_rows
+from ...kernels.kron_score import gradient_inner
 from ...utils.errors import NotPositiveDefiniteError
 from .factors import LayerFactors
 from .storage import dataset_len
@@ -44,12 +45,13 @@ def check_invertible(layer, f: LayerFactors, values: torch.Tensor) -> None:
 
 
 def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None, k: int,
-            data) -> tuple[dict, int]:
+            data, eigenbasis: bool = False) -> tuple[dict, int]:
     """Preconditioned test gradients per layer ({layer: handlers' Query}, n_test), in the
     eigenbasis or rotated back to parameter space, whichever makes scoring cheaper (decided on
     the first batch from the loaders' sizes when they are known, else as if both had the first
-    batch's size). ``data``: the test loader's ``passes.Recorded``, shared by the checkpoints
-    (a test loader that yields other examples at another checkpoint is refused), or None."""
+    batch's size; ``eigenbasis``: always in the eigenbasis, for training gradients kept rotated).
+    ``data``: the test loader's ``passes.Recorded``, shared by the checkpoints (a test loader that
+    yields other examples at another checkpoint is refused), or None."""
     layers, budget = passes.layers, passes.memory_budget
     parts = {layer.name: [] for layer in layers}
     back, n_test = {}, 0
@@ -59,8 +61,8 @@ def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None
             for layer in layers:
                 handler, bases = handlers[layer.name], factors[layer.name].bases32()
                 if layer.name not in back:
-                    back[layer.name] = handler.precondition_back(bases, layer.bias, dataset_len(test) or size,
-                                                                 n_train_hint)
+                    back[layer.name] = not eigenbasis and handler.precondition_back(
+                        bases, layer.bias, dataset_len(test) or size, n_train_hint)
                 parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
                                                                 layer.bias, budget))
             n_test += size
@@ -80,6 +82,27 @@ def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test
         out += handlers[layer.name].inner(queries[layer.name], factors[layer.name].bases32(), layer.bias,
                                           passes.memory_budget).cpu()
     passes.check_finite(handlers, {"the scores": out}, "train", rows=out)
+    return out
+
+
+def rotated_tile(passes, parts: dict, queries: dict, size: int, n_test: int) -> torch.Tensor:
+    """``tile`` from the batch's kept rotated gradients (``parts``: {layer: [R chunk [c, d_out,
+    d_in]]}, ``replay.Rotations``) and queries in the eigenbasis: sum over layers of R_b . W_j."""
+    out = torch.zeros(size, n_test, dtype=torch.float32)
+    for layer in passes.layers:
+        W = queries[layer.name].W
+        out += torch.cat([gradient_inner(R, W) for R in parts[layer.name]]).cpu()
+    passes.check_finite({}, {"the scores": out}, "train", rows=out)
+    return out
+
+
+def rotated_self_inner(passes, parts: dict, inverse: dict, size: int) -> torch.Tensor:
+    """``self_inner`` from the batch's kept rotated gradients: sum over layers of sum R_b^2 inverse."""
+    out = torch.zeros(size, dtype=torch.float32)
+    for layer in passes.layers:
+        M = inverse[layer.name]
+        out += torch.cat([(R.square() * M).sum((1, 2)) for R in parts[layer.name]]).cpu()
+    passes.check_finite({}, {"the self-influence": out}, "train", rows=out)
     return out
 
 

@@ -24,6 +24,12 @@ with the correction's captures); with the empirical Fisher the covariance pass's
 those gradients already. ``score`` then reads them instead of running the model over the
 training data (its pass still checks every example against the fit's).
 
+With the empirical Fisher the correction's captures are the training loss's too, so the
+correction can also keep the rotated per-example gradients R_b = Q_S^T G_b Q_A it forms
+(``Rotations``, in the budget the captures leave free; every layer's handler must
+``keeps_rotated``); the scores are then <R_b, preconditioned query in the eigenbasis>, one GEMM per
+layer and batch instead of forming each G_b again, and the captures are released.
+
 ``default_budget(device)``: a quarter of the memory available when the fit starts (the host's
 MemAvailable for a CPU model, the free memory of a CUDA device), 0 elsewhere. The captures kept
 for the correction and for the scores share it (``Budget``); the scores' are dropped first.
@@ -115,3 +121,30 @@ class Replay:
     def serves(self, k: int, span) -> bool:
         """Whether this holds the whole covariance pass of checkpoint ``k`` over ``span``."""
         return not self.dropped and self.k == k and self.span == span
+
+
+class Rotations:
+    """The rotated gradients the eigenvalue correction of checkpoint ``k`` formed, per training
+    batch ``{layer: [R chunk [c, d_out, d_in], ...]}`` with the batch's first example and size (as
+    ``Replay``: ``starts``, ``batches`` of (size, parts)), while they fit in ``limit`` bytes;
+    dropped beyond it."""
+
+    def __init__(self, k: int, limit: int):
+        self.k, self.limit = k, limit
+        self.batches: list = []
+        self.starts: list = []
+        self.bytes = 0
+        self.dropped = limit <= 0
+
+    def add(self, start: int, size: int, parts: dict) -> None:
+        if self.dropped:
+            return
+        self.bytes += sum(R.untyped_storage().nbytes() for chunks in parts.values() for R in chunks)
+        if self.bytes > self.limit:
+            self.drop()
+        else:
+            self.batches.append((size, parts))
+            self.starts.append(start)
+
+    def drop(self) -> None:
+        self.batches, self.starts, self.bytes, self.dropped = [], [], 0, True
