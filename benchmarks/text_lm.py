@@ -14,7 +14,10 @@ every method. kronfluence runs its EK-FAC on the Conv1D -> nn.Linear copy of
 each checkpoint (``attrkernels.integrations.hf``, same logits) tracking the same 8 modules, with
 the same true Fisher (tokens sampled from the model, seeded), the same damping rule (0.1 x each
 layer's mean eigenvalue) and the same batch size; its scores are averaged over checkpoints like
-ours. IF-CG (with ``--ifcg`` only) solves with the Gauss-Newton curvature under the math SDPA
+ours. Both libraries' EK-FAC also run with the empirical Fisher (the dataset's next tokens instead
+of sampled ones; ours ``fisher="empirical"``, kronfluence's ``use_empirical_fisher``), with which
+ours makes one forward and one backward pass over the training data for the covariances, the
+correction and the scores together. IF-CG (with ``--ifcg`` only) solves with the Gauss-Newton curvature under the math SDPA
 backend (CPU flash attention has no forward-mode AD), 4 vectors per vmapped product (the
 default 32 held 14 GB), ``CG_ITERATIONS`` block-CG iterations and damping 0.1 x the mean eigenvalue of the empirical Fisher (``fisher_damping``; not tuned against
 the ground truth). TRAK on all parameters (its default) is left out: the position embedding is
@@ -83,8 +86,8 @@ def configs(bench, train, test, with_ifcg: bool = False) -> list:
         return lambda states, rates: ak.TRAK(model(), bench.task, k=k, params=params, verbose=False) \
             .fit(train, states).score(test)
 
-    def factored(cls):
-        return lambda states, rates: cls(model(), bench.task, params=layers, verbose=False) \
+    def factored(cls, fisher="true"):
+        return lambda states, rates: cls(model(), bench.task, params=layers, fisher=fisher, verbose=False) \
             .fit(train, states).score(test, train=train)
 
     def ifcg(states, rates):
@@ -102,17 +105,22 @@ def configs(bench, train, test, with_ifcg: bool = False) -> list:
         return ak.TracIn(model(), bench.task, params=layers, verbose=False) \
             .fit(train, states, learning_rates=rates).score(test)
 
-    def peer(states, rates):
-        total = 0
-        for state in states:
-            m = model()
-            m.load_state_dict(state)
-            total = total + kronfluence(conv1d_to_linear(m), bench.train_data(), bench.test_data(), BATCH,
-                                        task=bench.task, modules=conv1d_names(m))[0]
-        return total / len(states)
+    def peer(fisher="true"):
+        def run(states, rates):
+            total = 0
+            for state in states:
+                m = model()
+                m.load_state_dict(state)
+                total = total + kronfluence(conv1d_to_linear(m), bench.train_data(), bench.test_data(), BATCH,
+                                            task=bench.task, modules=conv1d_names(m), fisher=fisher)[0]
+            return total / len(states)
+        return run
 
     out = [("EK-FAC", "EK-FAC M=1", ("models", 1), factored(ak.EKFAC)),
-           ("kronfluence (peer)", "kronfluence EK-FAC M=1 (Linear copy)", ("models", 1), peer)]
+           ("kronfluence (peer)", "kronfluence EK-FAC M=1 (Linear copy)", ("models", 1), peer()),
+           ("EK-FAC", "EK-FAC empirical Fisher M=1", ("models", 1), factored(ak.EKFAC, "empirical")),
+           ("kronfluence (peer)", "kronfluence EK-FAC empirical Fisher M=1 (Linear copy)", ("models", 1),
+            peer("empirical"))]
     out += [("TRAK", f"TRAK k=512 M={M} (Conv1D layers)", ("models", M), trak(512, layers)) for M in (1, 3)]
     out.append(("K-FAC", "K-FAC M=1", ("models", 1), factored(ak.KFAC)))
     out.append(("TracIn", "TracIn C=3", ("trajectory", 3), tracin))  # one checkpoint per epoch (3 epochs)

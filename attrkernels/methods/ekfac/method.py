@@ -161,6 +161,7 @@ class EKFAC(AttributionMethod):
                 queries, n_test = precondition.queries(self.passes, test, factors, inverse, n_train_hint, k, test_data,
                                                        eigenbasis=rotated is not None)
                 self.query_modes = {name: "eigenbasis" if q.rotated else "parameters" for name, q in queries.items()}
+                columns = None if rotated is None else precondition.query_columns(queries)
                 if dest is None:
                     dest = stack.enter_context(ScoreOutput(out, n_test, group=split.group,
                                                            n_train=None if out is None else n_train_hint))
@@ -170,7 +171,7 @@ class EKFAC(AttributionMethod):
                     for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
                         parts = rotated.get(start, size) if rotated is not None else None
                         if parts is not None:
-                            tile = precondition.rotated_tile(self.passes, parts, queries, size, n_test)
+                            tile = precondition.rotated_tile(self.passes, parts, columns, size, n_test)
                         else:
                             handlers = self._train_captures(held, start, batch, size)
                             tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ...capture.core import NonFiniteExamples, nonfinite_rows
-from ...kernels.kron_score import gradient_inner
 from ...utils.errors import NotPositiveDefiniteError
 from .factors import LayerFactors
 from .storage import dataset_len
@@ -85,13 +84,20 @@ def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test
     return out
 
 
-def rotated_tile(passes, parts: dict, queries: dict, size: int, n_test: int) -> torch.Tensor:
+def query_columns(queries: dict) -> dict:
+    """{layer: [d_out d_in, n] contiguous} of queries in the eigenbasis, for ``rotated_tile``: its
+    [B, d_out d_in] x [d_out d_in, n] GEMMs ran ~20% faster than with W [n, d_out, d_in] transposed."""
+    return {name: q.W.reshape(q.W.shape[0], -1).T.contiguous() for name, q in queries.items()}
+
+
+def rotated_tile(passes, parts: dict, columns: dict, size: int, n_test: int) -> torch.Tensor:
     """``tile`` from the batch's kept rotated gradients (``parts``: {layer: [R chunk [c, d_out,
-    d_in]]}, ``replay.Rotations``) and queries in the eigenbasis: sum over layers of R_b . W_j."""
+    d_in]]}, ``replay.Rotations``) and the queries in the eigenbasis (``query_columns``): sum over
+    layers of <R_b, W_j>."""
     out = torch.zeros(size, n_test, dtype=torch.float32)
     for layer in passes.layers:
-        W = queries[layer.name].W
-        out += torch.cat([gradient_inner(R, W) for R in parts[layer.name]]).cpu()
+        W = columns[layer.name]
+        out += torch.cat([R.reshape(R.shape[0], -1) @ W for R in parts[layer.name]]).cpu()
     passes.check_finite({}, {"the scores": out}, "train", rows=out)
     return out
 
