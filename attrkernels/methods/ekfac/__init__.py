@@ -31,8 +31,10 @@ semi-definite approximation of the Hessian (the Gauss-Newton matrix for cross-en
 Grosse et al. and kronfluence's default. It needs a task with ``sampled_loss(model, batch, generator) -> [B]``
 (``Classification`` samples labels from softmax of its logits).
 ``fisher="empirical"`` uses the dataset's labels (``task.loss``): deterministic and works for any
-task, but the empirical Fisher weights examples by their own loss and attributes less
-accurately (see ``benchmarks/results/ekfac_cpu.md``).
+task, and the cheaper fit + score (one backward pass over the training data instead of three;
+see Cost). The empirical Fisher weights examples by their own loss: it attributed less accurately
+on the digits MLP (``benchmarks/results/ekfac_cpu.md``), as accurately on the text-lm language
+model (LDS 0.748 either way, ``benchmarks/results/text_lm_default.md``).
 
 Layers. Every module whose handler is Kronecker-factorable (``attrkernels.capture.handlers``:
 Linear with any leading dims, Conv1d / Conv2d with groups = 1 (T = output positions), Embedding
