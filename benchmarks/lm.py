@@ -127,7 +127,7 @@ def worker(a) -> None:
         fitting.eigen = timed_eigen
         info["stages"] = stages
         clock = Clock()
-        m = ak.EKFAC(model, task, params=conv1d_params(model), eigh_dtype=eigh_dtype,
+        m = ak.EKFAC(model, task, params=conv1d_params(model), eigh_dtype=eigh_dtype, fisher=a.fisher,
                      verbose=False).fit(loader(train_set))
         fit = clock.lap()
         print(f"ours fit (wall, cpu s): {fit}", flush=True)
@@ -143,7 +143,7 @@ def worker(a) -> None:
         stages = {}
         scores, fit, score = kronfluence(linear, train_set, test_set, a.batch, task=task, modules=modules,
                                          query_batch=a.kf_query_batch or a.test, stages=stages,
-                                         eigh_dtype=eigh_dtype)
+                                         eigh_dtype=eigh_dtype, fisher=a.fisher)
         info["stages"] = stages
     np.save(Path(a.out) / f"{a.worker}.npy", scores.numpy())
     info.update(fit_s=fit[0], fit_cpu=fit[1], score_s=score[0], score_cpu=score[1], base_rss=base,
@@ -180,10 +180,13 @@ def ekfac_flops(a, dims) -> dict:
     """fp32 FLOPs of our EK-FAC per stage (fp64 for the eigendecompositions), n = --train, q = --test,
     for each layer (d_in = i with the bias column, d_out = o, T tokens), as it runs with its
     captures kept (``methods.ekfac.replay``): over the training data one forward pass and three
-    backward passes (the covariances' labels, the correction's, the training loss for the scores),
-    each backward half of ``pass_flops``; the correction and the scores then run no model pass:
+    backward passes (the covariances' labels, the correction's, the training loss for the scores;
+    one with ``--fisher empirical``), each half of ``pass_flops``; the correction and the scores
+    then run no model pass (GPT-2-small's rotated gradients, n x 85M floats, exceed the replay
+    budget of a 24 GiB machine, so there the empirical Fisher's scores form the training gradients
+    from the kept captures as the true Fisher's do):
 
-    covariances: n x (2 pass + T (i^2 + o^2))        (symmetric products: half the GEMM)
+    covariances: n x (passes + T (i^2 + o^2))        (symmetric products: half the GEMM)
     eigendecompositions: 4.7 (i^3 + o^3)             (float64)
     correction: n x (min(rotate A and D then form, form G then rotate) + square)
     scores: q x (pass + form G_q) + n x form G_i + n q 2 i o, plus the cheaper of
@@ -191,7 +194,8 @@ def ekfac_flops(a, dims) -> dict:
             sides into the eigenbasis (q x 2 i o (i + o) + n x 2 T (i^2 + o^2)).
     """
     T, n, q, p = a.length, a.train, a.test, pass_flops(a, dims)
-    cov = n * (2 * p + sum(T * (i * i + o * o) for i, o in dims))
+    passes = 2 * p if a.fisher == "true" else p
+    cov = n * (passes + sum(T * (i * i + o * o) for i, o in dims))
     eig = sum(EIGH_FLOPS * (i ** 3 + o ** 3) for i, o in dims)
     rot = sum(min(2 * T * (i * i + o * o) + 2 * T * i * o, 2 * T * i * o + 2 * i * o * (i + o)) + 2 * i * o
               for i, o in dims)
@@ -303,6 +307,10 @@ def main(argv=None) -> int:
                              "--worker ours|kronfluence --out DIR)")
     parser.add_argument("--eigh", default="64", help="precisions of the eigendecompositions to run, each for "
                         "both libraries: 64, 32 or 64,32 (kronfluence's eigendecomposition_dtype, our eigh_dtype)")
+    parser.add_argument("--fisher", choices=("true", "empirical"), default="true",
+                        help="both libraries' Fisher: true (their default: labels sampled from the model) or "
+                             "empirical (the dataset's next tokens; our fit + score then makes one backward pass "
+                             "over the training data instead of three)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
@@ -319,7 +327,8 @@ def main(argv=None) -> int:
     rows_e, rows_f, extra = [], [], {}
     if "ekfac" in a.parts:
         passthrough = ["--quick"] * a.quick + [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in SIZES["default"]] \
-            + [f"--threads={a.threads}"] + ([f"--kf-query-batch={a.kf_query_batch}"] if a.kf_query_batch else [])
+            + [f"--threads={a.threads}", f"--fisher={a.fisher}"] \
+            + ([f"--kf-query-batch={a.kf_query_batch}"] if a.kf_query_batch else [])
         with tempfile.TemporaryDirectory() as tmp:
             folder = a.workdir or tmp
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -378,7 +387,8 @@ def main(argv=None) -> int:
     p = sum(i * o for i, o in dims)
     intro = (f"GPT-2 ({a.n_layer} blocks, width {a.n_embd}, vocabulary {a.vocab}, sequence length {a.length}), "
              f"random init; tracked: the {len(dims)} Conv1D projections ({p / 1e6:.1f} M parameters with biases); "
-             f"{a.train} training sequences x {a.test} queries, batch {a.batch}, {a.threads} torch thread(s). "
+             f"{a.train} training sequences x {a.test} queries, batch {a.batch}, {a.threads} torch thread(s), "
+             f"{a.fisher} Fisher. "
              f"{info['device']} ({info['cores']} cores), {info['date']}, commit {info['commit']}, kronfluence "
              f"{info['kronfluence']}, transformers {info['transformers']}; load average at the end "
              f"{info['load_average']}. fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s.\n\n"
