@@ -192,7 +192,7 @@ class KroneckerHandler(Handler):
         if keep is not None:
             for R in self.rotated_chunks(bases, bias, budget):
                 out.add_(R.square().sum(0))
-                keep.append(R)
+                keep.append(R.contiguous())  # read as [chunk, d_out d_in] rows by every score tile
             return out
         formed = self.formed_chunks(bases, bias, budget)
         if formed is not None:
