@@ -108,3 +108,16 @@ def test_padding_changes_no_score(name):
         m = m.fit(train, learning_rates=[0.1]) if name == "tracin" else m.fit(train)
         scores.append(m.score(test))
     close(scores[1], scores[0])
+
+
+def test_empirical_ekfac_scores_from_kept_rotations_equal_the_stored_factors_path(tmp_path):
+    # the tied lm_head / wte layer and padded dict batches through the correction's kept rotated
+    # gradients (no store) and through a model pass over the training data (a store keeps nothing)
+    model = tiny_gpt2()
+    train, test = loaders(8)
+    kept = ak.EKFAC(model, TASK, fisher="empirical", verbose=False).fit(train)
+    assert list(kept.passes.rotated) == [0]
+    stored = ak.EKFAC(model, TASK, fisher="empirical", store=tmp_path, verbose=False).fit(train)
+    assert stored.passes.rotated == {}
+    close(kept.score(test), stored.score(test))
+    close(kept.self_influence(), stored.self_influence())
