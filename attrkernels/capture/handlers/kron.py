@@ -73,7 +73,8 @@ class KroneckerHandler(Handler):
     # Whether the layer of a tied weight may be this use (its factors dense; see the docstring).
     tie_primary = True
     diagonal_activation = False  # the activation factor A is a [d_in] diagonal (Embedding), not [d_in, d_in]
-    # Whether ``correction`` can keep the dense rotated gradients [B, d_out, d_in] it forms.
+    # Whether ``correction`` can keep the dense rotated gradients [B, d_out, d_in] it forms
+    # (a subclass whose ``correction`` takes no ``keep`` sets it False).
     keeps_rotated = True
 
     @classmethod
@@ -186,7 +187,8 @@ class KroneckerHandler(Handler):
             sums.positions += A.shape[0] * A.shape[1] if w is None else int(w.sum())
         return sums
 
-    def correction(self, out: torch.Tensor, bases, bias: bool, budget: int, keep: list | None = None) -> torch.Tensor:
+    def correction(self, out: torch.Tensor, bases, bias: bool, budget: int,
+                   keep: list | None = None) -> torch.Tensor:
         """out += sum_b (Q_S^T G_b Q_A)^2 over the batch ([d_out, d_in] float32). ``keep`` (a list,
         only where ``keeps_rotated``): append the rotated gradients [chunk, d_out, d_in] to it too."""
         if keep is not None:

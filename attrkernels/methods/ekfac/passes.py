@@ -151,7 +151,7 @@ class Passes:
         self.replay_budget = replay_budget  # None: ``replay.default_budget`` at each covariance pass
         self.replay: Replay | None = None  # the last covariance pass's captures (``replay``)
         self.held: dict = {}  # checkpoint index -> Replay of the training loss's captures for ``score``
-        self.rotated: dict = {}  # checkpoint index -> the correction's rotated gradients for ``score`` (``Rotations``)
+        self.rotated: dict = {}  # checkpoint index -> Rotations: the correction's rotated gradients for ``score``
         self.plan = make_plan(model, tracked_names(layers))
         self.params = list(self.plan.params)
         self._probed = set()  # the loaders ("train", "test") whose first batch was probed
@@ -381,9 +381,9 @@ class Passes:
         def add(handlers, size, start=None, kept=None):
             parts = {} if kept is not None and not kept.dropped else None
             for layer in self.layers:
-                keep = None if parts is None else parts.setdefault(layer.name, [])
+                keep = {} if parts is None else {"keep": parts.setdefault(layer.name, [])}
                 handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
-                                                self.memory_budget, **({} if keep is None else {"keep": keep}))
+                                                self.memory_budget, **keep)
             self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
                                          for name, t in sums.items()}, "train")
             if parts is not None:
@@ -393,7 +393,8 @@ class Passes:
         replay, self.replay = self.replay, None
         if replay is not None and replay.serves(k, _span(shard)):
             kept = self._rotations(k, fisher, replay)
-            n = sum(add(handlers, size, start, kept) for start, (size, handlers) in zip(replay.starts, replay.batches))
+            n = sum(add(handlers, size, start, kept)
+                    for start, (size, handlers) in zip(replay.starts, replay.batches))
             if kept is not None and not kept.dropped:
                 self.rotated[k] = kept
                 self.held.pop(k, None)  # the scores read the rotated gradients instead
@@ -406,7 +407,6 @@ class Passes:
         out = {f"{name}/lam": t.to(torch.float64) for name, t in sums.items()}
         out["examples"] = torch.tensor([n], device=device)
         return out
-
 
     def _rotations(self, k: int, fisher: str, replay: Replay) -> Rotations | None:
         """Where to keep the correction's rotated gradients for ``score``: with the empirical Fisher
