@@ -99,6 +99,7 @@ def test_scores_read_the_training_gradients_the_covariance_pass_kept(cls, fisher
     model = CountedNet()
     m = cls(model, NetTask(), fisher=fisher, verbose=False).fit(train)
     assert list(m.passes.held) == [0]
+    assert m.passes.rotated == {}  # the Embedding layer's rotated gradient is not kept dense
     model.examples = 0
     got = m.score(test, train=train)
     assert ref_model.examples - model.examples == 24  # no model pass over the training data
