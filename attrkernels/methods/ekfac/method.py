@@ -169,11 +169,10 @@ class EKFAC(AttributionMethod):
                 held = self._held(k, split)
                 with together(f"the score pass of checkpoint {k}", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, f"scores (checkpoint {k})", k, split, inner):
-                        parts = rotated.get(start, size) if rotated is not None else None
+                        parts, handlers = self._train_gradients(held, rotated, start, batch, size)
                         if parts is not None:
                             tile = precondition.rotated_tile(self.passes, parts, columns, size, n_test)
                         else:
-                            handlers = self._train_captures(held, start, batch, size)
                             tile = precondition.tile(self.passes, handlers, factors, queries, size, n_test)
                         tile.div_(-len(fitted))
                         dest.write(offset + start, tile, first=k == 0)
@@ -202,12 +201,11 @@ class EKFAC(AttributionMethod):
                 held, rotated = self._held(k, split), self._rotated(k, split)
                 with together(f"the {what} pass", split.shard, split.group), ExitStack() as inner:
                     for start, batch, size in self._train_batches(train, what, k, split, inner):
-                        kept = rotated.get(start, size) if rotated is not None else None
+                        kept, handlers = self._train_gradients(held, rotated, start, batch, size)
                         if kept is not None:
                             parts.append(precondition.rotated_self_inner(self.passes, kept, inverse, size))
-                            continue
-                        handlers = self._train_captures(held, start, batch, size)
-                        parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
+                        else:
+                            parts.append(precondition.self_inner(self.passes, handlers, factors, inverse, size))
                 values = (torch.cat(parts) if parts else torch.zeros(0)) / len(fitted)
                 total = values if total is None else total + values
         if split.shard is None:
@@ -237,10 +235,14 @@ class EKFAC(AttributionMethod):
         kept = self.passes.rotated.get(k)
         return None if kept is None or split.shard is not None else _HeldBatches(kept)
 
-    def _train_captures(self, held, start: int, batch, size: int) -> dict:
-        """The handlers with the training loss's captures of a batch: kept (``_held``) or recorded."""
+    def _train_gradients(self, held, rotated, start: int, batch, size: int) -> tuple:
+        """A batch's training gradients: (the correction's rotated gradients ``_rotated`` kept, None),
+        else (None, the handlers with the training loss's captures: kept ``_held``, or recorded)."""
+        parts = rotated.get(start, size) if rotated is not None else None
+        if parts is not None:
+            return parts, None
         handlers = held.get(start, size) if held is not None else None
-        return handlers if handlers is not None else self.passes.record(batch, size, self.task.loss, "train")
+        return None, handlers if handlers is not None else self.passes.record(batch, size, self.task.loss, "train")
 
     def _train_loader(self, train):
         if train is not None:

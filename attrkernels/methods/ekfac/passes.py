@@ -387,7 +387,7 @@ class Passes:
             self.check_finite(handlers, {f"the eigenvalue correction of layer {name!r}": t
                                          for name, t in sums.items()}, "train")
             if parts is not None:
-                kept.add(start, size, parts)
+                kept.add(size, parts, start)
             return size
 
         replay, self.replay = self.replay, None

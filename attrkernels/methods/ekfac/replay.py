@@ -102,7 +102,7 @@ class Replay:
         """Keep a batch's captures (``seen``: storages counted already, by this batch's other Replay)."""
         if self.dropped:
             return
-        added = capture_bytes(handlers, seen)
+        added = self.nbytes(handlers, seen)
         self.bytes += added
         self.budget.used += added
         if self.budget.used > self.budget.total and self.yields is not None:
@@ -112,6 +112,10 @@ class Replay:
         else:
             self.batches.append((size, handlers))
             self.starts.append(start)
+
+    @staticmethod
+    def nbytes(handlers: dict, seen: set | None = None) -> int:
+        return capture_bytes(handlers, seen)
 
     def drop(self) -> None:
         if not self.dropped:
@@ -123,28 +127,15 @@ class Replay:
         return not self.dropped and self.k == k and self.span == span
 
 
-class Rotations:
+class Rotations(Replay):
     """The rotated gradients the eigenvalue correction of checkpoint ``k`` formed, per training
-    batch ``{layer: [R chunk [c, d_out, d_in], ...]}`` with the batch's first example and size (as
-    ``Replay``: ``starts``, ``batches`` of (size, parts)), while they fit in ``limit`` bytes;
-    dropped beyond it."""
+    batch ``{layer: [R chunk [c, d_out, d_in], ...]}`` (``add(size, parts, start)``; ``starts`` and
+    ``batches`` of (size, parts) as a ``Replay``'s), while they fit in ``limit`` bytes; dropped
+    beyond it."""
 
     def __init__(self, k: int, limit: int):
-        self.k, self.limit = k, limit
-        self.batches: list = []
-        self.starts: list = []
-        self.bytes = 0
-        self.dropped = limit <= 0
+        super().__init__(k, None, limit)
 
-    def add(self, start: int, size: int, parts: dict) -> None:
-        if self.dropped:
-            return
-        self.bytes += sum(R.untyped_storage().nbytes() for chunks in parts.values() for R in chunks)
-        if self.bytes > self.limit:
-            self.drop()
-        else:
-            self.batches.append((size, parts))
-            self.starts.append(start)
-
-    def drop(self) -> None:
-        self.batches, self.starts, self.bytes, self.dropped = [], [], 0, True
+    @staticmethod
+    def nbytes(parts: dict, seen: set | None = None) -> int:
+        return sum(R.untyped_storage().nbytes() for chunks in parts.values() for R in chunks)
