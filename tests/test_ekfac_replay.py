@@ -177,6 +177,11 @@ def test_empirical_fisher_scores_read_the_rotated_gradients_the_correction_kept(
     # batches that do not line up: a model pass, the same scores
     torch.testing.assert_close(m.score(test, train=net_data(24, 4, batch=6)), want, rtol=1e-4, atol=1e-5)
     assert model.examples == 7 + 6 + 24
+    # a loader yielding the training examples in another order is refused, not scored from the rotations
+    from attrkernels.store import DataMismatch
+
+    with pytest.raises(DataMismatch):
+        m.score(test, train=train[::-1])
 
 
 def test_rotated_gradients_beyond_the_budget_leave_the_kept_captures():
