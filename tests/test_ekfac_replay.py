@@ -167,6 +167,13 @@ def test_empirical_fisher_scores_read_the_rotated_gradients_the_correction_kept(
     assert list(m.passes.rotated) == [0] and m.passes.held == {}  # the captures are released
     kept = m.passes.rotated[0]
     assert [size for size, _ in kept.batches] == [8, 8, 8] and kept.starts == [0, 8, 16]
+    # the head (one position, 198 x 4 weight) keeps its rotated positions, 202 floats an example
+    # instead of 792; the others their formed gradients
+    positions = {name: {chunk.R is None for _, parts in kept.batches for chunk in parts[name]}
+                 for name in ("net.seq", "net.conv", "net.conv2", "net.head")}
+    assert positions == {"net.seq": {False}, "net.conv": {False}, "net.conv2": {False}, "net.head": {True}}
+    head = [chunk for _, parts in kept.batches for chunk in parts["net.head"]]
+    assert sum(c.a.numel() + c.d.numel() for c in head) == 24 * (198 + 4)
     model.examples = 0
     got = m.score(test, train=train)
     assert model.examples == 6 + 1  # the queries and the test loader's one-example probe

@@ -66,6 +66,32 @@ class Query:
     rows: torch.Tensor | None = None
 
 
+@dataclass
+class Rotated:
+    """A chunk of a batch's rotated per-example gradients R_b = Q_S^T D_b^T A_b Q_A, as the
+    correction keeps them for the scores (``KroneckerHandler.correction(keep=...)``): formed, R
+    [c, d_out, d_in], or as the rotated positions that form them, a = A Q_A [c, T, d_in] and
+    d = D Q_S [c, T, d_out], R_b = d_b^T a_b (T (d_in + d_out) floats per example instead of
+    d_out d_in: the smaller for few positions, e.g. GPT-2-small's T = 128 against widths
+    768-3072, or a Linear on [B, d] inputs)."""
+
+    R: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    d: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.R, self.a, self.d) if t is not None)
+
+    def formed(self, budget: int):
+        """R in chunks of examples whose [chunk, d_out, d_in] fit in ``budget`` bytes."""
+        if self.R is not None:
+            yield self.R
+            return
+        step = example_chunk(self.a.shape[0], 4 * self.a.shape[2] * self.d.shape[2], budget)
+        for b0 in range(0, self.a.shape[0], step):
+            yield torch.bmm(self.d[b0:b0 + step].transpose(1, 2), self.a[b0:b0 + step])
+
+
 class KroneckerHandler(Handler):
     """Base of the handlers whose weight EK-FAC / K-FAC factor; see the module docstring."""
 
@@ -187,14 +213,32 @@ class KroneckerHandler(Handler):
             sums.positions += A.shape[0] * A.shape[1] if w is None else int(w.sum())
         return sums
 
+    def keeps_positions(self, bases, bias: bool) -> bool:
+        """Whether ``correction(keep=...)`` keeps the rotated positions (a = A Q_A, d = D Q_S;
+        ``Rotated``) rather than the gradients they form: when they hold fewer floats,
+        T (d_in + d_out) < d_in d_out, and this handler forms no gradients itself. (Then T is
+        below both widths, so ``rotated_gradients`` rotates both sides as positions too.)"""
+        d_in, d_out = self.dims(self.module, bias)
+        return (self.positions() * (d_in + d_out) < d_in * d_out
+                and self.formed_chunks(bases, bias, 0) is None)
+
     def correction(self, out: torch.Tensor, bases, bias: bool, budget: int,
                    keep: list | None = None) -> torch.Tensor:
         """out += sum_b (Q_S^T G_b Q_A)^2 over the batch ([d_out, d_in] float32). ``keep`` (a list,
-        only where ``keeps_rotated``): append the rotated gradients [chunk, d_out, d_in] to it too."""
+        only where ``keeps_rotated``): append the batch's rotated gradients to it too, as
+        ``Rotated`` chunks (``keeps_positions`` says in which form)."""
+        if keep is not None and self.keeps_positions(bases, bias):
+            basis_a, basis_s = bases
+            for _, A, D in self.kron_chunks(bias, budget):
+                kept = Rotated(a=basis_a.rotate(A), d=basis_s.rotate(D))
+                for R in kept.formed(budget):
+                    add_squares(R, out)
+                keep.append(kept)
+            return out
         if keep is not None:
             for R in self.rotated_chunks(bases, bias, budget):
-                out.add_(R.square().sum(0))
-                keep.append(R.contiguous())  # read as [chunk, d_out d_in] rows by every score tile
+                add_squares(R, out)
+                keep.append(Rotated(R=R.contiguous()))  # read as [chunk, d_out d_in] rows by every score tile
             return out
         formed = self.formed_chunks(bases, bias, budget)
         if formed is not None:

@@ -90,14 +90,20 @@ def query_columns(queries: dict) -> dict:
     return {name: q.W.reshape(q.W.shape[0], -1).T.contiguous() for name, q in queries.items()}
 
 
+def _formed(passes, parts: dict, layer):
+    """The layer's kept rotated gradients R_b [c, d_out, d_in] of the batch, chunk by chunk."""
+    for chunk in parts[layer.name]:
+        yield from chunk.formed(passes.memory_budget)
+
+
 def rotated_tile(passes, parts: dict, columns: dict, size: int, n_test: int) -> torch.Tensor:
-    """``tile`` from the batch's kept rotated gradients (``parts``: {layer: [R chunk [c, d_out,
-    d_in]]}, ``replay.Rotations``) and the queries in the eigenbasis (``query_columns``): sum over
-    layers of <R_b, W_j>."""
+    """``tile`` from the batch's kept rotated gradients (``parts``: {layer: [``Rotated`` chunk]},
+    ``replay.Rotations``) and the queries in the eigenbasis (``query_columns``): sum over layers
+    of <R_b, W_j>."""
     out = torch.zeros(size, n_test, dtype=torch.float32)
     for layer in passes.layers:
         W = columns[layer.name]
-        out += torch.cat([R.reshape(R.shape[0], -1) @ W for R in parts[layer.name]]).cpu()
+        out += torch.cat([R.reshape(R.shape[0], -1) @ W for R in _formed(passes, parts, layer)]).cpu()
     passes.check_finite({}, {"the scores": out}, "train", rows=out)
     return out
 
@@ -107,7 +113,7 @@ def rotated_self_inner(passes, parts: dict, inverse: dict, size: int) -> torch.T
     out = torch.zeros(size, dtype=torch.float32)
     for layer in passes.layers:
         M = inverse[layer.name]
-        out += torch.cat([(R.square() * M).sum((1, 2)) for R in parts[layer.name]]).cpu()
+        out += torch.cat([(R.square() * M).sum((1, 2)) for R in _formed(passes, parts, layer)]).cpu()
     passes.check_finite({}, {"the self-influence": out}, "train", rows=out)
     return out
 

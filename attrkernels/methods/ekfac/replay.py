@@ -27,8 +27,10 @@ training data (its pass still checks every example against the fit's).
 With the empirical Fisher the correction's captures are the training loss's too, so the
 correction can also keep the rotated per-example gradients R_b = Q_S^T G_b Q_A it forms
 (``Rotations``, in the budget the captures leave free; every layer's handler must
-``keeps_rotated``); the scores are then <R_b, preconditioned query in the eigenbasis>, one GEMM per
-layer and batch instead of forming each G_b again, and the captures are released.
+``keeps_rotated``), each layer's either formed or as the rotated positions D_b Q_S, A_b Q_A that
+form them, whichever is smaller; the scores are then <R_b, preconditioned query in the
+eigenbasis>, one GEMM per layer and batch (after one batched product where positions were kept)
+instead of rotating each G_b again, and the captures are released.
 
 ``default_budget(device)``: a quarter of the memory available when the fit starts (the host's
 MemAvailable for a CPU model, the free memory of a CUDA device), 0 elsewhere. The captures kept
@@ -129,8 +131,8 @@ class Replay:
 
 class Rotations(Replay):
     """The rotated gradients the eigenvalue correction of checkpoint ``k`` formed, per training
-    batch ``{layer: [R chunk [c, d_out, d_in], ...]}`` (``add(size, parts, start)``; ``starts`` and
-    ``batches`` of (size, parts) as a ``Replay``'s), while they fit in ``limit`` bytes; dropped
+    batch ``{layer: [handlers.kron.Rotated chunk, ...]}`` (``add(size, parts, start)``; ``starts``
+    and ``batches`` of (size, parts) as a ``Replay``'s), while they fit in ``limit`` bytes; dropped
     beyond it."""
 
     def __init__(self, k: int, limit: int):
@@ -138,4 +140,4 @@ class Rotations(Replay):
 
     @staticmethod
     def nbytes(parts: dict, seen: set | None = None) -> int:
-        return sum(R.untyped_storage().nbytes() for chunks in parts.values() for R in chunks)
+        return sum(chunk.nbytes() for chunks in parts.values() for chunk in chunks)
