@@ -15,7 +15,7 @@ from attrkernels.kernels.conv_covariance import supported as conv_supported
 from attrkernels.kernels.conv_grad import conv_example_gradients, conv_rotated_gradients
 from attrkernels.kernels.conv_grad import supported as conv_grad_supported
 from attrkernels.kernels.kfac import (Basis, _eigh, block_sizes, covariance, ekfac_correction, gram_block, homogeneous,
-                                      kron_eigh, rotated_gradients, rotation_plan, token_counts)
+                                      kron_eigh, mirror_upper, rotated_gradients, rotation_plan, token_counts)
 from attrkernels.kernels.kron_score import (kron_inner, kron_self_inner, sparse_rows_inner,
                                             sparse_rows_self_inner)
 
@@ -299,6 +299,12 @@ def test_covariance_of_wide_factors_is_the_mirrored_block_triangle(d):
     assert rel(got, ref) < 1e-5 and torch.equal(got, got.T)
     assert rel(covariance(x, out=torch.eye(d)), ref + torch.eye(d, dtype=torch.float64)) < 1e-5  # accumulates
     assert rel(covariance(x.transpose(1, 2).contiguous().transpose(1, 2)), ref) < 1e-5  # positions-major
+    # unmirrored calls add up in the block upper triangle, and mirror_upper completes the sum
+    out = covariance(x[:20], mirror=False)
+    assert torch.equal(out.tril(-gram_block(d)), torch.zeros(d, d))
+    covariance(x[20:], out=out, mirror=False)
+    assert rel(mirror_upper(out), ref) < 1e-5 and torch.equal(out, out.T)
+    assert torch.equal(mirror_upper(got.clone()), got)  # a mirrored sum is left as it is
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,14 +341,14 @@ def test_conv_gradients_equal_unfolded_products_and_rotate_like_the_naive_refere
 
 def test_eigh_backends_agree(monkeypatch):
     gen = torch.Generator().manual_seed(90)
-    stack = torch.stack([spd(9, gen), spd(9, gen)])
-    e1, q1 = _eigh(stack)  # SciPy's dsyevd when threadpoolctl is there
+    stack = [spd(9, gen), spd(9, gen)]
+    first = _eigh([m.clone() for m in stack])  # SciPy's dsyevd when threadpoolctl is there
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails: torch.linalg.eigh
-    e2, q2 = _eigh(stack)
-    assert rel(e1, e2) < 1e-12
-    for k in range(2):
-        assert rel(q1[k] @ torch.diag(e1[k]) @ q1[k].T, stack[k]) < 1e-12
-        assert rel(q2[k] @ torch.diag(e2[k]) @ q2[k].T, stack[k]) < 1e-12
+    second = _eigh([m.clone() for m in stack])
+    for m, (e1, q1), (e2, q2) in zip(stack, first, second):
+        assert rel(e1, e2) < 1e-12 and q1.is_contiguous() and q2.is_contiguous()
+        assert rel(q1 @ torch.diag(e1) @ q1.T, m) < 1e-12
+        assert rel(q2 @ torch.diag(e2) @ q2.T, m) < 1e-12
 
 
 def test_kron_eigh_in_float32_is_backward_stable_and_returns_float64():

@@ -59,16 +59,18 @@ def gram_block(d: int) -> int | None:
     return NARROW_GRAM_BLOCK if d <= 512 else GRAM_BLOCK
 
 
-def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def covariance(x: torch.Tensor, out: torch.Tensor | None = None, mirror: bool = True) -> torch.Tensor:
     """out += sum over all leading positions of x x^T: x [..., d] -> out [d, d] (float32).
 
     With X = x as [n, d] rows (n = prod(leading dims)), out += X^T X. Up to d = 128 one GEMM
     (2 n d^2 FLOPs); wider, only the block upper triangle is multiplied, a GEMM per block row
     [b, n] x [n, d - i] (b = ``gram_block(d)``; a symmetric rank-n update: about half the FLOPs,
     in GEMMs still wide enough to run near the matmul peak; ``benchmarks/ekfac.py`` times both)
-    and mirrored. For the activation factor pass A with a column of ones appended (``homogeneous``)
-    when the layer has a bias. A positions-major x is multiplied as [d, n] columns (one copy
-    with contiguous runs).
+    and mirrored; without ``mirror`` only those block rows of out are added to (a sum over many
+    calls mirrored once at the end, ``mirror_upper``: the per-call strided transpose-add was 11%
+    of the time at d = 3072, n = 1024). For the activation factor pass A with a column of ones
+    appended (``homogeneous``) when the layer has a bias. A positions-major x is multiplied as
+    [d, n] columns (one copy with contiguous runs).
     """
     x = x.to(torch.float32)
     d = x.shape[-1]
@@ -82,9 +84,24 @@ def covariance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
         return out.addmm_(cols, cols.T)
     for i in range(0, d, block):
         j = min(d, i + block)
+        if not mirror:
+            out[i:j, i:].addmm_(cols[i:j], cols[i:].T)
+            continue
         part = cols[i:j] @ cols[i:].T  # rows i:j, columns i:d
         out[i:j, i:] += part
         out[j:, i:j] += part[:, j - i:].T
+    return out
+
+
+def mirror_upper(out: torch.Tensor) -> torch.Tensor:
+    """Fill the block lower triangle of a [d, d] sum of ``covariance(..., mirror=False)`` calls
+    from its block upper triangle, in place (a symmetric matrix is left as it is)."""
+    block = gram_block(out.shape[0]) if out.ndim == 2 else None
+    if block is not None:
+        d = out.shape[0]
+        for i in range(0, d, block):
+            j = min(d, i + block)
+            out[j:, i:j] = out[i:j, j:].T
     return out
 
 
@@ -175,18 +192,21 @@ def block_sizes(dim: int, block_width: int | None) -> list[int]:
     return [dim // n + (1 if i < dim % n else 0) for i in range(n)]
 
 
-def _eigh(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched symmetric eigendecomposition [k, w, w] -> ([k, w], [k, w, w]) in the input's dtype.
+def _eigh(mats: list) -> list:
+    """Eigendecompositions of symmetric [w, w] matrices of one size and dtype -> [(e [w], Q [w, w]
+    contiguous)] in that dtype. The matrices are scratch: they may be overwritten.
 
     On the CPU in float64, LAPACK's dsyevd (divide and conquer) through SciPy with as many BLAS
-    threads as torch uses, because torch.linalg.eigh's CPU path (MKL) was the slower of the two
-    at the factor widths of the benchmarked models (Intel Xeon, one thread, width 3072: 7.1-7.6 s
-    against 8.1-8.3 s); in float32 MKL's ssyevd is the faster (3.1-3.8 s against 3.4-4.3 s; the 96
-    GPT-2-small factors: 92 s in kronfluence's run against 133 s through SciPy). SciPy's path
-    needs threadpoolctl (a dependency of scikit-learn) to hold its BLAS to torch's thread count;
-    without it, in float32 and on GPUs, torch.linalg.eigh.
+    threads as torch uses, one matrix at a time, because torch.linalg.eigh's CPU path (MKL) was
+    the slower of the two at the factor widths of the benchmarked models (Intel Xeon, one thread,
+    width 3072: 7.1-7.6 s against 8.1-8.3 s); in float32 MKL's ssyevd is the faster (3.1-3.8 s
+    against 3.4-4.3 s; the 96 GPT-2-small factors: 92 s in kronfluence's run against 133 s
+    through SciPy). A symmetric matrix is its own transpose, so SciPy gets the row-major matrix as
+    the column-major array LAPACK works on and overwrites it: no copy in, one out (Q to row-major).
+    SciPy's path needs threadpoolctl (a dependency of scikit-learn) to hold its BLAS to torch's
+    thread count; without it, in float32 and on GPUs, torch.linalg.eigh on the stacked batch.
     """
-    if stack.device.type == "cpu" and stack.dtype == torch.float64:
+    if mats[0].device.type == "cpu" and mats[0].dtype == torch.float64:
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:
@@ -194,11 +214,14 @@ def _eigh(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if threadpool_limits is not None:
             from scipy.linalg import eigh
 
+            out = []
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-                pairs = [eigh(m.numpy(), driver="evd", check_finite=False) for m in stack]
-            return (torch.from_numpy(np.stack([e for e, _ in pairs])),
-                    torch.from_numpy(np.stack([q for _, q in pairs])))
-    return torch.linalg.eigh(stack)
+                for m in mats:
+                    e, q = eigh(m.numpy().T, driver="evd", check_finite=False, overwrite_a=True)
+                    out.append((torch.from_numpy(e), torch.from_numpy(q).contiguous()))
+            return out
+    values, vectors = torch.linalg.eigh(torch.stack(mats))
+    return [(values[k], vectors[k].contiguous()) for k in range(len(mats))]
 
 
 EIGH_DTYPES = (torch.float64, torch.float32)
@@ -213,7 +236,7 @@ def kron_eigh(factors: list, block_width: int | None = None, dtype: torch.dtype 
     decomposes blockdiag(F_11, F_22, ...) exactly, not F. For EK-FAC this only changes the basis
     (still orthonormal) in which Lambda is then fitted exactly, so the approximation degrades
     gracefully; for K-FAC the eigenvalues are those of the blocks. Blocks (and whole factors) of
-    equal size are stacked and decomposed in one batched call (``_eigh``).
+    equal size are decomposed in one call (``_eigh``).
     Eigenvalues come per block in ascending order and are not clipped (they can be tiny negative
     numbers for rank-deficient factors). A diagonal factor has the identity basis.
 
@@ -240,20 +263,21 @@ def kron_eigh(factors: list, block_width: int | None = None, dtype: torch.dtype 
         layout.append(sizes)
         start = 0
         for j, w in enumerate(sizes):
-            jobs.setdefault(w, []).append((i, j, f[start:start + w, start:start + w]))
+            block = f[start:start + w, start:start + w]
+            jobs.setdefault(w, []).append((i, j, block.contiguous() if len(sizes) > 1 else block))
             start += w
     solved = {}
     for w, items in jobs.items():
-        values, vectors = (t.to(torch.float64) for t in _eigh(torch.stack([m for _, _, m in items]).to(dtype)))
-        for k, (i, j, _) in enumerate(items):
-            solved[i, j] = (values[k], vectors[k])
+        pairs = _eigh([m.to(dtype) for _, _, m in items])
+        for (i, j, _), (e, q) in zip(items, pairs):
+            solved[i, j] = (e.to(torch.float64), q.to(torch.float64))
     out = []
     for i, f in enumerate(factors):
         if layout[i] is None:
             out.append((f.to(torch.float64), Basis(f.shape[0])))
             continue
         parts = [solved[i, j] for j in range(len(layout[i]))]
-        out.append((torch.cat([e for e, _ in parts]), Basis(f.shape[0], tuple(q.contiguous() for _, q in parts))))
+        out.append((torch.cat([e for e, _ in parts]), Basis(f.shape[0], tuple(q for _, q in parts))))
     return out
 
 

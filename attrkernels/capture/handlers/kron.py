@@ -204,12 +204,13 @@ class KroneckerHandler(Handler):
     # ----------------------------------------------------------------------------- factors
     def covariances(self, sums: CovarianceSums, bias: bool, budget: int) -> CovarianceSums:
         """Add the batch's sum_{b,t} w_bt a a^T to ``sums.A`` (w: the token weights, 1 without a
-        mask), its sum of w_bt delta delta^T to ``sums.S`` (float32 [d, d]) and its number of
+        mask), its sum of w_bt delta delta^T to ``sums.S`` (float32 [d, d]; their block upper
+        triangles, ``kernels.kfac.mirror_upper`` completes them after the pass) and its number of
         counted positions to ``sums.positions``. (A padded position has delta = 0 at a layer's
         own positions; at a tied Embedding's, d is the one-hot token, which the mask removes.)"""
         for _, A, D, w in self.kron_chunks(bias, budget, weights=True):
-            sums.A = covariance(A if w is None else A * w.unsqueeze(-1), out=sums.A)
-            sums.S = covariance(D if w is None else D * w.unsqueeze(-1), out=sums.S)
+            sums.A = covariance(A if w is None else A * w.unsqueeze(-1), out=sums.A, mirror=False)
+            sums.S = covariance(D if w is None else D * w.unsqueeze(-1), out=sums.S, mirror=False)
             sums.positions += A.shape[0] * A.shape[1] if w is None else int(w.sum())
         return sums
 

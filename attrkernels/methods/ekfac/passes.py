@@ -27,6 +27,7 @@ from ...capture.core import NonFiniteExamples, nonfinite_rows
 from ...capture.handlers import CovarianceSums
 from ...capture.hooks import release_outputs, unbatched_modules
 from ...distributed import shard_loader
+from ...kernels.kfac import mirror_upper
 from ...kernels.philox import derive_seed
 from ...store import DataMismatch, StoreMismatch
 from ...tasks.base import implements, token_mask
@@ -357,7 +358,7 @@ class Passes:
             a_shape = (layer.d_in,) if layer.handler.diagonal_activation else (layer.d_in, layer.d_in)
             for key, value, shape in (("A", s.A, a_shape), ("S", s.S, (layer.d_out, layer.d_out))):
                 out[f"{name}/{key}"] = (torch.zeros(shape, dtype=torch.float64, device=device) if value is None
-                                        else value.to(torch.float64))
+                                        else mirror_upper(value).to(torch.float64))
             out[f"{name}/positions"] = torch.tensor([s.positions], device=device)
         return out
 
