@@ -54,7 +54,7 @@ def test_kfac_keeps_no_captures_and_the_budget_is_checked():
             ak.EKFAC(model, task, replay_budget=bad)
 
 
-def test_replay_counts_each_storage_once_and_drops_everything_beyond_the_budget():
+def test_replay_counts_each_storage_once_and_keeps_the_prefix_of_batches_that_fits():
     class H:
         def __init__(self, records):
             self.records = records
@@ -67,11 +67,27 @@ def test_replay_counts_each_storage_once_and_drops_everything_beyond_the_budget(
     handlers = {"a": H([R(x, x[:5]), R(x[1:], None)]), "b": H([R(torch.zeros(3), torch.zeros(2))])}
     assert capture_bytes(handlers) == 4 * (40 + 3 + 2)
     keep = Replay(0, None, 300)
-    keep.add(10, handlers)
+    keep.add(10, handlers, 0)
     assert keep.serves(0, None) and not keep.serves(1, None) and not keep.serves(0, (0, 10))
-    keep.add(10, handlers)
-    assert not keep.serves(0, None) and keep.batches == []
+    other = {"a": H([R(torch.zeros(10, 4), None)])}
+    keep.add(10, other, 10)  # 160 more bytes: beyond the budget, so keeping stops here
+    keep.add(10, {"a": H([R(torch.zeros(1), None)])}, 20)  # would fit, but batches are kept in order
+    assert keep.serves(0, None) and not keep.complete and keep.starts == [0] and keep.end == 10
+    assert keep.bytes == keep.budget.used == 180
     assert not Replay(0, None, 0).serves(0, None)
+    # a second Replay on the same budget gives way when that makes room, and stops with the first
+    held = Replay(0, None, 300)
+    keep = Replay(0, None, held.budget, yields=held)
+    held.add(10, other, 0)
+    seen = set()
+    keep.add(10, handlers, 0, seen)
+    assert held.dropped and keep.budget.used == 180 and len(seen) == 3
+    held, seen = Replay(0, None, 400), set()
+    keep = Replay(0, None, held.budget, yields=held)
+    keep.add(10, handlers, 0, seen)
+    held.add(10, handlers, 0, seen)  # its storages are counted by keep already
+    keep.add(10, {"a": H([R(torch.zeros(70), None)])}, 10, seen)  # 280 bytes: dropping held frees none
+    assert len(seen) == 3 and keep.starts == held.starts == [0] and not keep.accepting and not held.accepting
     assert default_budget(torch.device("cpu")) > 0
 
 
@@ -134,7 +150,10 @@ def test_kept_training_gradients_give_way_to_the_correction_within_the_budget():
 
     m.passes.correction = counting
     m.fit(train)
-    assert passes == [True] and m.passes.held == {}  # the correction replayed, the scores' captures dropped
+    # the correction replayed every batch; the scores' captures stopped at the batch beyond the budget
+    assert passes == [True] and m.passes.held[0].starts == [0, 8]
+    torch.testing.assert_close(m.score(net_data(6, 9), train=train), probe.score(net_data(6, 9), train=train),
+                               rtol=1e-5, atol=1e-6)
 
 
 class SmoothedTask(NetTask):
@@ -191,8 +210,10 @@ def test_empirical_fisher_scores_read_the_rotated_gradients_the_correction_kept(
         m.score(test, train=train[::-1])
 
 
-def test_rotated_gradients_beyond_the_budget_leave_the_kept_captures():
-    train = net_data(24, 4)
+def test_rotations_kept_for_part_of_the_batches_serve_those_and_the_kept_captures_the_rest(tmp_path):
+    train, test = net_data(24, 4), net_data(6, 9)
+    ref = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, store=tmp_path, verbose=False).fit(train)
+    want, want_self = ref.score(test, train=train), ref.self_influence(train)
     full = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, verbose=False)
     seen = []
     orig = full.passes.correction
@@ -203,9 +224,44 @@ def test_rotated_gradients_beyond_the_budget_leave_the_kept_captures():
 
     full.passes.correction = captures
     full.fit(train)
-    rotations = full.passes.rotated[0].bytes
-    m = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, replay_budget=seen[0] + rotations - 1,
-                 verbose=False).fit(train)
-    assert m.passes.rotated == {} and list(m.passes.held) == [0]
-    torch.testing.assert_close(m.score(net_data(6, 9), train=train), full.score(net_data(6, 9), train=train),
-                               rtol=1e-4, atol=1e-5)
+    one_batch = full.passes.rotated[0].bytes // 3
+    model = CountedNet()
+    m = ak.EKFAC(model, NetTask(), fisher="empirical", params=[f"net.{p}" for p in DENSE],
+                 replay_budget=seen[0] + one_batch * 3 // 2, verbose=False).fit(train)
+    assert m.passes.rotated[0].starts == [0] and m.passes.held[0].starts == [8, 16]  # batch 0's captures released
+    model.examples = 0
+    torch.testing.assert_close(m.score(test, train=train), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.self_influence(train), want_self, rtol=1e-4, atol=1e-5)
+    assert model.examples == 6 + 1  # the queries and the test loader's probe: no training example
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_a_budget_for_part_of_the_pass_replays_those_batches_and_runs_the_model_on_the_rest(fisher, tmp_path):
+    train, test = net_data(24, 4), net_data(6, 9)
+
+    def fit(budget, store):
+        model = CountedNet()
+        m = ak.EKFAC(model, NetTask(), fisher=fisher, replay_budget=budget, store=tmp_path / store, verbose=False)
+        seen = {}
+        orig = m.passes.correction
+
+        def correction(*args, **kwargs):
+            replay = m.passes.replay
+            seen.update(kept=[] if replay is None else replay.starts, bytes=0 if replay is None else replay.bytes)
+            before = model.examples
+            out = orig(*args, **kwargs)
+            seen["model"] = model.examples - before
+            return out
+
+        m.passes.correction = correction
+        return m.fit(train), seen
+
+    full, seen_full = fit(None, "full")
+    assert seen_full["kept"] == [0, 8, 16] and seen_full["model"] == 0
+    ref, seen_ref = fit(0, "ref")
+    assert seen_ref["kept"] == [] and seen_ref["model"] == 24
+    part, seen = fit(seen_full["bytes"] // 3 * 3 // 2, "part")  # room for one batch and a half
+    assert seen["kept"] == [0] and seen["model"] == 16
+    for layer in LAYERS:
+        assert torch.equal(part.factors[0][f"net.{layer}"].lam, ref.factors[0][f"net.{layer}"].lam), layer
+    assert torch.equal(part.score(test, train=train), ref.score(test, train=train))

@@ -47,16 +47,17 @@ add_bias_kv, and layers that the
 first training batch shows called without the batch dimension such as GPT-2's ``wpe``), listed
 in ``skipped``; naming such a parameter in ``params`` raises. A tied weight (GPT-2's lm_head =
 wte) is one layer whose other uses add positions to its factors (``selection``), so its
-gradient is counted once; a weight also used where no hook sees it is refused (the first batch
-is checked against autograd). A task's ``token_mask`` (``LanguageModeling``; a dict batch's
+gradient is counted once; a weight also used where no hook sees it is refused (the first
+example's gradients are checked against autograd). A task's ``token_mask`` (``LanguageModeling``; a dict batch's
 ``attention_mask`` for ``Classification``) leaves padding out of the factors. The handlers compute every layer-specific statistic; this package only
 orchestrates.
 
 Cost. ``fit`` makes two passes over the training data per checkpoint for EK-FAC (covariances,
 then Lambda; one for K-FAC) and a batched eigendecomposition (float64, or float32 with
-``eigh_dtype``: 2-2.5x faster at widths 2304-3072). When the covariance pass's captured inputs
-and output-gradients fit in ``replay_budget`` (default a quarter of the available memory) the
-Lambda stage reads them instead of running the model (``replay``; with the true Fisher the
+``eigh_dtype``: 2-2.5x faster at widths 2304-3072). The covariance pass keeps its captured
+inputs and output-gradients batch by batch while they fit in ``replay_budget`` (default a quarter
+of the available memory), and the Lambda stage reads those batches instead of running the model
+on them (``replay``; with the true Fisher the
 covariance pass then runs a second backward pass at the Lambda stage's labels, from the same
 forward pass: ``task.sampled_losses``). Without a store (the factors then serve only this
 process) the covariance pass also keeps, within the same budget, the output-gradients of the
@@ -65,9 +66,11 @@ with_loss=True)``; with the empirical Fisher its own captures), and ``score`` / 
 read them instead of running the model over the training data: fit + score then make one forward
 pass over it. With the empirical Fisher those captures are the correction's own, so the
 correction also keeps the rotated gradients Q_S^T G_b Q_A it forms (within the budget the
-captures leave, when no layer is an Embedding) and the scores are their inner products with the
-queries in the eigenbasis: no training gradient is formed twice (text-lm: one forward and one
-backward pass over the training data, ``benchmarks/text_lm_floor.py``). ``score`` makes one pass
+captures leave, when no layer is an Embedding; a layer with fewer positions than its widths keeps
+the rotated positions D_b Q_S and A_b Q_A instead, T (d_in + d_out) floats per example, not
+d_out d_in) and the scores are their inner products with the queries in the eigenbasis: no
+training gradient is rotated twice (text-lm: one forward and one backward pass over the
+training data, ``benchmarks/text_lm_floor.py``). ``score`` makes one pass
 over the test set (preconditioned query gradients held in memory: n_test x tracked parameters
 floats) and one over the training set (checked example by example, a model pass only when
 nothing was kept), streaming [batch, n_test] tiles into ``out``; per layer

@@ -50,11 +50,11 @@ class EKFAC(AttributionMethod):
     memory_budget: bytes of per-example tensors (unfolded inputs, gradients) held at once; the
         default 24 MiB stays under glibc's mmap threshold (see ``kernels.kfac.DEFAULT_MEMORY``).
     replay_budget: bytes of the covariance pass's captured inputs and output-gradients kept for
-        the eigenvalue correction, which then needs no second pass over the model (``replay``),
-        and, without a store, of the training loss's output-gradients kept for ``score`` /
-        ``self_influence`` (held until the next ``fit`` or until the method is deleted);
-        None: a quarter of the memory available at each covariance pass; 0: never kept. The
-        factors and scores do not depend on it.
+        the eigenvalue correction, which then runs no model on the batches kept (``replay``; the
+        batches are kept in order while they fit), and, without a store, of the training loss's
+        output-gradients kept for ``score`` / ``self_influence`` (held until the next ``fit`` or
+        until the method is deleted); None: a quarter of the memory available at each covariance
+        pass; 0: never kept. The factors and scores do not depend on it.
     """
 
     strategy = "ekfac"

@@ -288,7 +288,8 @@ class Passes:
         delta delta^T), ``<layer>/positions`` and ``examples`` (int64 [1] counts); zeros for an
         empty shard. ``replay``: keep the pass's captures for the ``correction`` that follows
         (``replay``); ``hold``: keep the captures of the training loss's gradients for ``score``
-        (``held[k]``; a whole pass only)."""
+        (``held[k]``; a whole pass only). Each keeps the prefix of the batches that fits in the
+        replay budget."""
         sums = {layer.name: CovarianceSums() for layer in self.layers}
         n = 0
         offset = 0 if shard is None else shard.start
@@ -304,7 +305,7 @@ class Passes:
         # output-gradients of a second backward pass at those labels (``task.sampled_losses``).
         two = fisher == "true" and replay and budget.total > 0 and implements(self.task, "sampled_losses")
         if fisher == "true" and not two:
-            keep.dropped = True
+            keep.drop()
 
         def add(handlers):
             for layer in self.layers:
@@ -321,8 +322,8 @@ class Passes:
                         handlers = correction = self.record(batch, size, self.task.loss, "train")
                         add(handlers)
                     else:
-                        stages = (0, 1) if two and not keep.dropped else (0,)
-                        with_loss = not held.dropped
+                        stages = (0, 1) if two and keep.accepting else (0,)
+                        with_loss = held.accepting
                         if len(stages) == 1 and not with_loss:
                             handlers = self.record(batch, size, fisher_loss(self.task, fisher, seed, 0, k, first),
                                                    "train")
@@ -373,14 +374,15 @@ class Passes:
     def correction(self, train, k: int, factors: dict, fisher: str, seed: int, data: Recorded, shard=None) -> dict:
         """Stage "lambda" of checkpoint k over the loader (or its ``shard``): the unnormalised
         sums ``<layer>/lam`` = sum_b (Q_S^T G_b Q_A)^2 (float64) and ``examples`` (int64 [1]);
-        from the covariance pass's captures when it kept them (``replay``), else a pass."""
+        from the covariance pass's captures for the batches it kept (``replay``), a pass over
+        the rest."""
         device = model_device(self.model)
         sums = {layer.name: torch.zeros(layer.d_out, layer.d_in, device=device) for layer in self.layers}
         n = 0
         offset = 0 if shard is None else shard.start
         desc = f"eigenvalue correction (checkpoint {k})"
         def add(handlers, size, start=None, kept=None):
-            parts = {} if kept is not None and not kept.dropped else None
+            parts = {} if kept is not None and kept.accepting else None
             for layer in self.layers:
                 keep = {} if parts is None else {"keep": parts.setdefault(layer.name, [])}
                 handlers[layer.name].correction(sums[layer.name], factors[layer.name].bases32(), layer.bias,
@@ -392,16 +394,28 @@ class Passes:
             return size
 
         replay, self.replay = self.replay, None
+        rest = 0  # the first example the model has to run on
         if replay is not None and replay.serves(k, _span(shard)):
             kept = self._rotations(k, fisher, replay)
             n = sum(add(handlers, size, start, kept)
                     for start, (size, handlers) in zip(replay.starts, replay.batches))
+            rest = None if replay.complete else replay.end
             if kept is not None and not kept.dropped:
                 self.rotated[k] = kept
-                self.held.pop(k, None)  # the scores read the rotated gradients instead
-        elif shard is None or len(shard):
+                held = self.held.get(k)  # the same batches' captures: the scores read the rotations instead
+                if held is not None:
+                    held.trim(len(kept.batches))
+                    if held.dropped:
+                        del self.held[k]
+        if rest is not None and (shard is None or len(shard)):
             with self.over(train, "train", desc, f"checkpoint {k}", data, shard) as batches:
                 for start, batch, size in batches:
+                    if start < rest:
+                        if start + size > rest:
+                            raise RuntimeError(f"the training loader's batches changed between the covariance and "
+                                               f"correction passes of checkpoint {k} (a batch from example "
+                                               f"{start} crosses {rest}); pass a loader with a fixed batching")
+                        continue
                     loss = fisher_loss(self.task, fisher, seed, 1, k, offset + start)
                     n += add(self.record(batch, size, loss, "train"), size)
         del replay

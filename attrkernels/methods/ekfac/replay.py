@@ -1,8 +1,9 @@
 """The covariance pass's captures, kept for the eigenvalue correction of the same checkpoint.
 
 Both factor stages need, per training batch, the tracked layers' inputs a and output-gradients
-delta under the Fisher's loss. When the captures of the whole covariance pass fit in ``budget``
-bytes they are kept, and the correction stage reads them instead of running the model again:
+delta under the Fisher's loss. The covariance pass keeps its captures batch by batch while they
+fit in ``budget`` bytes, and the correction stage reads that prefix of the batches instead of
+running the model on them again (the model then runs on the batches after it only):
 
 * ``fisher="empirical"``: both stages use the dataset's labels, so the captures are reused as
   they are (one forward + backward over the training data instead of two);
@@ -22,7 +23,8 @@ with the true Fisher the task gives the loss from the same forward pass (``sampl
 with_loss=True)``) and a last backward pass captures its output-gradients (the inputs are shared
 with the correction's captures); with the empirical Fisher the covariance pass's captures are
 those gradients already. ``score`` then reads them instead of running the model over the
-training data (its pass still checks every example against the fit's).
+training data (its pass still checks every example against the fit's; batches after the kept
+prefix go through the model).
 
 With the empirical Fisher the correction's captures are the training loss's too, so the
 correction can also keep the rotated per-example gradients R_b = Q_S^T G_b Q_A it forms
@@ -30,7 +32,8 @@ correction can also keep the rotated per-example gradients R_b = Q_S^T G_b Q_A i
 ``keeps_rotated``), each layer's either formed or as the rotated positions D_b Q_S, A_b Q_A that
 form them, whichever is smaller; the scores are then <R_b, preconditioned query in the
 eigenbasis>, one GEMM per layer and batch (after one batched product where positions were kept)
-instead of rotating each G_b again, and the captures are released.
+instead of rotating each G_b again, and the captures they cover are released (the scores read
+the rotations' prefix, then the captures kept after it, then the model).
 
 ``default_budget(device)``: a quarter of the memory available when the fit starts (the host's
 MemAvailable for a CPU model, the free memory of a CUDA device), 0 elsewhere. The captures kept
@@ -86,11 +89,13 @@ class Budget:
 
 
 class Replay:
-    """The (size, handlers) of every batch of one covariance pass (checkpoint ``k``, shard
-    range ``span``) while the captures kept under ``budget`` (bytes, or a shared ``Budget``)
-    stay within it; dropped beyond it (its bytes then return to the budget), after dropping
-    ``yields`` (another Replay on the same budget) if that makes them fit. ``starts``: the
-    first example of each kept batch."""
+    """The (size, handlers) of the batches of one covariance pass (checkpoint ``k``, shard range
+    ``span``) whose captures fit in ``budget`` (bytes, or a shared ``Budget``): every batch while
+    they fit; at the first batch beyond it, ``yields`` (another Replay on the same budget) is
+    dropped if that makes room, else keeping stops there (here and in ``yields``) and the batches
+    kept so far stay: a prefix of the pass (``complete`` when it is the whole pass; ``dropped``
+    when it is empty). ``starts``: the first example of each kept batch; ``end``: the first
+    example after the prefix."""
 
     def __init__(self, k: int, span, budget, yields: "Replay | None" = None):
         self.k, self.span, self.yields = k, span, yields
@@ -98,42 +103,69 @@ class Replay:
         self.batches: list = []
         self.starts: list = []
         self.bytes = 0
+        self.end = 0
         self.dropped = self.budget.total <= 0
+        self.accepting = not self.dropped  # every batch so far was kept
 
     def add(self, size: int, handlers: dict, start: int | None = None, seen: set | None = None) -> None:
-        """Keep a batch's captures (``seen``: storages counted already, by this batch's other Replay)."""
-        if self.dropped:
+        """Keep a batch's captures if they fit (``seen``: storages counted already, by this
+        batch's other Replay; the batch's are added to it only when they are kept)."""
+        if not self.accepting:
             return
-        added = self.nbytes(handlers, seen)
+        counted = set() if seen is None else set(seen)
+        added = self.nbytes(handlers, counted)
+        over = self.budget.used + added - self.budget.total
+        if over > 0 and self.yields is not None and not self.yields.dropped and self.yields.bytes >= over:
+            self.yields.drop()
+        if self.budget.used + added > self.budget.total:
+            self.stop()
+            if self.yields is not None:
+                self.yields.stop()
+            return
+        if seen is not None:
+            seen |= counted
         self.bytes += added
         self.budget.used += added
-        if self.budget.used > self.budget.total and self.yields is not None:
-            self.yields.drop()
-        if self.budget.used > self.budget.total:
-            self.drop()
-        else:
-            self.batches.append((size, handlers))
-            self.starts.append(start)
+        self.batches.append((size, handlers))
+        self.starts.append(start)
+        self.end = (start or 0) + size
 
     @staticmethod
     def nbytes(handlers: dict, seen: set | None = None) -> int:
         return capture_bytes(handlers, seen)
 
+    def stop(self) -> None:
+        """Keep no later batch (those kept stay)."""
+        self.accepting = False
+        self.dropped = not self.batches
+
     def drop(self) -> None:
         if not self.dropped:
             self.budget.used -= self.bytes
-            self.batches, self.starts, self.bytes, self.dropped = [], [], 0, True
+        self.batches, self.starts, self.bytes, self.end = [], [], 0, 0
+        self.dropped, self.accepting = True, False
+
+    @property
+    def complete(self) -> bool:
+        """Whether every batch of the pass was kept (asked after the pass)."""
+        return self.accepting
 
     def serves(self, k: int, span) -> bool:
-        """Whether this holds the whole covariance pass of checkpoint ``k`` over ``span``."""
+        """Whether this holds a prefix (at least one batch) of the covariance pass of checkpoint
+        ``k`` over ``span``."""
         return not self.dropped and self.k == k and self.span == span
+
+    def trim(self, count: int) -> None:
+        """Release the first ``count`` kept batches (others serve them now)."""
+        self.batches, self.starts = self.batches[count:], self.starts[count:]
+        self.dropped = not self.batches
 
 
 class Rotations(Replay):
     """The rotated gradients the eigenvalue correction of checkpoint ``k`` formed, per training
     batch ``{layer: [handlers.kron.Rotated chunk, ...]}`` (``add(size, parts, start)``; ``starts``
-    and ``batches`` of (size, parts) as a ``Replay``'s), while they fit in ``limit`` bytes; dropped
-    beyond it."""
+    and ``batches`` of (size, parts) as a ``Replay``'s), for the prefix of the batches that fits
+    in ``limit`` bytes."""
 
     def __init__(self, k: int, limit: int):
         super().__init__(k, None, limit)
