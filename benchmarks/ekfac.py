@@ -63,6 +63,19 @@ from .common import RESULTS, markdown_table, matmul_peak_gflops, provenance, wri
 from .setup_task import checkpoints, ground_truth, lds_of
 
 EIGH_FLOPS = 4.7  # x d^3: tridiagonal reduction 4/3, divide and conquer ~4/3, back-transformation 2
+
+
+def rotation_flops(T: int, i: int, o: int) -> int:
+    """FLOPs of one sequence's rotated gradient Q_S^T G Q_A (T positions, G [o, i]): the cheaper of
+    rotating the positions on both sides then forming it, and forming it then rotating it."""
+    return min(2 * T * (i * i + o * o) + 2 * T * i * o, 2 * T * i * o + 2 * i * o * (i + o))
+
+
+def kept_form_flops(T: int, i: int, o: int) -> int:
+    """FLOPs the empirical Fisher's scores spend per training sequence to re-form the rotated
+    gradient the correction kept: 2 T i o where it kept the rotated positions (T (i + o) < i o,
+    ``KroneckerHandler.keeps_positions``), none where it kept the gradient formed."""
+    return 2 * T * i * o if T * (i + o) < i * o else 0
 NOTES = """
 Where the difference comes from (same factors, same eigendecompositions, same three passes over
 the training data): the eigenvalue correction and the scores rotate whichever side is cheaper

@@ -64,7 +64,7 @@ import attrkernels as ak
 from attrkernels.integrations.hf import conv1d_names, conv1d_params, conv1d_to_linear
 
 from .common import RESULTS, markdown_table, matmul_peak_gflops, peak_rss, provenance, reset_peak_rss, write_results
-from .ekfac import EIGH_FLOPS, Clock, kronfluence
+from .ekfac import EIGH_FLOPS, Clock, kept_form_flops, kronfluence, rotation_flops
 
 WORKERS = ("ours", "kronfluence", "ours-eigh32", "kronfluence-eigh32")
 SIZES = {
@@ -178,31 +178,35 @@ def pass_flops(a, dims) -> float:
 
 def ekfac_flops(a, dims) -> dict:
     """fp32 FLOPs of our EK-FAC per stage (fp64 for the eigendecompositions), n = --train, q = --test,
-    for each layer (d_in = i with the bias column, d_out = o, T tokens), as it runs with its
-    captures kept (``methods.ekfac.replay``): over the training data one forward pass and three
-    backward passes (the covariances' labels, the correction's, the training loss for the scores;
-    one with ``--fisher empirical``), each half of ``pass_flops``; the correction and the scores
-    then run no model pass (GPT-2-small's rotated gradients, n x 85M floats, exceed the replay
-    budget of a 24 GiB machine, so there the empirical Fisher's scores form the training gradients
-    from the kept captures as the true Fisher's do):
+    for each layer (d_in = i with the bias column, d_out = o, T tokens), as it runs with all its
+    captures kept (``methods.ekfac.replay``; with fewer kept it runs more model passes, so this
+    is a lower bound): over the training data one forward pass and three backward passes (the
+    covariances' labels, the correction's, the training loss for the scores; one with
+    ``--fisher empirical``), each half of ``pass_flops``; the correction and the scores then run
+    no model pass:
 
     covariances: n x (passes + T (i^2 + o^2))        (symmetric products: half the GEMM)
     eigendecompositions: 4.7 (i^3 + o^3)             (float64)
-    correction: n x (min(rotate A and D then form, form G then rotate) + square)
-    scores: q x (pass + form G_q) + n x form G_i + n q 2 i o, plus the cheaper of
+    correction: n x (rot = min(rotate A and D then form, form G then rotate) + square)
+    scores, true Fisher: q x (pass + form G_q) + n x form G_i + n q 2 i o, plus the cheaper of
             preconditioning each query in parameter space (q x 4 i o (i + o)) and rotating both
-            sides into the eigenbasis (q x 2 i o (i + o) + n x 2 T (i^2 + o^2)).
+            sides into the eigenbasis (q x 2 i o (i + o) + n x 2 T (i^2 + o^2));
+    scores, empirical Fisher: the correction keeps each R_i (or, where T (i + o) < i o, its
+            rotated positions, formed again: n x 2 T i o), so q x (pass + rot) + n q 2 i o.
     """
     T, n, q, p = a.length, a.train, a.test, pass_flops(a, dims)
     passes = 2 * p if a.fisher == "true" else p
     cov = n * (passes + sum(T * (i * i + o * o) for i, o in dims))
     eig = sum(EIGH_FLOPS * (i ** 3 + o ** 3) for i, o in dims)
-    rot = sum(min(2 * T * (i * i + o * o) + 2 * T * i * o, 2 * T * i * o + 2 * i * o * (i + o)) + 2 * i * o
-              for i, o in dims)
+    rot = sum(rotation_flops(T, i, o) + 2 * i * o for i, o in dims)
     lam = n * rot
-    score = q * p + sum(2 * T * i * o * (q + n) + 2 * q * n * i * o
-                              + min(4 * q * i * o * (i + o), 2 * q * i * o * (i + o) + 2 * n * T * (i * i + o * o))
-                              for i, o in dims)
+    if a.fisher == "empirical":
+        score = q * p + sum(q * rotation_flops(T, i, o) + n * kept_form_flops(T, i, o) + 2 * q * n * i * o
+                            for i, o in dims)
+    else:
+        score = q * p + sum(2 * T * i * o * (q + n) + 2 * q * n * i * o
+                            + min(4 * q * i * o * (i + o), 2 * q * i * o * (i + o) + 2 * n * T * (i * i + o * o))
+                            for i, o in dims)
     return {"fit": cov + lam, "eigh64": eig, "score": score}
 
 

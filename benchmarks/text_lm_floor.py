@@ -19,7 +19,8 @@ the time goes to the Hugging Face model's own passes, not to GEMMs. The floor of
       covariances   N (i^2 + o^2)                                 (symmetric products)
       correction    n rot(T)
       scores, true Fisher        2 (n + q) T i o  +  2 n q i o    (form each G, one inner product)
-      scores, empirical Fisher   q rot(T)  +  2 n q i o           (the correction's rotated G_i)
+      scores, empirical Fisher   q rot(T)  +  2 n q i o           (the correction's rotated G_i;
+                                 n 2 T i o more where it kept their positions, T (i + o) < i o)
 
   and the eigendecompositions at the fp64 peak (4.7 (i^3 + o^3), ``benchmarks.ekfac.EIGH_FLOPS``).
 
@@ -49,7 +50,7 @@ from attrkernels.eval.checkpoints import CheckpointCache
 from attrkernels.integrations.hf import conv1d_names, conv1d_params, conv1d_to_linear
 
 from .common import RESULTS, matmul_peak_gflops, provenance, write_results
-from .ekfac import EIGH_FLOPS, kronfluence
+from .ekfac import EIGH_FLOPS, kept_form_flops, kronfluence, rotation_flops
 from .text_lm import BATCH
 
 
@@ -58,9 +59,9 @@ def arithmetic_flops(dims, n: int, q: int, T: int, fisher: str = "true") -> tupl
     N = n * T
     fp32 = 0.0
     for i, o in dims:
-        rot = min(2 * T * (i * i + o * o) + 2 * T * i * o, 2 * T * i * o + 2 * i * o * (i + o))
+        rot = rotation_flops(T, i, o)
         fp32 += N * (i * i + o * o) + n * rot + 2 * n * q * i * o
-        fp32 += q * rot if fisher == "empirical" else 2 * (n + q) * T * i * o
+        fp32 += q * rot + n * kept_form_flops(T, i, o) if fisher == "empirical" else 2 * (n + q) * T * i * o
     return fp32, sum(EIGH_FLOPS * (i ** 3 + o ** 3) for i, o in dims)
 
 
