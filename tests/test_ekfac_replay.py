@@ -265,3 +265,36 @@ def test_a_budget_for_part_of_the_pass_replays_those_batches_and_runs_the_model_
     for layer in LAYERS:
         assert torch.equal(part.factors[0][f"net.{layer}"].lam, ref.factors[0][f"net.{layer}"].lam), layer
     assert torch.equal(part.score(test, train=train), ref.score(test, train=train))
+
+
+def test_a_loader_whose_batches_move_between_the_passes_is_refused_not_double_counted(tmp_path):
+    data = net_data(24, 4)
+    (tokens, image), labels = (torch.cat(parts) for parts in zip(*[b[0] for b in data])), torch.cat([b[1] for b in data])
+
+    class Rebatching:
+        """The same examples in the same order, in batches of ``size``."""
+
+        size = 8
+
+        def __iter__(self):
+            s = self.size
+            return iter([((tokens[i:i + s], image[i:i + s]), labels[i:i + s]) for i in range(0, 24, s)])
+
+    def fit(budget, loader, store):
+        m = ak.EKFAC(make_net(), NetTask(), fisher="empirical", replay_budget=budget, store=tmp_path / store,
+                     verbose=False)
+        kept = {}
+        orig = m.passes.correction
+
+        def correction(*args, **kwargs):
+            kept.update(starts=m.passes.replay.starts, bytes=m.passes.replay.bytes)
+            loader.size = 6  # the correction pass's batches: 0-5, 6-11, ...
+            return orig(*args, **kwargs)
+
+        m.passes.correction = correction
+        m.fit(loader)
+        return kept
+
+    one_batch = fit(None, Rebatching(), "full")["bytes"] // 3
+    with pytest.raises(RuntimeError, match="batches changed between the covariance and correction passes"):
+        fit(one_batch * 3 // 2, Rebatching(), "part")  # batch 0-7 replayed; 6-11 would count 6 and 7 again
