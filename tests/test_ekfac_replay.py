@@ -7,7 +7,7 @@ import torch
 import attrkernels as ak
 from attrkernels.methods.ekfac.replay import Replay, capture_bytes, default_budget
 
-from test_ekfac import LAYERS, NetTask, make_net, net_data
+from test_ekfac import LAYERS, Loader, NetTask, make_net, net_data
 
 
 class Counted(list):
@@ -298,3 +298,20 @@ def test_a_loader_whose_batches_move_between_the_passes_is_refused_not_double_co
     one_batch = fit(None, Rebatching(), "full")["bytes"] // 3
     with pytest.raises(RuntimeError, match="batches changed between the covariance and correction passes"):
         fit(one_batch * 3 // 2, Rebatching(), "part")  # batch 0-7 replayed; 6-11 would count 6 and 7 again
+
+
+def test_what_the_fit_kept_gives_way_when_the_queries_would_not_fit_beside_it(monkeypatch, tmp_path):
+    from attrkernels.methods.ekfac import method as ekfac_method
+
+    train, test = net_data(24, 4), Loader(net_data(6, 9), 6)  # a test loader of known length
+    want = ak.EKFAC(make_net(), NetTask(), fisher="empirical", params=DENSE, store=tmp_path, verbose=False) \
+        .fit(train).score(test, train=train)
+    for free, kept in ((1 << 40, True), (1000, False)):
+        model = CountedNet()
+        m = ak.EKFAC(model, NetTask(), fisher="empirical", params=[f"net.{p}" for p in DENSE], verbose=False).fit(train)
+        assert list(m.passes.rotated) == [0]
+        monkeypatch.setattr(ekfac_method, "available_memory", lambda device, free=free: free)
+        model.examples = 0
+        torch.testing.assert_close(m.score(test, train=train), want, rtol=1e-4, atol=1e-5)
+        assert (list(m.passes.rotated) == [0]) == kept
+        assert model.examples == 6 + 1 + (0 if kept else 24)  # released: a model pass over the training data

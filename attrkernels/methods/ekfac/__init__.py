@@ -72,7 +72,7 @@ d_out d_in) and the scores are their inner products with the queries in the eige
 training gradient is rotated twice (text-lm: one forward and one backward pass over the
 training data, ``benchmarks/text_lm_floor.py``). ``score`` makes one pass
 over the test set (preconditioned query gradients held in memory: n_test x tracked parameters
-floats) and one over the training set (checked example by example, a model pass only when
+floats; what the fit kept for the scores is released first when they would not fit beside it) and one over the training set (checked example by example, a model pass only when
 nothing was kept), streaming [batch, n_test] tiles into ``out``; per layer
 the training gradients are either rotated into the eigenbasis or the queries rotated back,
 whichever costs fewer FLOPs. Per-example gradients exist only per layer, in chunks of at most

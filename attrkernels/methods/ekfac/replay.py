@@ -46,23 +46,29 @@ import os
 import torch
 
 
-def default_budget(device: torch.device) -> int:
-    """A quarter of the memory available now on ``device`` (0 when it cannot be read)."""
+def available_memory(device: torch.device) -> int:
+    """Bytes of memory available now on ``device``: the host's MemAvailable for the CPU, the
+    free memory of a CUDA device; 0 when it cannot be read."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 4
+        return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def default_budget(device: torch.device) -> int:
+    """A quarter of the memory available now on ``device`` (0 when it cannot be read)."""
+    return available_memory(device) // 4
 
 
 def capture_bytes(handlers: dict, seen: set | None = None) -> int:
