@@ -251,3 +251,16 @@ def test_batch_dependent_modules_are_refused_even_when_untracked():
     with pytest.raises(ValueError, match="track_running_stats=True"):
         Gradients(model, lambda m, b: m(b).sum(1), params=["0.weight"])
     check_batch_independent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LayerNorm(4)))
+
+
+def test_stacked_query_chunks_equal_their_concatenation_and_are_released():
+    from attrkernels.capture.handlers.kron import stacked
+
+    gen = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(c, 4, 5, generator=gen) for c in (2, 3, 1)]
+    want = torch.cat(chunks)
+    parts = list(chunks)
+    got = stacked(parts, 6)
+    assert torch.equal(got, want) and got.is_contiguous() and parts == []
+    one = [chunks[1]]
+    assert stacked(one, 3) is chunks[1] and one == []

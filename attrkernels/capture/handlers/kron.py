@@ -92,6 +92,23 @@ class Rotated:
             yield torch.bmm(self.d[b0:b0 + step].transpose(1, 2), self.a[b0:b0 + step])
 
 
+def stacked(parts: list, n: int) -> torch.Tensor:
+    """The chunks ``parts`` ([c, ...] each, n rows in all) as one [n, ...] tensor, each chunk
+    copied in and released in turn (the list is emptied): at most one chunk more than the result
+    in memory, where ``torch.cat`` holds every chunk beside it (GPT-2-small's 24 queries: 8.2 GB
+    twice)."""
+    if len(parts) == 1 and parts[0].shape[0] == n:
+        return parts.pop()
+    out = torch.empty(n, *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
+    j = 0
+    while parts:
+        chunk = parts.pop(0)
+        out[j:j + chunk.shape[0]] = chunk
+        j += chunk.shape[0]
+        del chunk
+    return out
+
+
 class KroneckerHandler(Handler):
     """Base of the handlers whose weight EK-FAC / K-FAC factor; see the module docstring."""
 
@@ -273,8 +290,9 @@ class KroneckerHandler(Handler):
 
     @classmethod
     def query(cls, parts: list, n: int, back: bool) -> Query:
-        """The ``Query`` of all ``preconditioned`` parts of the query set (n examples)."""
-        return Query(not back, torch.cat(parts))
+        """The ``Query`` of all ``preconditioned`` parts of the query set (n examples; the list
+        is emptied, ``stacked``)."""
+        return Query(not back, stacked(parts, n))
 
     def inner(self, query: Query, bases, bias: bool, budget: int) -> torch.Tensor:
         """[B, n] inner products of the batch's gradients with the query."""
