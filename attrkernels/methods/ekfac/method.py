@@ -19,7 +19,7 @@ from . import precondition
 from .factors import STAGES, LayerFactors
 from .fitting import factors_of
 from .passes import Passes, Recorded, check_fisher
-from .replay import available_memory
+from .replay import available_memory, return_freed_memory
 from .selection import probe_layers, select_layers
 from .sharding import split_of
 from .storage import FactorStore, dataset_len, store_meta
@@ -238,7 +238,8 @@ class EKFAC(AttributionMethod):
         bytes) would not fit beside them in the memory available now: the scores then run the
         model over the training data instead of the process running out of memory (GPT-2-small
         at 200 x 24 sequences on a 24 GiB machine: 8.2 GB of queries beside 6.2 GB of kept
-        captures and 6.5 GB of factors was killed)."""
+        captures and 6.5 GB of factors was killed), and the freed pages go back to the OS
+        (``replay.return_freed_memory``)."""
         kept = [r for r in (self.passes.held.get(k), self.passes.rotated.get(k)) if r is not None]
         if n_test is None or not kept:
             return
@@ -247,6 +248,8 @@ class EKFAC(AttributionMethod):
         if need > available_memory(self._device()):
             self.passes.held.pop(k, None)
             self.passes.rotated.pop(k, None)
+            del kept
+            return_freed_memory()
 
     def _rotated(self, k: int, split):
         """The rotated training gradients the correction of checkpoint k kept (``replay.Rotations``),

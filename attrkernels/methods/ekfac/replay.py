@@ -41,6 +41,7 @@ for the correction and for the scores share it (``Budget``); the scores' are dro
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -64,6 +65,17 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed so far back to the OS (glibc's ``malloc_trim``; nothing
+    elsewhere). Released captures otherwise stay in the process's heap, where the large
+    allocations that follow (the queries, each a separate mapping) cannot use them: a two-block
+    GPT-2 with 48 sequences kept 3.03 GB resident after releasing its captures, 2.11 GB after."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def default_budget(device: torch.device) -> int:
