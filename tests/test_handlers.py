@@ -264,3 +264,5 @@ def test_stacked_query_chunks_equal_their_concatenation_and_are_released():
     assert torch.equal(got, want) and got.is_contiguous() and parts == []
     one = [chunks[1]]
     assert stacked(one, 3) is chunks[1] and one == []
+    cols = stacked(list(chunks), 6, columns=True)
+    assert torch.equal(cols, want) and cols.reshape(6, -1).T.is_contiguous()

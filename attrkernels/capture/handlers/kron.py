@@ -92,21 +92,26 @@ class Rotated:
             yield torch.bmm(self.d[b0:b0 + step].transpose(1, 2), self.a[b0:b0 + step])
 
 
-def stacked(parts: list, n: int) -> torch.Tensor:
+def stacked(parts: list, n: int, columns: bool = False) -> torch.Tensor:
     """The chunks ``parts`` ([c, ...] each, n rows in all) as one [n, ...] tensor, each chunk
     copied in and released in turn (the list is emptied): at most one chunk more than the result
     in memory, where ``torch.cat`` holds every chunk beside it (GPT-2-small's 24 queries: 8.2 GB
-    twice)."""
-    if len(parts) == 1 and parts[0].shape[0] == n:
+    twice). With ``columns``, [n, ...] is a view of contiguous [prod(...), n] columns."""
+    if not columns and len(parts) == 1 and parts[0].shape[0] == n:
         return parts.pop()
-    out = torch.empty(n, *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
+    shape = parts[0].shape[1:]
+    out = torch.empty(*((shape.numel(), n) if columns else (n, *shape)), dtype=parts[0].dtype,
+                      device=parts[0].device)
     j = 0
     while parts:
         chunk = parts.pop(0)
-        out[j:j + chunk.shape[0]] = chunk
+        if columns:
+            out[:, j:j + chunk.shape[0]] = chunk.reshape(chunk.shape[0], -1).T
+        else:
+            out[j:j + chunk.shape[0]] = chunk
         j += chunk.shape[0]
         del chunk
-    return out
+    return out.T.reshape(n, *shape) if columns else out
 
 
 class KroneckerHandler(Handler):

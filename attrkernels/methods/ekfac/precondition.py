@@ -6,6 +6,7 @@ import torch
 
 from ...capture.core import NonFiniteExamples, nonfinite_rows
 from ...capture.handlers import Query
+from ...capture.handlers.kron import stacked
 from ...utils.errors import NotPositiveDefiniteError
 from .factors import LayerFactors
 from .storage import dataset_len
@@ -66,7 +67,7 @@ def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None
                 parts[layer.name].extend(handler.preconditioned(bases, inverse[layer.name], back[layer.name],
                                                                 layer.bias, budget))
             n_test += size
-    out = {layer.name: Query(True, _as_columns(parts[layer.name], n_test)) if eigenbasis
+    out = {layer.name: Query(True, stacked(parts[layer.name], n_test, columns=True)) if eigenbasis
            else layer.handler.query(parts[layer.name], n_test, back[layer.name]) for layer in layers}
     for name, q in out.items():
         bad = nonfinite_rows(q.W)
@@ -74,21 +75,6 @@ def queries(passes, test, factors: dict, inverse: dict, n_train_hint: int | None
             raise NonFiniteExamples(f"non-finite preconditioned query gradients of layer {name!r}",
                                     bad).locate(0, "test", f"checkpoint {k}")
     return out, n_test
-
-
-def _as_columns(parts: list, n: int) -> torch.Tensor:
-    """The query chunks ``parts`` ([c, d_out, d_in] each, n rows in all) as W [n, d_out, d_in], a
-    view of contiguous [d_out d_in, n] columns (``query_columns`` then copies nothing), each chunk
-    copied once and released as it is (no concatenated copy beside the columns)."""
-    shape = parts[0].shape[1:]
-    cols = torch.empty(shape.numel(), n, dtype=torch.float32, device=parts[0].device)
-    j = 0
-    while parts:
-        W = parts.pop(0)
-        cols[:, j:j + W.shape[0]] = W.reshape(W.shape[0], -1).T
-        j += W.shape[0]
-        del W
-    return cols.T.reshape(n, *shape)
 
 
 def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test: int) -> torch.Tensor:
@@ -104,7 +90,7 @@ def tile(passes, handlers: dict, factors: dict, queries: dict, size: int, n_test
 def query_columns(queries: dict) -> dict:
     """{layer: [d_out d_in, n] contiguous} of queries in the eigenbasis, for ``rotated_tile``: its
     [B, d_out d_in] x [d_out d_in, n] GEMMs ran ~20% faster than with W [n, d_out, d_in] transposed.
-    (``queries(..., eigenbasis=True)`` builds W as a view of these columns.)"""
+    (``queries(..., eigenbasis=True)`` builds W as a view of these columns, ``stacked``.)"""
     return {name: q.W.reshape(q.W.shape[0], -1).T.contiguous() for name, q in queries.items()}
 
 
