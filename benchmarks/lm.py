@@ -128,7 +128,7 @@ def worker(a) -> None:
         info["stages"] = stages
         clock = Clock()
         m = ak.EKFAC(model, task, params=conv1d_params(model), eigh_dtype=eigh_dtype, fisher=a.fisher,
-                     verbose=False).fit(loader(train_set))
+                     spill_dir=a.out if a.spill == "on" else None, verbose=False).fit(loader(train_set))
         fit = clock.lap()
         print(f"ours fit (wall, cpu s): {fit}", flush=True)
         scores = m.score(loader(test_set), train=loader(train_set))
@@ -315,6 +315,10 @@ def main(argv=None) -> int:
                         help="both libraries' Fisher: true (their default: labels sampled from the model) or "
                              "empirical (the dataset's next tokens; our fit + score then makes one backward pass "
                              "over the training data instead of three)")
+    parser.add_argument("--spill", choices=("on", "off"), default="on",
+                        help="our EK-FAC keeps the batches beyond its replay budget (a quarter of the memory "
+                             "available) in an unlinked file in the work folder (EKFAC(spill_dir=...)) instead of "
+                             "running the model on them again at the correction and the scores (default on)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
@@ -331,7 +335,7 @@ def main(argv=None) -> int:
     rows_e, rows_f, extra = [], [], {}
     if "ekfac" in a.parts:
         passthrough = ["--quick"] * a.quick + [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in SIZES["default"]] \
-            + [f"--threads={a.threads}", f"--fisher={a.fisher}"] \
+            + [f"--threads={a.threads}", f"--fisher={a.fisher}", f"--spill={a.spill}"] \
             + ([f"--kf-query-batch={a.kf_query_batch}"] if a.kf_query_batch else [])
         with tempfile.TemporaryDirectory() as tmp:
             folder = a.workdir or tmp
@@ -392,7 +396,7 @@ def main(argv=None) -> int:
     intro = (f"GPT-2 ({a.n_layer} blocks, width {a.n_embd}, vocabulary {a.vocab}, sequence length {a.length}), "
              f"random init; tracked: the {len(dims)} Conv1D projections ({p / 1e6:.1f} M parameters with biases); "
              f"{a.train} training sequences x {a.test} queries, batch {a.batch}, {a.threads} torch thread(s), "
-             f"{a.fisher} Fisher. "
+             f"{a.fisher} Fisher, our spill to disk {a.spill}. "
              f"{info['device']} ({info['cores']} cores), {info['date']}, commit {info['commit']}, kronfluence "
              f"{info['kronfluence']}, transformers {info['transformers']}; load average at the end "
              f"{info['load_average']}. fp32 matmul peak {peak32:.1f} GFLOP/s, fp64 {peak64:.1f} GFLOP/s.\n\n"

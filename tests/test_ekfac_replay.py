@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import attrkernels as ak
-from attrkernels.methods.ekfac.replay import Replay, capture_bytes, default_budget
+from attrkernels.capture.handlers.base import Handler, Record
+from attrkernels.methods.ekfac.replay import BatchMemo, Budget, Replay, capture_bytes, default_budget
+from attrkernels.methods.ekfac.spill import SpillFile
 
 from test_ekfac import LAYERS, Loader, NetTask, make_net, net_data
 
@@ -79,16 +81,60 @@ def test_replay_counts_each_storage_once_and_keeps_the_prefix_of_batches_that_fi
     held = Replay(0, None, 300)
     keep = Replay(0, None, held.budget, yields=held)
     held.add(10, other, 0)
-    seen = set()
-    keep.add(10, handlers, 0, seen)
-    assert held.dropped and keep.budget.used == 180 and len(seen) == 3
-    held, seen = Replay(0, None, 400), set()
+    memo = BatchMemo()
+    keep.add(10, handlers, 0, memo)
+    assert held.dropped and keep.budget.used == 180 and len(memo.counted) == 3
+    held, memo = Replay(0, None, 400), BatchMemo()
     keep = Replay(0, None, held.budget, yields=held)
-    keep.add(10, handlers, 0, seen)
-    held.add(10, handlers, 0, seen)  # its storages are counted by keep already
-    keep.add(10, {"a": H([R(torch.zeros(70), None)])}, 10, seen)  # 280 bytes: dropping held frees none
-    assert len(seen) == 3 and keep.starts == held.starts == [0] and not keep.accepting and not held.accepting
+    keep.add(10, handlers, 0, memo)
+    held.add(10, handlers, 0, memo)  # its storages are counted by keep already
+    keep.add(10, {"a": H([R(torch.zeros(70), None)])}, 10, memo)  # 280 bytes: dropping held frees none
+    assert len(memo.counted) == 3 and keep.starts == held.starts == [0] and not keep.accepting and not held.accepting
     assert default_budget(torch.device("cpu")) > 0
+
+
+def test_batches_beyond_the_budget_go_to_the_spill_file_and_come_back_equal(tmp_path):
+    x, g = torch.randn(10, 4), torch.randn(10, 3).double()
+    handlers = {"a": Handler(torch.nn.Linear(4, 3)), "b": Handler(torch.nn.Linear(4, 3))}
+    handlers["a"].records = [Record(inputs=x, grad_out=g[:, :2]), Record(inputs=x[1:], grad_out=g.T)]
+    handlers["b"].records = [Record(inputs=x, grad_out=torch.zeros(0))]  # shares a's input storage
+    handlers["a"].tied, handlers["b"].tied = [handlers["b"]], [handlers["a"]]
+    spill = SpillFile(tmp_path, reserve=0)
+    budget = Budget(200, spill)  # room for the first batch (160 + 80 bytes: no) in memory: nothing
+    held = Replay(0, None, budget)
+    keep = Replay(0, None, budget, yields=held)
+    memo = BatchMemo()
+    keep.add(10, handlers, 0, memo)
+    held.add(10, handlers, 0, memo)  # the same tensors: written once
+    assert keep.bytes == held.bytes == 0 and budget.used == 0 and not held.dropped
+    assert spill.size == 4 * 40 + 8 * 20 + 4 * 36 + 8 * 30  # x once (for a and b), g[:, :2], x[1:], g.T
+    small = {"a": Handler(torch.nn.Linear(1, 1))}
+    small["a"].records = [Record(inputs=torch.ones(2), grad_out=torch.ones(1, dtype=torch.bfloat16))]
+    keep.add(4, small, 10)
+    assert keep.complete and keep.starts == [0, 10] and keep.end == 14
+    assert [(start, size) for start, size, _ in keep.items()] == [(0, 10), (10, 4)]
+    assert [(start, size) for start, size, _ in held.items()] == [(0, 10)]
+    for r in (keep, held):
+        got = next(r.items())[2]
+        for name in handlers:
+            for want, back in zip(handlers[name].records, got[name].records):
+                for field in ("inputs", "grad_out"):
+                    a, b = getattr(want, field), getattr(back, field)
+                    assert a.dtype == b.dtype and torch.equal(a, b), (name, field)
+        assert got["a"].tied == [got["b"]] and got["b"].tied == [got["a"]]  # relinked to the copies
+    again = list(keep.items())[1][2]
+    assert again["a"].records[0].grad_out.dtype == torch.bfloat16
+    assert torch.equal(again["a"].records[0].grad_out, small["a"].records[0].grad_out)
+    # a batch kept in memory moves to disk on request; a disk without room stops keeping
+    mem = Replay(0, None, Budget(1 << 20, SpillFile(tmp_path, reserve=0)))
+    mem.add(4, small, 0)
+    assert mem.bytes > 0 and mem.to_disk_all() and mem.bytes == 0 == mem.budget.used
+    assert torch.equal(next(mem.items())[2]["a"].records[0].inputs, torch.ones(2))
+    full = Replay(0, None, Budget(0, SpillFile(tmp_path, reserve=1 << 62)))
+    full.add(4, small, 0)
+    assert full.dropped and not full.accepting
+    with pytest.raises(ValueError, match="spill_dir"):
+        SpillFile(tmp_path / "missing")
 
 
 class CountedNet(torch.nn.Module):
@@ -315,3 +361,53 @@ def test_what_the_fit_kept_gives_way_when_the_queries_would_not_fit_beside_it(mo
         torch.testing.assert_close(m.score(test, train=train), want, rtol=1e-4, atol=1e-5)
         assert (list(m.passes.rotated) == [0]) == kept
         assert model.examples == 6 + 1 + (0 if kept else 24)  # released: a model pass over the training data
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+@pytest.mark.parametrize("budget", ["none in memory", "one batch in memory"])
+def test_batches_spilled_to_disk_replace_the_model_passes_with_the_same_factors_and_scores(fisher, budget, tmp_path):
+    from attrkernels.methods.ekfac import method as ekfac_method
+
+    train, test = net_data(24, 4), Loader(net_data(6, 9), 6)
+    ref = ak.EKFAC(make_net(), NetTask(), fisher=fisher, params=DENSE, replay_budget=0, store=tmp_path / "ref",
+                   verbose=False)
+    ref.fit(train)
+    want, want_self = ref.score(test, train=train), ref.self_influence(train)
+    full = ak.EKFAC(make_net(), NetTask(), fisher=fisher, params=DENSE, verbose=False)
+    full.passes.correction = lambda *a, orig=full.passes.correction, **kw: (
+        seen.append(full.passes.replay.bytes), orig(*a, **kw))[1]
+    seen = []
+    full.fit(train)
+    memory = 0 if budget == "none in memory" else seen[0] // 3 * 3 // 2
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    model = CountedNet()
+    m = ak.EKFAC(model, NetTask(), fisher=fisher, params=[f"net.{p}" for p in DENSE], replay_budget=memory,
+                 spill_dir=spill_dir, verbose=False)
+    m.passes.correction = lambda *a, orig=m.passes.correction, **kw: (
+        seen.append(model.examples), orig(*a, **kw), seen.append(model.examples))[1]
+    m.fit(train)
+    assert seen[-1] == seen[-2]  # the correction ran no model
+    assert list(spill_dir.iterdir()) == []  # the spill file has no name
+    for layer in ("seq", "conv", "conv2", "head"):  # read back contiguous: sums in another order
+        want_lam = ref.factors[0][layer].lam
+        torch.testing.assert_close(m.factors[0][f"net.{layer}"].lam, want_lam, rtol=1e-5,
+                                   atol=1e-7 * float(want_lam.abs().max()))
+    # the scores read the rotated gradients the correction formed (empirical Fisher) or the captures
+    kept = m.passes.rotated.get(0) if fisher == "empirical" else m.passes.held.get(0)
+    assert kept is not None and kept.starts == [0, 8, 16]
+    model.examples = 0
+    torch.testing.assert_close(m.score(test, train=train), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.self_influence(train), want_self, rtol=1e-4, atol=1e-5)
+    assert model.examples == 6 + 1  # the queries and the test loader's probe: no training example
+    # queries that would not fit beside what is kept in memory move it to disk, not the model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ekfac_method, "available_memory", lambda device: 1000)
+        torch.testing.assert_close(m.score(test, train=train), want, rtol=1e-4, atol=1e-5)
+    assert model.examples == 2 * 6 + 1
+    assert all(r.bytes == 0 for r in (m.passes.held.get(0), m.passes.rotated.get(0)) if r is not None)
+
+
+def test_spill_dir_must_be_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="spill_dir"):
+        ak.EKFAC(make_net(), NetTask(), spill_dir=tmp_path / "missing")

@@ -56,8 +56,9 @@ Cost. ``fit`` makes two passes over the training data per checkpoint for EK-FAC 
 then Lambda; one for K-FAC) and a batched eigendecomposition (float64, or float32 with
 ``eigh_dtype``: 2-2.5x faster at widths 2304-3072). The covariance pass keeps its captured
 inputs and output-gradients batch by batch while they fit in ``replay_budget`` (default a quarter
-of the available memory), and the Lambda stage reads those batches instead of running the model
-on them (``replay``; with the true Fisher the
+of the available memory), and with ``spill_dir`` the batches beyond it in an unlinked file there
+(``spill``); the Lambda stage reads those batches instead of running the model on them
+(``replay``; with the true Fisher the
 covariance pass then runs a second backward pass at the Lambda stage's labels, from the same
 forward pass: ``task.sampled_losses``). Without a store (the factors then serve only this
 process) the covariance pass also keeps, within the same budget, the output-gradients of the
@@ -72,7 +73,8 @@ d_out d_in) and the scores are their inner products with the queries in the eige
 training gradient is rotated twice (text-lm: one forward and one backward pass over the
 training data, ``benchmarks/text_lm_floor.py``). ``score`` makes one pass
 over the test set (preconditioned query gradients held in memory: n_test x tracked parameters
-floats; what the fit kept for the scores is released first when they would not fit beside it) and one over the training set (checked example by example, a model pass only when
+floats; what the fit kept for the scores is moved to its spill file, or without one released,
+when they would not fit beside it) and one over the training set (checked example by example, a model pass only when
 nothing was kept), streaming [batch, n_test] tiles into ``out``; per layer
 the training gradients are either rotated into the eigenbasis or the queries rotated back,
 whichever costs fewer FLOPs. Per-example gradients exist only per layer, in chunks of at most

@@ -2,6 +2,7 @@
 self_influence, and which stage of the factors is computed or loaded (see the package docstring)."""
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class EKFAC(AttributionMethod):
     """EK-FAC influence functions; see the ``attrkernels.methods.ekfac`` docstring.
 
     EKFAC(model, task, *, damping=None, store=None, fisher="true", params=None, block_width=None,
-          seed=0, memory_budget=24 MiB, replay_budget=None, eigh_dtype=torch.float64, verbose=True)
+          seed=0, memory_budget=24 MiB, replay_budget=None, spill_dir=None, eigh_dtype=torch.float64,
+          verbose=True)
 
     damping: None (0.1 x mean eigenvalue per layer) or a float >= 0 added to every eigenvalue.
     store: directory for the factors (None: kept in memory only).
@@ -55,7 +57,14 @@ class EKFAC(AttributionMethod):
         batches are kept in order while they fit), and, without a store, of the training loss's
         output-gradients kept for ``score`` / ``self_influence`` (held until the next ``fit`` or
         until the method is deleted); None: a quarter of the memory available at each covariance
-        pass; 0: never kept. The factors and scores do not depend on it.
+        pass; 0: none kept in memory. The factors and scores do not depend on it.
+    spill_dir: a directory where the batches kept beyond ``replay_budget`` are written instead
+        of being recomputed by the model (``spill``: an unlinked file, freed when the fit's
+        kept batches are released or the process ends; up to 5% of the disk, at least 1 GiB, is
+        left free). None (default): not kept. The captures of a GPT-2-small sequence (128
+        positions) are 75 MB; writing and reading them back costs far less than the forward +
+        backward pass that recomputes them (``benchmarks/lm.py``). Use a local disk, not a
+        RAM-backed tmpfs.
     """
 
     strategy = "ekfac"
@@ -63,7 +72,7 @@ class EKFAC(AttributionMethod):
 
     def __init__(self, model: nn.Module, task, *, damping: float | None = None, store=None,
                  fisher: str = "true", params=None, block_width: int | None = None, seed: int = 0,
-                 memory_budget: int = DEFAULT_MEMORY, replay_budget: int | None = None,
+                 memory_budget: int = DEFAULT_MEMORY, replay_budget: int | None = None, spill_dir=None,
                  eigh_dtype: torch.dtype = torch.float64, verbose: bool = True):
         super().__init__(model, task, verbose=verbose)
         damping = check_damping(damping, optional=True)
@@ -76,7 +85,9 @@ class EKFAC(AttributionMethod):
         self.eigh_dtype = check_eigh_dtype(eigh_dtype)
         self.seed, self.memory_budget, self.store_path = check_seed(seed), check_memory_budget(memory_budget), store
         self.layers, self.skipped = select_layers(model, params)
-        self.passes = Passes(model, task, self.layers, self.memory_budget, verbose, replay_budget)
+        if spill_dir is not None and not os.path.isdir(spill_dir):
+            raise ValueError(f"spill_dir must be an existing directory, got {spill_dir!r}")
+        self.passes = Passes(model, task, self.layers, self.memory_budget, verbose, replay_budget, spill_dir)
         self.plan = self.passes.plan
         self._leave_out = params is None  # the first batch settles the layers (``_probe``)
         self._probed = False
@@ -232,22 +243,25 @@ class EKFAC(AttributionMethod):
         return None if held is None or split.shard is not None else _HeldBatches(held)
 
     def _room_for_queries(self, k: int, n_test: int | None) -> None:
-        """Release what the fit of checkpoint k kept for the scores (``held`` captures, rotated
-        gradients) when the queries' preconditioned gradients, n_test x (sum of d_out d_in over
-        the layers) floats, and a scoring pass's working memory (taken as twice a kept batch's
-        bytes) would not fit beside them in the memory available now: the scores then run the
-        model over the training data instead of the process running out of memory (GPT-2-small
-        at 200 x 24 sequences on a 24 GiB machine: 8.2 GB of queries beside 6.2 GB of kept
-        captures and 6.5 GB of factors was killed), and the freed pages go back to the OS
-        (``replay.return_freed_memory``)."""
-        kept = [r for r in (self.passes.held.get(k), self.passes.rotated.get(k)) if r is not None]
+        """Move what the fit of checkpoint k kept in memory for the scores (``held`` captures,
+        rotated gradients) to its spill file, or release it without one, when the queries'
+        preconditioned gradients, n_test x (sum of d_out d_in over the layers) floats, and a
+        scoring pass's working memory (taken as three kept batches: one used, one read ahead,
+        one formed) would not fit beside it in the memory available now: the scores then read it
+        from disk or run the model over the training data instead of the process running out of
+        memory (GPT-2-small at 200 x 24 sequences on a 24 GiB machine: 8.2 GB of queries beside
+        6.2 GB of kept captures and 6.5 GB of factors was killed), and the freed pages go back
+        to the OS (``replay.return_freed_memory``)."""
+        kept = {name: r for name, r in (("held", self.passes.held.get(k)), ("rotated", self.passes.rotated.get(k)))
+                if r is not None}
         if n_test is None or not kept:
             return
         need = 4 * n_test * sum(layer.d_out * layer.d_in for layer in self.layers)
-        need += 2 * max(r.bytes // max(len(r.batches), 1) for r in kept)
+        need += 3 * max(r.largest for r in kept.values())
         if need > available_memory(self._device()):
-            self.passes.held.pop(k, None)
-            self.passes.rotated.pop(k, None)
+            for name, r in kept.items():
+                if not r.to_disk_all():
+                    getattr(self.passes, name).pop(k, None)
             del kept
             return_freed_memory()
 
@@ -318,18 +332,19 @@ class _HeldBatches:
     batch and every later one) once the batches stop lining up (a loader with another batch size)."""
 
     def __init__(self, held):
-        self.items = list(zip(held.starts, held.batches))
+        self.keys = [(start, size) for start, (size, _) in zip(held.starts, held.batches)]
+        self.items = held.items()  # read from disk one batch ahead
         self.i = 0
 
     def get(self, start: int, size: int):
-        if self.i >= len(self.items):
+        if self.i >= len(self.keys):
             return None
-        kept_start, (kept_size, handlers) = self.items[self.i]
-        if (kept_start, kept_size) != (start, size):
-            self.items = []
+        if self.keys[self.i] != (start, size):
+            self.keys = []
+            self.items.close()
             return None
         self.i += 1
-        return handlers
+        return next(self.items)[2]
 
 
 def probe(method, train) -> None:
@@ -347,7 +362,7 @@ def probe(method, train) -> None:
                              "feed the model batch-first inputs [B, ..., d]")
         method.layers = layers
         method.passes = Passes(method.model, method.task, layers, method.memory_budget, method.passes.verbose,
-                               method.passes.replay_budget)
+                               method.passes.replay_budget, method.passes.spill_dir)
         method.plan = method.passes.plan
 
 

@@ -15,7 +15,6 @@ knows a layer type.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 
@@ -36,7 +35,8 @@ from ...utils.errors import ExampleError
 from ..base import call_task
 from ..passes import CheckedPass
 from ..checkpoints import model_device
-from .replay import Budget, Replay, Rotations, default_budget
+from .replay import BatchMemo, Budget, Replay, Rotations, copied_handlers, default_budget
+from .spill import SpillFile
 from .selection import tracked_names
 from .storage import FactorStore, stored_data_mismatch
 
@@ -146,10 +146,12 @@ def _store_mismatch(store: FactorStore, err: DataMismatch) -> Exception:
 class Passes:
     """Passes over data for one model, task and layer selection (``selection.Layer`` list)."""
 
-    def __init__(self, model, task, layers: list, memory_budget: int, verbose: bool, replay_budget: int | None = None):
+    def __init__(self, model, task, layers: list, memory_budget: int, verbose: bool, replay_budget: int | None = None,
+                 spill_dir=None):
         self.model, self.task, self.layers = model, task, layers
         self.memory_budget, self.verbose = memory_budget, verbose
         self.replay_budget = replay_budget  # None: ``replay.default_budget`` at each covariance pass
+        self.spill_dir = spill_dir  # where kept batches beyond the replay budget go (None: not kept)
         self.replay: Replay | None = None  # the last covariance pass's captures (``replay``)
         self.held: dict = {}  # checkpoint index -> Replay of the training loss's captures for ``score``
         self.rotated: dict = {}  # checkpoint index -> Rotations: the correction's rotated gradients for ``score``
@@ -297,13 +299,13 @@ class Passes:
         self.replay = None
         self.held.pop(k, None)
         self.rotated.pop(k, None)
-        budget = Budget(default_budget(device) if self.replay_budget is None else self.replay_budget)
+        budget = Budget(default_budget(device) if self.replay_budget is None else self.replay_budget, self._spill())
         hold = hold and shard is None and (fisher == "empirical" or gives_loss(self.task))
         held = Replay(k, None, budget if hold else 0)
         keep = Replay(k, _span(shard), budget if replay else 0, yields=held)  # the correction's come first
         # With the true Fisher the correction draws other labels: kept captures hold the
         # output-gradients of a second backward pass at those labels (``task.sampled_losses``).
-        two = fisher == "true" and replay and budget.total > 0 and implements(self.task, "sampled_losses")
+        two = fisher == "true" and replay and (budget.total > 0 or budget.spill is not None) and implements(self.task, "sampled_losses")
         if fisher == "true" and not two:
             keep.drop()
 
@@ -344,11 +346,11 @@ class Passes:
                             if with_loss and not held.batches and not self._same_loss(draws.rest[-1], batch, size):
                                 held.drop()  # keep nothing the scores could misread
                                 with_loss = False
-                    seen = set()  # storages both keep (the inputs) are counted once
+                    memo = BatchMemo()  # storages both keep (the inputs) are counted and written once
                     if correction is not None:
-                        keep.add(size, correction, start, seen)
+                        keep.add(size, correction, start, memo)
                     if fisher == "empirical" or with_loss:
-                        held.add(size, handlers, start, seen)
+                        held.add(size, handlers, start, memo)
                     n += size
         self.replay = keep
         if hold and not held.dropped:
@@ -397,8 +399,7 @@ class Passes:
         rest = 0  # the first example the model has to run on
         if replay is not None and replay.serves(k, _span(shard)):
             kept = self._rotations(k, fisher, replay)
-            n = sum(add(handlers, size, start, kept)
-                    for start, (size, handlers) in zip(replay.starts, replay.batches))
+            n = sum(add(handlers, size, start, kept) for start, size, handlers in replay.items())
             rest = None if replay.complete else replay.end
             if kept is not None and not kept.dropped:
                 self.rotated[k] = kept
@@ -429,18 +430,17 @@ class Passes:
         their rotations are the scores' too; kept in the bytes the captures leave of the budget."""
         if fisher != "empirical" or k not in self.held or not all(l.handler.keeps_rotated for l in self.layers):
             return None
-        return Rotations(k, replay.budget.total - replay.budget.used)
+        return Rotations(k, Budget(replay.budget.total - replay.budget.used, self._spill()))
+
+    def _spill(self) -> SpillFile | None:
+        """A new spill file in ``spill_dir`` (None without one)."""
+        return None if self.spill_dir is None else SpillFile(self.spill_dir)
 
 
 def snapshot(handlers: dict) -> dict:
     """Copies of the handlers whose records keep the current output-gradients (and share the
     inputs) after a later backward pass overwrites the originals' (tied uses relinked)."""
-    new = {name: copy.copy(h) for name, h in handlers.items()}
-    relink = {id(h): new[name] for name, h in handlers.items()}
-    for name, h in new.items():
-        h.records = [dataclasses.replace(r, output=None) for r in handlers[name].records]
-        h.tied = [relink[id(t)] for t in handlers[name].tied]
-    return new
+    return copied_handlers(handlers, lambda name, i, r: dataclasses.replace(r, output=None))
 
 
 def _span(shard) -> tuple | None:

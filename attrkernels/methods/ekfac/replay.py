@@ -35,16 +35,27 @@ eigenbasis>, one GEMM per layer and batch (after one batched product where posit
 instead of rotating each G_b again, and the captures they cover are released (the scores read
 the rotations' prefix, then the captures kept after it, then the model).
 
+Batches beyond the budget are written to the budget's spill file when there is one
+(``EKFAC(spill_dir=...)``, ``spill.SpillFile``) and read back in order, the next one in a
+background thread while the current one is used (``Replay.items``); the scores move what is kept
+in memory there when their queries need the room (``Replay.to_disk_all``).
+
 ``default_budget(device)``: a quarter of the memory available when the fit starts (the host's
 MemAvailable for a CPU model, the free memory of a CUDA device), 0 elsewhere. The captures kept
 for the correction and for the scores share it (``Budget``); the scores' are dropped first.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
+import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+
+from .spill import SpillFile
 
 
 def available_memory(device: torch.device) -> int:
@@ -100,20 +111,58 @@ def capture_bytes(handlers: dict, seen: set | None = None) -> int:
 
 
 class Budget:
-    """Bytes that the captures kept by one or more ``Replay`` s may hold together."""
+    """Bytes that the captures kept by one or more ``Replay`` s may hold together in memory, and
+    where the batches beyond them go (``spill``: a ``spill.SpillFile``, None: nowhere, keeping
+    stops at the first batch that does not fit)."""
 
-    def __init__(self, total: int):
-        self.total, self.used = total, 0
+    def __init__(self, total: int, spill: SpillFile | None = None):
+        self.total, self.used, self.spill = total, 0, spill
+
+
+@dataclass
+class OnDisk:
+    """A kept batch written to the budget's spill file: ``skeleton`` is the batch without its
+    tensors, ``refs`` where each tensor went (see ``Replay.to_disk``)."""
+
+    skeleton: object
+    refs: list
+    nbytes: int
+
+
+class BatchMemo:
+    """What the Replays given one batch share: the storages counted in memory already
+    (``counted``) and the tensors written to disk already (``written``: key -> ``Spilled``)."""
+
+    def __init__(self):
+        self.counted: set = set()
+        self.written: dict = {}
+
+
+def copied_handlers(handlers: dict, record) -> dict:
+    """Shallow copies of ``handlers`` whose records are ``record(name, index, original)`` (tied
+    uses relinked to the copies)."""
+    new = {name: copy.copy(h) for name, h in handlers.items()}
+    relink = {id(h): new[name] for name, h in handlers.items()}
+    for name, h in new.items():
+        h.records = [record(name, i, r) for i, r in enumerate(handlers[name].records)]
+        h.tied = [relink[id(t)] for t in handlers[name].tied]
+    return new
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
 class Replay:
     """The (size, handlers) of the batches of one covariance pass (checkpoint ``k``, shard range
-    ``span``) whose captures fit in ``budget`` (bytes, or a shared ``Budget``): every batch while
-    they fit; at the first batch beyond it, ``yields`` (another Replay on the same budget) is
-    dropped if that makes room, else keeping stops there (here and in ``yields``) and the batches
-    kept so far stay: a prefix of the pass (``complete`` when it is the whole pass; ``dropped``
-    when it is empty). ``starts``: the first example of each kept batch; ``end``: the first
-    example after the prefix."""
+    ``span``) kept in ``budget`` (bytes, or a shared ``Budget``): every batch while they fit in
+    memory; beyond it, each batch is written to the budget's spill file if it has one (and the
+    disk room), else ``yields`` (another Replay on the same budget) is dropped if that makes
+    room, else keeping stops there (here and in ``yields``) and the batches kept so far stay: a
+    prefix of the pass (``complete`` when it is the whole pass; ``dropped`` when it is empty).
+    ``starts``: the first example of each kept batch; ``end``: the first example after the
+    prefix; ``bytes``: those kept in memory; ``largest``: the bytes of the largest batch kept.
+    ``items()`` reads the batches back in order."""
 
     def __init__(self, k: int, span, budget, yields: "Replay | None" = None):
         self.k, self.span, self.yields = k, span, yields
@@ -121,36 +170,115 @@ class Replay:
         self.batches: list = []
         self.starts: list = []
         self.bytes = 0
+        self.largest = 0
         self.end = 0
-        self.dropped = self.budget.total <= 0
+        self.dropped = self.budget.total <= 0 and self.budget.spill is None
         self.accepting = not self.dropped  # every batch so far was kept
 
-    def add(self, size: int, handlers: dict, start: int | None = None, seen: set | None = None) -> None:
-        """Keep a batch's captures if they fit (``seen``: storages counted already, by this
-        batch's other Replay; the batch's are added to it only when they are kept)."""
+    def add(self, size: int, handlers: dict, start: int | None = None, memo: BatchMemo | None = None) -> None:
+        """Keep a batch's captures (``memo``: what this batch's other Replay kept already; the
+        batch's storages are added to it when they are kept in memory)."""
         if not self.accepting:
             return
-        counted = set() if seen is None else set(seen)
+        memo = BatchMemo() if memo is None else memo
+        counted = set(memo.counted)
         added = self.nbytes(handlers, counted)
         over = self.budget.used + added - self.budget.total
-        if over > 0 and self.yields is not None and not self.yields.dropped and self.yields.bytes >= over:
+        entry = handlers
+        if over > 0 and self.budget.spill is not None:
+            entry = self.to_disk(handlers, memo.written)
+        elif over > 0 and self.yields is not None and not self.yields.dropped and self.yields.bytes >= over:
             self.yields.drop()
-        if self.budget.used + added > self.budget.total:
+        if entry is None or (entry is handlers and self.budget.used + added > self.budget.total):
             self.stop()
             if self.yields is not None:
                 self.yields.stop()
             return
-        if seen is not None:
-            seen |= counted
-        self.bytes += added
-        self.budget.used += added
-        self.batches.append((size, handlers))
+        if entry is handlers:
+            memo.counted |= counted
+            self.bytes += added
+            self.budget.used += added
+        self.largest = max(self.largest, self.nbytes(handlers))
+        self.batches.append((size, entry))
         self.starts.append(start)
         self.end = (start or 0) + size
 
     @staticmethod
     def nbytes(handlers: dict, seen: set | None = None) -> int:
         return capture_bytes(handlers, seen)
+
+    @staticmethod
+    def tensors(handlers: dict):
+        """(place, tensor) of every tensor a batch's captures hold (place: (layer, record, field))."""
+        for name, h in handlers.items():
+            for i, r in enumerate(h.records):
+                for field in ("inputs", "grad_out"):
+                    t = getattr(r, field)
+                    if isinstance(t, torch.Tensor):
+                        yield (name, i, field), t
+
+    @staticmethod
+    def skeleton(handlers: dict):
+        """The batch without its tensors (what ``rebuild`` fills)."""
+        return copied_handlers(handlers, lambda name, i, r: dataclasses.replace(r, inputs=None, grad_out=None,
+                                                                                output=None))
+
+    @staticmethod
+    def rebuild(skeleton, values: dict):
+        """The batch from its skeleton and {place: tensor}."""
+        def record(name, i, r):
+            return dataclasses.replace(r, inputs=values.get((name, i, "inputs")),
+                                       grad_out=values.get((name, i, "grad_out")))
+        return copied_handlers(skeleton, record)
+
+    def to_disk(self, entry, written: dict | None = None) -> OnDisk | None:
+        """The batch ``entry`` written to the spill file (a tensor in ``written`` is not written
+        again), or None when the disk lacks the room."""
+        written = {} if written is None else written
+        pending = [(place, t) for place, t in self.tensors(entry) if _tensor_key(t) not in written]
+        if not self.budget.spill.room(sum(t.numel() * t.element_size() for _, t in pending)):
+            return None
+        refs = []
+        for place, t in self.tensors(entry):
+            key = _tensor_key(t)
+            if key not in written:
+                written[key] = self.budget.spill.write(t)
+            refs.append((place, written[key]))
+        return OnDisk(self.skeleton(entry), refs, sum(ref.nbytes for _, ref in refs))
+
+    def load(self, entry):
+        """A kept batch as it was given to ``add`` (read back from disk if it was spilled)."""
+        if not isinstance(entry, OnDisk):
+            return entry
+        return self.rebuild(entry.skeleton, {place: self.budget.spill.read(ref) for place, ref in entry.refs})
+
+    def items(self):
+        """(start, size, batch) of the kept batches in order; while one is used, the next one on
+        disk is read in a background thread."""
+        entries = list(zip(self.starts, self.batches))
+        with ThreadPoolExecutor(1) as pool:
+            ahead = None
+            for i, (start, (size, entry)) in enumerate(entries):
+                batch = ahead.result() if ahead is not None else self.load(entry)
+                ahead = None
+                if i + 1 < len(entries) and isinstance(entries[i + 1][1][1], OnDisk):
+                    ahead = pool.submit(self.load, entries[i + 1][1][1])
+                yield start, size, batch
+                del batch
+
+    def to_disk_all(self) -> bool:
+        """Write the batches kept in memory to the spill file, freeing their memory; False (and
+        nothing moved) without a spill file or the disk room for them."""
+        spill, seen = self.budget.spill, set()
+        if spill is None or not spill.room(sum(self.nbytes(entry, seen) for _, entry in self.batches
+                                               if not isinstance(entry, OnDisk))):
+            return False
+        for i, (size, entry) in enumerate(self.batches):
+            if not isinstance(entry, OnDisk):
+                self.batches[i] = (size, self.to_disk(entry))
+        self.budget.used -= self.bytes
+        self.bytes = 0
+        return True
 
     def stop(self) -> None:
         """Keep no later batch (those kept stay)."""
@@ -183,11 +311,30 @@ class Rotations(Replay):
     """The rotated gradients the eigenvalue correction of checkpoint ``k`` formed, per training
     batch ``{layer: [handlers.kron.Rotated chunk, ...]}`` (``add(size, parts, start)``; ``starts``
     and ``batches`` of (size, parts) as a ``Replay``'s), for the prefix of the batches that fits
-    in ``limit`` bytes."""
+    in ``budget`` (bytes in memory, then its spill file)."""
 
-    def __init__(self, k: int, limit: int):
-        super().__init__(k, None, limit)
+    def __init__(self, k: int, budget):
+        super().__init__(k, None, budget)
 
     @staticmethod
     def nbytes(parts: dict, seen: set | None = None) -> int:
         return sum(chunk.nbytes() for chunks in parts.values() for chunk in chunks)
+
+    @staticmethod
+    def tensors(parts: dict):
+        for name, chunks in parts.items():
+            for i, chunk in enumerate(chunks):
+                for field in ("R", "a", "d"):
+                    t = getattr(chunk, field)
+                    if t is not None:
+                        yield (name, i, field), t
+
+    @staticmethod
+    def skeleton(parts: dict):
+        return {name: [dataclasses.replace(c, R=None, a=None, d=None) for c in chunks]
+                for name, chunks in parts.items()}
+
+    @staticmethod
+    def rebuild(skeleton, values: dict):
+        return {name: [dataclasses.replace(c, **{f: values.get((name, i, f)) for f in ("R", "a", "d")})
+                       for i, c in enumerate(chunks)] for name, chunks in skeleton.items()}
