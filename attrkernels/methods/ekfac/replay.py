@@ -242,7 +242,10 @@ class Replay:
         for place, t in self.tensors(entry):
             key = _tensor_key(t)
             if key not in written:
-                written[key] = self.budget.spill.write(t)
+                try:
+                    written[key] = self.budget.spill.write(t)
+                except OSError:  # e.g. the disk filled up meanwhile: keep no more
+                    return None
             refs.append((place, written[key]))
         return OnDisk(self.skeleton(entry), refs, sum(ref.nbytes for _, ref in refs))
 
@@ -267,15 +270,18 @@ class Replay:
                 del batch
 
     def to_disk_all(self) -> bool:
-        """Write the batches kept in memory to the spill file, freeing their memory; False (and
-        nothing moved) without a spill file or the disk room for them."""
+        """Write the batches kept in memory to the spill file, freeing their memory; False without
+        a spill file or the disk room for them (some may have moved: release the Replay then)."""
         spill, seen = self.budget.spill, set()
         if spill is None or not spill.room(sum(self.nbytes(entry, seen) for _, entry in self.batches
                                                if not isinstance(entry, OnDisk))):
             return False
         for i, (size, entry) in enumerate(self.batches):
             if not isinstance(entry, OnDisk):
-                self.batches[i] = (size, self.to_disk(entry))
+                spilled = self.to_disk(entry)
+                if spilled is None:
+                    return False
+                self.batches[i] = (size, spilled)
         self.budget.used -= self.bytes
         self.bytes = 0
         return True
