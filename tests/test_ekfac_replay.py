@@ -411,3 +411,27 @@ def test_batches_spilled_to_disk_replace_the_model_passes_with_the_same_factors_
 def test_spill_dir_must_be_a_directory(tmp_path):
     with pytest.raises(ValueError, match="spill_dir"):
         ak.EKFAC(make_net(), NetTask(), spill_dir=tmp_path / "missing")
+
+
+def test_a_sharded_fit_with_a_spill_dir_merges_to_the_one_process_factors(tmp_path):
+    data = net_data(24, 4)
+    (tokens, image), labels = (torch.cat(parts) for parts in zip(*[b[0] for b in data])), torch.cat([b[1] for b in data])
+
+    class Examples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return (tokens[i], image[i]), labels[i]
+
+    train = torch.utils.data.DataLoader(Examples(), batch_size=8)
+    ref = ak.EKFAC(make_net(), NetTask(), store=tmp_path / "ref", verbose=False).fit(train)
+    (tmp_path / "spill").mkdir()
+    for wave in range(2):  # covariances of both shards, then their corrections
+        for i in range(2):
+            m = ak.EKFAC(make_net(), NetTask(), store=tmp_path / "sharded", replay_budget=0,
+                         spill_dir=tmp_path / "spill", verbose=False).fit(train, shard=(i, 2))
+    assert m.complete
+    for layer in LAYERS:
+        want = ref.factors[0][layer].lam
+        torch.testing.assert_close(m.factors[0][layer].lam, want, rtol=1e-5, atol=1e-7 * float(want.abs().max()))
