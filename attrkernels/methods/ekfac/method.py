@@ -252,6 +252,7 @@ class EKFAC(AttributionMethod):
         memory (GPT-2-small at 200 x 24 sequences on a 24 GiB machine: 8.2 GB of queries beside
         6.2 GB of kept captures and 6.5 GB of factors was killed), and the freed pages go back
         to the OS (``replay.return_freed_memory``)."""
+        return_freed_memory()  # what the fit released (e.g. its kept captures) is not available otherwise
         kept = {name: r for name, r in (("held", self.passes.held.get(k)), ("rotated", self.passes.rotated.get(k)))
                 if r is not None}
         if n_test is None or not kept:
