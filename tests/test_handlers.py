@@ -266,3 +266,16 @@ def test_stacked_query_chunks_equal_their_concatenation_and_are_released():
     assert stacked(one, 3) is chunks[1] and one == []
     cols = stacked(list(chunks), 6, columns=True)
     assert torch.equal(cols, want) and cols.reshape(6, -1).T.is_contiguous()
+
+
+def test_rotated_positions_inner_with_query_columns_equals_the_formed_gradients_in_row_blocks():
+    from attrkernels.capture.handlers.kron import Rotated
+
+    gen = torch.Generator().manual_seed(4)
+    a, d = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 6, generator=gen)
+    columns = torch.randn(6 * 7, 4, generator=gen)
+    want = torch.bmm(d.transpose(1, 2), a).reshape(3, -1) @ columns
+    for budget in (1, 4 * 3 * 7 * 2, 1 << 20):  # one output row a block, two, all six
+        torch.testing.assert_close(Rotated(a=a, d=d).inner(columns, budget), want, rtol=1e-5, atol=1e-5)
+    R = torch.bmm(d.transpose(1, 2), a)
+    torch.testing.assert_close(Rotated(R=R).inner(columns, 1), want, rtol=1e-5, atol=1e-5)

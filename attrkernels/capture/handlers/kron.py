@@ -82,6 +82,23 @@ class Rotated:
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in (self.R, self.a, self.d) if t is not None)
 
+    def inner(self, columns: torch.Tensor, budget: int) -> torch.Tensor:
+        """[c, n] inner products <R_b, W_j> with queries in the eigenbasis as contiguous columns
+        ``columns`` [d_out d_in, n]. From positions, R is formed for all c examples a block of
+        output rows at a time ([c, rows, d_in] within ``budget`` bytes), each block multiplied
+        with its contiguous rows of ``columns``: each query entry is read once per chunk, not once
+        per few examples (GPT-2-small's c_fc: 0.17 -> 0.09 s a batch of 8 against 24 queries)."""
+        if self.R is not None:
+            return self.R.reshape(self.R.shape[0], -1) @ columns
+        c, d_in, d_out = self.a.shape[0], self.a.shape[2], self.d.shape[2]
+        out = torch.zeros(c, columns.shape[1], dtype=columns.dtype, device=columns.device)
+        rows = max(1, budget // (4 * c * d_in))
+        for o0 in range(0, d_out, rows):
+            o1 = min(o0 + rows, d_out)
+            block = torch.bmm(self.d[:, :, o0:o1].transpose(1, 2), self.a)
+            out.addmm_(block.reshape(c, -1), columns[o0 * d_in:o1 * d_in])
+        return out
+
     def formed(self, budget: int):
         """R in chunks of examples whose [chunk, d_out, d_in] fit in ``budget`` bytes."""
         if self.R is not None:

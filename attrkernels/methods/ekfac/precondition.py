@@ -115,7 +115,7 @@ def rotated_tile(passes, parts: dict, columns: dict, size: int, n_test: int) -> 
     out = torch.zeros(size, n_test, dtype=torch.float32)
     for layer in passes.layers:
         W = columns[layer.name]
-        out += torch.cat([R.reshape(R.shape[0], -1) @ W for R in _formed(passes, parts, layer)]).cpu()
+        out += torch.cat([chunk.inner(W, passes.memory_budget) for chunk in parts[layer.name]]).cpu()
     passes.check_finite({}, {"the scores": out}, "train", rows=out)
     return out
 
