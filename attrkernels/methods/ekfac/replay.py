@@ -126,7 +126,6 @@ class OnDisk:
 
     skeleton: object
     refs: list
-    nbytes: int
 
 
 class BatchMemo:
@@ -247,7 +246,7 @@ class Replay:
                 except OSError:  # e.g. the disk filled up meanwhile: keep no more
                     return None
             refs.append((place, written[key]))
-        return OnDisk(self.skeleton(entry), refs, sum(ref.nbytes for _, ref in refs))
+        return OnDisk(self.skeleton(entry), refs)
 
     def load(self, entry):
         """A kept batch as it was given to ``add`` (read back from disk if it was spilled)."""
