@@ -406,6 +406,10 @@ def test_batches_spilled_to_disk_replace_the_model_passes_with_the_same_factors_
         torch.testing.assert_close(m.score(test, train=train), want, rtol=1e-4, atol=1e-5)
     assert model.examples == 2 * 6 + 1
     assert all(r.bytes == 0 for r in (m.passes.held.get(0), m.passes.rotated.get(0)) if r is not None)
+    from attrkernels.store import DataMismatch
+
+    with pytest.raises(DataMismatch):  # the spilled batches are not served to a loader in another order
+        m.score(test, train=train[::-1])
 
 
 def test_spill_dir_must_be_a_directory(tmp_path):
