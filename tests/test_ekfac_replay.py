@@ -137,6 +137,60 @@ def test_batches_beyond_the_budget_go_to_the_spill_file_and_come_back_equal(tmp_
         SpillFile(tmp_path / "missing")
 
 
+def test_spill_writes_run_behind_and_a_read_waits_for_its_write(tmp_path, monkeypatch):
+    import threading
+
+    import attrkernels.methods.ekfac.spill as spill_module
+
+    release, pwrite = threading.Event(), spill_module.os.pwrite
+
+    def slow(fd, data, offset):
+        release.wait(5)
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(spill_module.os, "pwrite", slow)
+    spill = SpillFile(tmp_path, reserve=0)
+    x, y = torch.randn(64, 3), torch.arange(10.0).reshape(2, 5).T  # y: a transposed view
+    rx, ry = spill.write(x), spill.write(y)  # both return before anything is in the file
+    assert spill._waiting_bytes == x.numel() * 4 + y.numel() * 4
+    threading.Timer(0.2, release.set).start()
+    assert torch.equal(spill.read(ry), y) and torch.equal(spill.read(rx), x)
+    assert spill._waiting_bytes == 0 and not spill._waiting
+    spill.close()
+    # at most ``behind`` bytes wait: with none, each write is in the file when write returns
+    now = SpillFile(tmp_path, reserve=0, behind=0)
+    now.write(x)
+    assert not now._waiting
+    with pytest.raises(ValueError, match="behind"):
+        SpillFile(tmp_path, behind=-1)
+
+
+def test_a_failed_spill_write_keeps_its_tensor_and_stops_keeping(tmp_path, monkeypatch):
+    import attrkernels.methods.ekfac.spill as spill_module
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    spill = SpillFile(tmp_path, reserve=0, behind=1 << 30)
+    ok = spill.write(torch.ones(4))
+    spill._wait_below(0)
+    monkeypatch.setattr(spill_module.os, "pwrite", full)
+    lost = torch.randn(3, 2)
+    ref = spill.write(lost)
+    spill._wait_below(0)
+    assert isinstance(spill.failure, OSError)
+    assert torch.equal(spill.read(ref), lost)  # from memory: never in the file
+    assert torch.equal(spill.read(ok), torch.ones(4))
+    with pytest.raises(OSError, match="earlier write"):
+        spill.write(torch.zeros(2))
+    # a Replay whose spill file failed keeps no later batch, and the kept ones read back equal
+    small = {"a": Handler(torch.nn.Linear(1, 1))}
+    small["a"].records = [Record(inputs=torch.ones(2), grad_out=torch.ones(1))]
+    replay = Replay(0, None, Budget(0, spill))
+    replay.add(2, small, 0)
+    assert replay.dropped and not replay.accepting
+
+
 class CountedNet(torch.nn.Module):
     """The test net, counting the examples its forward sees."""
 
