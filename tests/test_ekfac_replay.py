@@ -156,6 +156,11 @@ def test_spill_writes_run_behind_and_a_read_waits_for_its_write(tmp_path, monkey
     threading.Timer(0.2, release.set).start()
     assert torch.equal(spill.read(ry), y) and torch.equal(spill.read(rx), x)
     assert spill._waiting_bytes == 0 and not spill._waiting
+    release.clear()
+    spill.write(x)
+    threading.Timer(0.2, release.set).start()
+    spill.flush()
+    assert not spill._waiting
     spill.close()
     # at most ``behind`` bytes wait: with none, each write is in the file when write returns
     now = SpillFile(tmp_path, reserve=0, behind=0)

@@ -281,6 +281,7 @@ class Replay:
                 if spilled is None:
                     return False
                 self.batches[i] = (size, spilled)
+        spill.flush()  # the memory is free once the writes are done
         self.budget.used -= self.bytes
         self.bytes = 0
         return True

@@ -123,6 +123,11 @@ class SpillFile:
                 return
             running[0].exception()  # waits; a failure is recorded by _put
 
+    def flush(self) -> None:
+        """Wait until every write is in the file (or failed), so the memory of the tensors
+        written so far is the caller's to free."""
+        self._wait_below(0)
+
     def read(self, ref: Spilled) -> torch.Tensor:
         """The tensor written at ``ref`` (a new tensor; the file is not changed)."""
         with self._lock:
