@@ -5,7 +5,9 @@ implementations and dispatches to a backend through ``attrkernels.backends``: "c
 extension), "triton", "cuda" (CuPy) or "torch" (the reference). README.md in this folder says how
 to add a backend. The other kernels (block CG, LiSSA, Hessian-vector products, Kronecker factors
 and their eigendecompositions, Kronecker scoring, Lanczos, per-example convolution gradients)
-are torch code that runs on the device of its inputs; the packed solves use LAPACK through SciPy.
+are torch code that runs on the device of its inputs; the packed solves use LAPACK through SciPy;
+``columns.gather_columns`` (rows of chunks into contiguous columns) runs a C++ kernel on the CPU
+and a torch copy elsewhere.
 """
 from .philox import derive_seed
 from .projection import projection_rows, sketch_matrix

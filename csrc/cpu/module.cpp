@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -146,6 +148,29 @@ int pick_variant(const Isa& isa, const std::string& name) {
                               " build (variants: " + have + ")");
 }
 
+// out [P, n] (row-major, row stride n) from parts whose rows, stacked in order, are the n
+// columns: part i holds rows_i contiguous rows of P floats. Blocks of BLOCK rows of out are
+// filled one at a time (a [BLOCK, n] tile stays in cache while every part streams into it), so
+// each cache line of out is written once; a column-by-column copy rewrote each line n times.
+void gather_columns(float* out, int64_t P, int64_t n, const std::vector<uintptr_t>& parts,
+                    const std::vector<int64_t>& rows, int threads) {
+  constexpr int64_t BLOCK = 256;
+  const int64_t blocks = (P + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t p0 = b * BLOCK, p1 = std::min(P, p0 + BLOCK);
+    int64_t j = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const float* part = reinterpret_cast<const float*>(parts[i]);
+      for (int64_t r = 0; r < rows[i]; ++r, ++j) {
+        const float* src = part + r * P;
+        float* dst = out + j;
+        for (int64_t q = p0; q < p1; ++q) dst[q * n] = src[q];
+      }
+    }
+  }
+}
+
 int default_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -226,6 +251,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("variant") = "", py::arg("colsum") = 0,
       "out[B, k] (+)= x[B, p] @ P[row0:row0+p, :k]; colsum[p] += column sums of x if given (raw "
       "pointers; see attrkernels.kernels.sketch).");
+
+  m.def(
+      "gather_columns",
+      [](uintptr_t out, int64_t P, int64_t n, const std::vector<uintptr_t>& parts,
+         const std::vector<int64_t>& rows, int threads) {
+        if (parts.size() != rows.size()) throw std::invalid_argument("parts and rows differ in length");
+        int64_t total = 0;
+        for (auto r : rows) total += r;
+        if (total != n) throw std::invalid_argument("the parts' rows do not add up to n");
+        py::gil_scoped_release release;
+        gather_columns(reinterpret_cast<float*>(out), P, n, parts, rows, threads > 0 ? threads : default_threads());
+      },
+      py::arg("out"), py::arg("P"), py::arg("n"), py::arg("parts"), py::arg("rows"), py::arg("threads"),
+      "out[P, n] = the parts' rows (float32 [rows_i, P] each, contiguous) as columns (raw pointers; see "
+      "attrkernels.kernels.columns).");
 
   m.def(
       "projection_rows",

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...kernels.columns import gather_columns
 from ...kernels.kfac import (add_squares, covariance, ekfac_correction, example_chunk, homogeneous,
                              rotated_gradients, rotation_cost)
 from ...kernels.kron_score import gradient_inner, gradient_self_inner, kron_inner, kron_self_inner
@@ -110,25 +111,27 @@ class Rotated:
 
 
 def stacked(parts: list, n: int, columns: bool = False) -> torch.Tensor:
-    """The chunks ``parts`` ([c, ...] each, n rows in all) as one [n, ...] tensor, each chunk
-    copied in and released in turn (the list is emptied): at most one chunk more than the result
+    """The chunks ``parts`` ([c, ...] each, n rows in all) as one [n, ...] tensor; the list is
+    emptied. Each chunk is copied in and released in turn: at most one chunk more than the result
     in memory, where ``torch.cat`` holds every chunk beside it (GPT-2-small's 24 queries: 8.2 GB
-    twice). With ``columns``, [n, ...] is a view of contiguous [prod(...), n] columns."""
-    if not columns and len(parts) == 1 and parts[0].shape[0] == n:
+    twice). With ``columns``, [n, ...] is a view of contiguous [prod(...), n] columns
+    (``kernels.columns.gather_columns``; the chunks are released after it: one layer's result
+    more than the chunks in memory)."""
+    if columns:
+        out = gather_columns(parts, n)
+        shape = parts[0].shape[1:]
+        parts.clear()
+        return out.T.reshape(n, *shape)
+    if len(parts) == 1 and parts[0].shape[0] == n:
         return parts.pop()
-    shape = parts[0].shape[1:]
-    out = torch.empty(*((shape.numel(), n) if columns else (n, *shape)), dtype=parts[0].dtype,
-                      device=parts[0].device)
+    out = torch.empty(n, *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
     j = 0
     while parts:
         chunk = parts.pop(0)
-        if columns:
-            out[:, j:j + chunk.shape[0]] = chunk.reshape(chunk.shape[0], -1).T
-        else:
-            out[j:j + chunk.shape[0]] = chunk
+        out[j:j + chunk.shape[0]] = chunk
         j += chunk.shape[0]
         del chunk
-    return out.T.reshape(n, *shape) if columns else out
+    return out
 
 
 class KroneckerHandler(Handler):
