@@ -2,12 +2,14 @@
 size of one row, out[p, j] = row j of the stacked parts at flat position p.
 
 The EK-FAC scores multiply each training gradient's blocks with the queries' rows as contiguous
-columns ([d_out d_in, n]: the GEMM ran ~40% faster than on the transposed [n, d_out d_in]),
-and the queries arrive as chunks of a few examples. Copying each chunk into its few columns of
-out rewrote every cache line of out once per chunk (GPT-2-small's 24 queries, 8.2 GB: 14 s on
-one core); the C++ kernel (``attrkernels._C.gather_columns``) fills out a [256, n] tile at a
-time from all the parts, writing each line once. Without the extension, or for parts that are
-not float32 contiguous CPU tensors, the column-by-column copy runs instead (same result).
+columns ([d_out d_in, n]: GPT-2-small's c_fc against 24 queries, 0.08 s a batch of 8 against
+0.13 s on the transposed [n, d_out d_in] view), and the queries arrive as chunks of a few
+examples. Copying each chunk into its few columns of out rewrote every cache line of out once
+per chunk; the C++ kernel (``attrkernels._C.gather_columns``) fills out a [256, n] tile at a
+time from all the parts, writing each line once: GPT-2-small's 24 queries (8.2 GB) took 15.0 -
+15.8 s to stack that way on one core and take 7.4 - 8.4 s (same process, taking turns). Without
+the extension, or for parts that are not float32 contiguous CPU tensors, the column-by-column
+copy runs instead (same result).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 
 def gather_columns(parts: list, n: int) -> torch.Tensor:
-    """[P, n] float32 contiguous with column j = the j-th row of ``torch.cat(parts)`` flattened;
+    """[P, n] contiguous, in the parts' dtype, with column j = the j-th row of ``torch.cat(parts)`` flattened;
     ``parts``: tensors [c_i, ...] of one dtype and trailing shape, sum c_i = n."""
     if not parts:
         raise ValueError("parts must hold at least one tensor")
