@@ -17,8 +17,8 @@ import torch
 
 
 def gather_columns(parts: list, n: int) -> torch.Tensor:
-    """[P, n] contiguous, in the parts' dtype, with column j = the j-th row of ``torch.cat(parts)`` flattened;
-    ``parts``: tensors [c_i, ...] of one dtype and trailing shape, sum c_i = n."""
+    """[P, n] contiguous, in the parts' dtype, column j = row j of ``torch.cat(parts)`` flattened;
+    ``parts``: tensors [c_i, ...] of one dtype, device and trailing shape, sum c_i = n."""
     if not parts:
         raise ValueError("parts must hold at least one tensor")
     shape, dtype, device = parts[0].shape[1:], parts[0].dtype, parts[0].device
