@@ -151,7 +151,7 @@ int pick_variant(const Isa& isa, const std::string& name) {
 // out [P, n] (row-major, row stride n) from parts whose rows, stacked in order, are the n
 // columns: part i holds rows_i contiguous rows of P floats. Blocks of BLOCK rows of out are
 // filled one at a time (a [BLOCK, n] tile stays in cache while every part streams into it), so
-// each cache line of out is written once; a column-by-column copy rewrote each line n times.
+// each cache line of out is written once; a part-by-part copy rewrote each line once per part.
 void gather_columns(float* out, int64_t P, int64_t n, const std::vector<uintptr_t>& parts,
                     const std::vector<int64_t>& rows, int threads) {
   constexpr int64_t BLOCK = 256;
