@@ -17,9 +17,10 @@ where it will be, holding the tensor until its bytes are in the file, so the mod
 runs while the last one is written (GPT-2-small, 48 sequences with every batch on disk: the
 writes took 4.8 s of the covariance and correction stages on the caller's thread, 0.2 s now).
 At most ``behind`` bytes wait; a ``write`` that leaves more waits for the oldest. A read of a
-tensor still waiting waits for it. A write that fails (the disk filled up anyway) keeps its tensor in memory, where reads
-find it, and every later ``write`` raises that OSError, so the caller stops writing: what was
-written is never lost, and memory grows by at most ``behind`` bytes.
+tensor still waiting waits for it. A write that fails (the disk filled up anyway) keeps its
+tensor in memory, where reads find it, and every later ``write`` raises that OSError, so the
+caller stops writing: what was written is never lost, and memory grows by at most ``behind``
+bytes.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Bytes waiting to be written at most: about two and a half GPT-2-small batches of 8 sequences (600 MB each).
+# Bytes waiting to be written at most: about two and a half GPT-2-small batches of 8 sequences
+# (600 MB each).
 DEFAULT_BEHIND = 1536 << 20
 
 
